@@ -1,0 +1,512 @@
+package engine
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+)
+
+// DestOptions configure the destination side.
+type DestOptions struct {
+	// OnResume, if set, is called right after the domain resumes.
+	OnResume func()
+	// Progress, if set, receives the destination's live counters.
+	Progress func(DestProgress)
+}
+
+// DestProgress is the destination's live view.
+type DestProgress struct {
+	Present       uint64
+	Pages         uint64
+	NetworkFaults uint64
+}
+
+type dest struct {
+	opt     DestOptions
+	factory Factory
+	allOnce sync.Once
+	hdr     *wire.DomainHeader
+	dom     Dest
+	bulk    io.ReadWriteCloser
+	urg     io.ReadWriteCloser
+
+	bwMu sync.Mutex
+	bw   *wire.Writer // replies on the bulk connection
+	uw   *wire.Writer // fault requests; only the fault loop writes
+
+	mu        sync.Mutex
+	present   *prepage.Bitmap // placed, or being placed
+	nPresent  uint64
+	requested *prepage.Bitmap // a fault request went to the source
+	faulted   *prepage.Bitmap // distinct pfns the guest faulted on
+	faultAt   map[uint64]time.Time
+	lat       []time.Duration
+	crc       []uint32
+	resumed   bool
+	allIn     chan struct{} // closed when every page is present after resume
+	stats     DestStats
+	zeroCRC   uint32
+	received  atomic.Uint64
+	credited  uint64
+	failOnce  sync.Once
+	failErr   error
+	failC     chan struct{}
+	blocktime time.Duration
+}
+
+// RunDest receives one migration on two accepted connections (in either
+// order: each stream's header says which it is), creating the domain with
+// factory. It returns when the domain holds every page and the source
+// has been acknowledged, or on failure; on failure before resume the new
+// domain is destroyed, after resume it is left as it is (paused on its
+// faults) and the error says so.
+func RunDest(ctx context.Context, c1, c2 io.ReadWriteCloser, factory Factory, opt DestOptions) (*DestStats, error) {
+	bulk, urg, err := sortConns(c1, c2)
+	if err != nil {
+		c1.Close()
+		c2.Close()
+		return nil, err
+	}
+	d := &dest{opt: opt, factory: factory, bulk: bulk, urg: urg, bw: wire.NewWriter(bulk), uw: wire.NewWriter(urg), failC: make(chan struct{}), allIn: make(chan struct{})}
+	defer bulk.Close()
+	defer urg.Close()
+	stop := context.AfterFunc(ctx, func() { d.fail(ctx.Err()) })
+	defer stop()
+	st, err := d.run()
+	if err != nil {
+		d.sendError(err)
+	}
+	return st, err
+}
+
+func sortConns(c1, c2 io.ReadWriteCloser) (bulk, urg io.ReadWriteCloser, err error) {
+	ch1, err := wire.ReadHeader(c1)
+	if err != nil {
+		return nil, nil, fmt.Errorf("first connection: %w", err)
+	}
+	ch2, err := wire.ReadHeader(c2)
+	if err != nil {
+		return nil, nil, fmt.Errorf("second connection: %w", err)
+	}
+	switch {
+	case ch1 == wire.ChannelBulk && ch2 == wire.ChannelUrgent:
+		return c1, c2, nil
+	case ch2 == wire.ChannelBulk && ch1 == wire.ChannelUrgent:
+		return c2, c1, nil
+	}
+	return nil, nil, fmt.Errorf("connections are %v and %v, want one bulk and one urgent: %w", ch1, ch2, wire.ErrBadChannel)
+}
+
+func (d *dest) fail(err error) {
+	d.failOnce.Do(func() {
+		if err == nil {
+			err = errors.New("migration stopped")
+		}
+		d.failErr = err
+		close(d.failC)
+		d.bulk.Close()
+		d.urg.Close()
+		if d.dom != nil {
+			d.dom.Close()
+		}
+	})
+}
+
+func (d *dest) sendError(err error) {
+	d.bwMu.Lock()
+	defer d.bwMu.Unlock()
+	if d.bw.WriteBlob(wire.TypeError, []byte(err.Error())) == nil {
+		_ = d.bw.Flush()
+	}
+}
+
+func (d *dest) writeBulk(f func(w *wire.Writer) error) error {
+	d.bwMu.Lock()
+	defer d.bwMu.Unlock()
+	if err := f(d.bw); err != nil {
+		return err
+	}
+	return d.bw.Flush()
+}
+
+func (d *dest) run() (*DestStats, error) {
+	r := wire.NewReader(d.bulk)
+	rec, err := r.Next()
+	if err != nil {
+		return nil, fmt.Errorf("read domain header: %w", err)
+	}
+	if rec.Type != wire.TypeDomainHeader {
+		return nil, fmt.Errorf("stream starts with %v, want DOMAIN_HEADER", rec.Type)
+	}
+	d.hdr, err = wire.DecodeDomainHeader(rec.Body)
+	if err != nil {
+		return nil, err
+	}
+	n := d.hdr.NumPages
+	d.present = prepage.NewBitmap(n)
+	d.requested = prepage.NewBitmap(n)
+	d.faulted = prepage.NewBitmap(n)
+	d.faultAt = map[uint64]time.Time{}
+	d.crc = make([]uint32, n)
+	d.zeroCRC = crc32.Checksum(make([]byte, d.hdr.PageSize), castagnoli)
+	d.dom, err = d.factory(d.hdr)
+	if err != nil {
+		return nil, fmt.Errorf("create domain %q: %w", d.hdr.Name, err)
+	}
+	failBeforeResume := func(err error) (*DestStats, error) {
+		d.fail(err)
+		if derr := d.dom.Destroy(); derr != nil {
+			return nil, fmt.Errorf("%w (destroying the half-received domain failed too: %v)", err, derr)
+		}
+		return nil, fmt.Errorf("%w; the half-received domain was destroyed here, the source keeps running it", err)
+	}
+	failAfterResume := func(err error) (*DestStats, error) {
+		d.fail(err)
+		d.mu.Lock()
+		missing := n - d.nPresent
+		d.mu.Unlock()
+		return nil, fmt.Errorf("%w; the domain runs here with %d pages still missing: its vCPUs wait on those faults, and the source keeps a paused copy with all memory", err, missing)
+	}
+
+	var core []byte
+	var table []uint32
+	var pb wire.PageBatch
+	var pfns []uint64
+	gotFinal := false
+	for {
+		before := r.BytesRead()
+		rec, err := r.Next()
+		if err != nil {
+			if !d.resumed {
+				return failBeforeResume(fmt.Errorf("bulk connection: %w", err))
+			}
+			return failAfterResume(fmt.Errorf("bulk connection: %w", err))
+		}
+		switch rec.Type {
+		case wire.TypePageBatch:
+			if err := wire.DecodePageBatch(rec.Body, &pb); err != nil {
+				return d.failAt(failBeforeResume, failAfterResume, err)
+			}
+			if err := d.place(&pb); err != nil {
+				return d.failAt(failBeforeResume, failAfterResume, err)
+			}
+			// Credit the source's window with what was consumed.
+			d.credited += r.BytesRead() - before
+			credited := d.credited
+			if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteU64(wire.TypeCredit, credited) }); err != nil {
+				return d.failAt(failBeforeResume, failAfterResume, err)
+			}
+		case wire.TypeDiscard:
+			if pfns, err = wire.DecodePFNs(rec.Body, pfns); err != nil {
+				return failBeforeResume(err)
+			}
+			if err := d.discard(pfns); err != nil {
+				return failBeforeResume(err)
+			}
+		case wire.TypeCoreState:
+			b, err := wire.DecodeBlob(rec.Body)
+			if err != nil {
+				return failBeforeResume(err)
+			}
+			core = append([]byte(nil), b...)
+		case wire.TypeSwitchover:
+			if _, err := wire.DecodeSwitchover(rec.Body); err != nil {
+				return failBeforeResume(err)
+			}
+			if d.hdr.Mode == wire.ModePrecopy {
+				d.mu.Lock()
+				missing := n - d.nPresent
+				d.mu.Unlock()
+				if missing != 0 {
+					return failBeforeResume(fmt.Errorf("pre-copy switchover with %d pages never sent", missing))
+				}
+			}
+			if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeReady) }); err != nil {
+				return failBeforeResume(err)
+			}
+		case wire.TypeGo:
+			if err := d.resume(core); err != nil {
+				return failBeforeResume(err)
+			}
+			if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeResumed) }); err != nil {
+				return failAfterResume(err)
+			}
+		case wire.TypeDone:
+			c, final, err := wire.DecodeDone(rec.Body)
+			if err != nil {
+				return d.failAt(failBeforeResume, failAfterResume, err)
+			}
+			if c.FirstPFN != uint64(len(table)) || uint64(len(table)+len(c.CRCs)) > n {
+				return d.failAt(failBeforeResume, failAfterResume, fmt.Errorf("checksums for pfn %#x out of order", c.FirstPFN))
+			}
+			table = append(table, c.CRCs...)
+			gotFinal = final
+		case wire.TypeError:
+			msg, _ := wire.DecodeBlob(rec.Body)
+			return d.failAt(failBeforeResume, failAfterResume, fmt.Errorf("source: %s", msg))
+		default:
+			return d.failAt(failBeforeResume, failAfterResume, fmt.Errorf("unexpected %v record", rec.Type))
+		}
+		if gotFinal {
+			break
+		}
+	}
+	if !d.resumed {
+		return failBeforeResume(errors.New("source sent its checksums before GO"))
+	}
+	if uint64(len(table)) != n {
+		return failAfterResume(fmt.Errorf("source sent %d checksums for %d pages", len(table), n))
+	}
+	// Every page was sent; wait until the fault replies still in flight
+	// on the urgent connection have landed.
+	select {
+	case <-d.allIn:
+	case <-d.failC:
+		return failAfterResume(d.failErr)
+	}
+	d.dom.Close()
+	d.urg.Close() // tells the source's fault server that we are complete
+
+	d.mu.Lock()
+	st := d.stats
+	ack := wire.Ack{PagesReceived: d.nPresent}
+	for pfn, want := range table {
+		if d.crc[pfn] != want {
+			if ack.Mismatched == 0 {
+				ack.FirstMismatch = uint64(pfn)
+			}
+			ack.Mismatched++
+		}
+	}
+	st.NetworkFaults = d.requested.Count()
+	st.DistinctFaulted = d.faulted.Count()
+	st.FaultLatencyP50Us = percentile(d.lat, 0.50)
+	st.FaultLatencyP99Us = percentile(d.lat, 0.99)
+	st.BlocktimeMs = ms(d.blocktime)
+	st.PagesReceived = d.received.Load()
+	st.MismatchedPages = ack.Mismatched
+	d.mu.Unlock()
+	if rep, ok := d.dom.(Reporter); ok {
+		g := rep.GuestReport()
+		st.Guest = &g
+	}
+	blob, err := json.Marshal(&st)
+	if err != nil {
+		return nil, err
+	}
+	if err := d.writeBulk(func(w *wire.Writer) error {
+		if err := w.WriteBlob(wire.TypeStats, blob); err != nil {
+			return err
+		}
+		return w.WriteAck(ack)
+	}); err != nil {
+		return &st, fmt.Errorf("send ACK (the domain is complete and runs here): %w", err)
+	}
+	if ack.Mismatched != 0 {
+		return &st, fmt.Errorf("%d pages differ from the source's checksums (first pfn %#x)", ack.Mismatched, ack.FirstMismatch)
+	}
+	return &st, nil
+}
+
+func (d *dest) failAt(before, after func(error) (*DestStats, error), err error) (*DestStats, error) {
+	if d.resumed {
+		return after(err)
+	}
+	return before(err)
+}
+
+// place installs a batch. A page the destination already holds is only
+// re-placed before resume (a pre-copy round re-sending a re-dirtied page);
+// after resume it is a duplicate transmission, counted and dropped.
+func (d *dest) place(b *wire.PageBatch) error {
+	if b.PageSize != d.hdr.PageSize {
+		return fmt.Errorf("page batch of %d-byte pages in a domain of %d-byte pages", b.PageSize, d.hdr.PageSize)
+	}
+	ps := int(b.PageSize)
+	pages := make([]Page, 0, len(b.Entries))
+	crcs := make([]uint32, 0, len(b.Entries))
+	off := 0
+	for _, e := range b.Entries {
+		pfn := e & wire.PFNMask
+		var data []byte
+		c := d.zeroCRC
+		if e&wire.ZeroFlag == 0 {
+			data = b.Data[off : off+ps]
+			off += ps
+			c = crc32.Checksum(data, castagnoli)
+		}
+		if pfn >= d.hdr.NumPages {
+			return fmt.Errorf("page batch: pfn %#x beyond the domain's %d pages", pfn, d.hdr.NumPages)
+		}
+		pages = append(pages, Page{PFN: pfn, Data: data})
+		crcs = append(crcs, c)
+	}
+	d.received.Add(uint64(len(pages)))
+	d.mu.Lock()
+	keep := pages[:0]
+	keepCRC := crcs[:0]
+	for i, p := range pages {
+		if d.present.Test(p.PFN) && (d.resumed || b.Phase == wire.PhasePush || b.Phase == wire.PhaseFault) {
+			d.stats.DuplicatePages++
+			continue
+		}
+		if d.present.Set(p.PFN) {
+			d.nPresent++
+		}
+		keep = append(keep, p)
+		keepCRC = append(keepCRC, crcs[i])
+	}
+	d.mu.Unlock()
+	if len(keep) == 0 {
+		return nil
+	}
+	if err := d.dom.Place(keep); err != nil {
+		return fmt.Errorf("place %d pages from pfn %#x: %w", len(keep), keep[0].PFN, err)
+	}
+	now := time.Now()
+	d.mu.Lock()
+	for i, p := range keep {
+		d.crc[p.PFN] = keepCRC[i]
+		if t, ok := d.faultAt[p.PFN]; ok {
+			l := now.Sub(t)
+			d.lat = append(d.lat, l)
+			d.blocktime += l
+			delete(d.faultAt, p.PFN)
+		}
+	}
+	complete := d.resumed && d.nPresent == d.hdr.NumPages
+	d.mu.Unlock()
+	if complete {
+		d.closeAllIn()
+	}
+	return nil
+}
+
+func (d *dest) closeAllIn() { d.allOnce.Do(func() { close(d.allIn) }) }
+
+func (d *dest) discard(pfns []uint64) error {
+	d.mu.Lock()
+	for _, p := range pfns {
+		if p >= d.hdr.NumPages {
+			d.mu.Unlock()
+			return fmt.Errorf("discard: pfn %#x beyond the domain's %d pages", p, d.hdr.NumPages)
+		}
+		if d.present.Test(p) {
+			d.present.Clear(p)
+			d.nPresent--
+		}
+	}
+	d.mu.Unlock()
+	if err := d.dom.Discard(pfns); err != nil {
+		return fmt.Errorf("discard %d re-dirtied pages: %w", len(pfns), err)
+	}
+	return nil
+}
+
+func (d *dest) resume(core []byte) error {
+	if core == nil {
+		return errors.New("GO before the core state")
+	}
+	d.mu.Lock()
+	d.resumed = true
+	complete := d.nPresent == d.hdr.NumPages
+	d.mu.Unlock()
+	go d.urgentReader()
+	go d.faultLoop()
+	if err := d.dom.Resume(core); err != nil {
+		return fmt.Errorf("resume domain: %w", err)
+	}
+	if d.opt.OnResume != nil {
+		d.opt.OnResume()
+	}
+	if complete {
+		d.closeAllIn()
+	}
+	return nil
+}
+
+// faultLoop turns the guest's faults into requests to the source. A page
+// already present or already requested is not asked for again.
+func (d *dest) faultLoop() {
+	var pfns, req []uint64
+	for {
+		var err error
+		pfns, err = d.dom.ReadFaults(pfns)
+		if err != nil {
+			if !errors.Is(err, ErrClosed) {
+				d.fail(fmt.Errorf("read faults: %w", err))
+			}
+			return
+		}
+		now := time.Now()
+		req = req[:0]
+		d.mu.Lock()
+		for _, p := range pfns {
+			if p >= d.hdr.NumPages {
+				continue
+			}
+			d.stats.Faults++
+			if d.present.Test(p) {
+				continue // being placed: the placement wakes the vCPU
+			}
+			d.faulted.Set(p)
+			if d.requested.Set(p) {
+				d.faultAt[p] = now
+				req = append(req, p)
+			}
+		}
+		d.mu.Unlock()
+		if len(req) == 0 {
+			continue
+		}
+		err = d.uw.WritePFNs(wire.TypeFaultRequest, req)
+		if err == nil {
+			err = d.uw.Flush()
+		}
+		if err != nil {
+			d.fail(fmt.Errorf("send fault request: %w", err))
+			return
+		}
+	}
+}
+
+// urgentReader places fault replies.
+func (d *dest) urgentReader() {
+	r := wire.NewReader(d.urg)
+	var pb wire.PageBatch
+	for {
+		rec, err := r.Next()
+		if err != nil {
+			select {
+			case <-d.allIn:
+				return // we closed it: complete
+			default:
+			}
+			if errors.Is(err, io.EOF) {
+				err = errors.New("source closed the urgent connection")
+			}
+			d.fail(fmt.Errorf("urgent connection: %w", err))
+			return
+		}
+		if rec.Type != wire.TypePageBatch {
+			d.fail(fmt.Errorf("urgent connection: unexpected %v", rec.Type))
+			return
+		}
+		if err := wire.DecodePageBatch(rec.Body, &pb); err == nil {
+			err = d.place(&pb)
+		}
+		if err != nil {
+			d.fail(fmt.Errorf("urgent connection: %w", err))
+			return
+		}
+	}
+}

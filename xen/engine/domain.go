@@ -1,0 +1,118 @@
+// Package engine migrates a domain between two hosts: pre-copy, post-copy
+// and hybrid, with the page order of post-copy chosen by package prepage.
+//
+// The engine knows nothing of Xen or of processes: a domain is reached
+// through two small interfaces, Source and Dest, implemented by the lab
+// backend (a domain living in a process, faults via userfaultfd) and by the
+// Xen backend (foreign mappings, log-dirty, vm_event paging). The wire
+// format is package wire; the engine owns the protocol:
+//
+//	source                                   destination
+//	DOMAIN_HEADER ------------------------->  create domain
+//	PAGE_BATCH(precopy)* ------------------>  place (overwrite allowed)   [precopy, hybrid]
+//	  pause
+//	PAGE_BATCH(stop)* / DISCARD* ---------->  place / forget re-dirtied pages
+//	CORE_STATE, SWITCHOVER ---------------->
+//	                        <---------------  READY
+//	GO (source gives the domain up) ------->  resume
+//	                        <---------------  RESUMED
+//	PAGE_BATCH(push)* (bulk)   FAULT_REQUEST <- (urgent)  demand faults
+//	PAGE_BATCH(fault) (urgent) ------------>
+//	DONE(checksums)* ---------------------->  wait for every page, verify
+//	                        <---------------  STATS, ACK
+//	  destroy source copy
+//
+// The destination returns CREDIT records for consumed bulk bytes; the
+// source keeps at most a window of bulk bytes unconsumed, so that the
+// queues between the two (socket buffers, the link's qdisc) stay short and a
+// fault reply never waits behind seconds of push.
+package engine
+
+import (
+	"errors"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+)
+
+// Info describes the domain being migrated.
+type Info struct {
+	Name     string
+	NumPages uint64 // pfn range [0, NumPages)
+	PageSize uint32
+	VCPUs    uint32
+	Backend  string // what the destination must be able to host, e.g. "lab"
+	Config   []byte // backend-specific configuration, passed to the destination
+}
+
+// Source is the domain at the sending host.
+type Source interface {
+	Info() Info
+	// ReadPages reads the pages pfns into buf (len(pfns)*PageSize bytes).
+	// The domain may be running (pre-copy): the dirty log catches writes.
+	ReadPages(pfns []uint64, buf []byte) error
+	// StartDirtyLog begins write tracking; DirtyPages returns the pfns
+	// written since the previous call (or the start) and clears the log.
+	StartDirtyLog() error
+	DirtyPages(dst []uint64) ([]uint64, error)
+	StopDirtyLog() error
+	// Pause stops the domain's vCPUs; memory is frozen afterwards.
+	Pause() error
+	// CoreState returns the paused domain's vCPU and platform state.
+	CoreState() ([]byte, error)
+	// CorePFNs lists pages that must be at the destination before it
+	// resumes (page tables, pages the hypervisor reads itself). May be nil.
+	CorePFNs() ([]uint64, error)
+	// Resume undoes Pause: the migration failed before the destination
+	// took the domain over.
+	Resume() error
+	// Destroy discards the paused source copy once the destination has
+	// acknowledged every page.
+	Destroy() error
+}
+
+// Page is one page for the destination; Data nil means all zeroes.
+type Page struct {
+	PFN  uint64
+	Data []byte
+}
+
+// Dest is the domain at the receiving host.
+type Dest interface {
+	// Place installs pages. Before Resume a page may be overwritten (a
+	// pre-copy round re-sends re-dirtied pages); after Resume the engine
+	// only places pages the domain does not have, and placing one wakes
+	// the vCPUs waiting for it.
+	Place(pages []Page) error
+	// Discard makes pages absent again (hybrid: re-dirtied after being
+	// sent in pre-copy), so that a touch faults.
+	Discard(pfns []uint64) error
+	// ReadFaults blocks until the resumed domain touches absent pages and
+	// returns their pfns (appended to dst[:0]). It returns ErrClosed after
+	// Close.
+	ReadFaults(dst []uint64) ([]uint64, error)
+	// Resume loads the core state and starts the vCPUs.
+	Resume(core []byte) error
+	// Destroy removes a domain that never resumed.
+	Destroy() error
+	// Close stops fault delivery (a blocked ReadFaults returns).
+	Close() error
+}
+
+// Reporter is implemented by destinations that can tell what the guest did
+// during the migration (the lab backend can; a Xen guest cannot).
+type Reporter interface {
+	GuestReport() GuestReport
+}
+
+// GuestReport is what the guest side observed.
+type GuestReport struct {
+	WorkingSet      uint64 // distinct pages touched after resume, until every page had arrived
+	Progress        uint64 // workload operations completed in total (source + destination)
+	IntegrityErrors uint64 // pages whose content failed the workload's own check
+}
+
+// Factory creates the destination domain from the stream's domain header.
+type Factory func(h *wire.DomainHeader) (Dest, error)
+
+// ErrClosed is returned by Dest.ReadFaults after Close.
+var ErrClosed = errors.New("domain closed")

@@ -1,0 +1,724 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+)
+
+// Options configure the source side of a migration.
+type Options struct {
+	Mode      wire.Mode
+	Prepaging string          // prepage policy name (post-copy and hybrid)
+	Policy    prepage.Options // policy options (pivots, priority list)
+	// BatchPages is the pages per PAGE_BATCH record (default 64: 256 KiB,
+	// ~2 ms of a 1 Gbit link, so a fault reply waits at most that long
+	// behind one batch).
+	BatchPages int
+	// WindowBytes bounds bulk bytes sent but not yet consumed by the
+	// destination (default 1 MiB).
+	WindowBytes int
+	// MaxRounds bounds pre-copy rounds before stop-and-copy (default 30,
+	// as libxc's live migration does); StopPages ends pre-copy early once
+	// a round leaves at most that many dirty pages (default 50, libxc's).
+	MaxRounds int
+	StopPages int
+	// HybridRounds is the number of pre-copy rounds before a hybrid
+	// migration switches to post-copy (default 1: one full pass).
+	HybridRounds int
+	// Progress, if set, is called about every ProgressEvery.
+	Progress      func(Progress)
+	ProgressEvery time.Duration
+	// AckTimeout bounds the wait for the destination's final ACK after the
+	// last page is sent (default 60 s).
+	AckTimeout time.Duration
+}
+
+func (o *Options) defaults() {
+	if o.BatchPages <= 0 {
+		o.BatchPages = 64
+	}
+	if o.BatchPages > wire.MaxBatchPages {
+		o.BatchPages = wire.MaxBatchPages
+	}
+	if o.WindowBytes <= 0 {
+		o.WindowBytes = 1 << 20
+	}
+	if o.MaxRounds <= 0 {
+		o.MaxRounds = 30
+	}
+	if o.StopPages <= 0 {
+		o.StopPages = 50
+	}
+	if o.HybridRounds <= 0 {
+		o.HybridRounds = 1
+	}
+	if o.Prepaging == "" {
+		o.Prepaging = "dual"
+	}
+	if o.ProgressEvery <= 0 {
+		o.ProgressEvery = 200 * time.Millisecond
+	}
+	if o.AckTimeout <= 0 {
+		o.AckTimeout = 60 * time.Second
+	}
+}
+
+// source is one outgoing migration.
+type source struct {
+	opt  Options
+	dom  Source
+	info Info
+
+	bulk, urgent io.ReadWriteCloser
+	bw, uw       *wire.Writer
+	bulkMu       sync.Mutex // bw is written by the push loop and the control path
+
+	mu     sync.Mutex // guards sent and policy
+	sent   *prepage.Bitmap
+	policy prepage.Policy
+
+	credit    sync.Cond // signalled when consumed changes or on failure
+	creditMu  sync.Mutex
+	queued    uint64 // bulk page bytes written
+	consumed  uint64 // bulk bytes the destination reported consumed
+	failed    error  // first failure; failedC is closed when it is set
+	failedC   chan struct{}
+	faultDone chan error // the fault server's result (post-copy)
+	ready     chan struct{}
+	resumed   chan struct{}
+	acked     chan struct{}
+	ack       wire.Ack
+	destStats DestStats
+
+	pagesSent  atomic.Uint64
+	zeroPages  atomic.Uint64
+	faultsSeen atomic.Uint64
+	phase      atomic.Value // string
+	round      atomic.Int64
+	start      time.Time
+	zeroPage   []byte
+}
+
+// RunSource migrates dom over two connections to a destination running
+// RunDest. bulk and urgent are separate connections (a fault request
+// must never queue behind push). On failure before the destination has
+// been told to resume, the domain is resumed here and the error says so;
+// after that point the source copy is kept paused, never resumed.
+func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser, opt Options) (*Stats, error) {
+	opt.defaults()
+	info := dom.Info()
+	if info.NumPages == 0 || info.PageSize == 0 {
+		return nil, fmt.Errorf("source domain %q reports %d pages of %d bytes", info.Name, info.NumPages, info.PageSize)
+	}
+	s := &source{
+		opt: opt, dom: dom, info: info, bulk: bulk, urgent: urgent,
+		bw: wire.NewWriter(bulk), uw: wire.NewWriter(urgent),
+		sent:     prepage.NewBitmap(info.NumPages),
+		ready:    make(chan struct{}),
+		resumed:  make(chan struct{}),
+		acked:    make(chan struct{}),
+		failedC:  make(chan struct{}),
+		start:    time.Now(),
+		zeroPage: make([]byte, info.PageSize),
+	}
+	s.credit.L = &s.creditMu
+	s.phase.Store("setup")
+	if opt.Mode != wire.ModePrecopy {
+		p, err := prepage.New(opt.Prepaging, s.sent, opt.Policy)
+		if err != nil {
+			return nil, err
+		}
+		s.policy = p
+	}
+	// Closing both connections is how every blocked goroutine is released,
+	// on success and on failure alike.
+	stop := context.AfterFunc(ctx, func() { s.fail(ctx.Err()) })
+	defer stop()
+	defer s.bulk.Close()
+	defer s.urgent.Close()
+	if opt.Progress != nil {
+		done := make(chan struct{})
+		defer close(done)
+		go s.reportProgress(done)
+	}
+	return s.run(ctx)
+}
+
+func (s *source) fail(err error) {
+	s.creditMu.Lock()
+	if s.failed == nil {
+		if err == nil {
+			err = errors.New("migration stopped")
+		}
+		s.failed = err
+		close(s.failedC)
+	}
+	s.creditMu.Unlock()
+	s.credit.Broadcast()
+	s.bulk.Close()
+	s.urgent.Close()
+}
+
+func (s *source) failure() error {
+	s.creditMu.Lock()
+	defer s.creditMu.Unlock()
+	return s.failed
+}
+
+func (s *source) reportProgress(done chan struct{}) {
+	t := time.NewTicker(s.opt.ProgressEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-done:
+			return
+		case <-t.C:
+			s.opt.Progress(Progress{
+				Phase: s.phase.Load().(string), Round: int(s.round.Load()),
+				PagesSent: s.pagesSent.Load(), Pages: s.info.NumPages,
+				Bytes: s.bw.Written() + s.uw.Written(), Faults: s.faultsSeen.Load(),
+				Elapsed: time.Since(s.start),
+			})
+		}
+	}
+}
+
+func (s *source) run(ctx context.Context) (*Stats, error) {
+	st := &Stats{Mode: s.opt.Mode.String(), Domain: s.info.Name, Pages: s.info.NumPages, PageSize: s.info.PageSize}
+	if s.opt.Mode != wire.ModePrecopy {
+		st.Prepaging = s.opt.Prepaging
+	}
+	resumeHere := func(err error) (*Stats, error) {
+		if rerr := s.dom.Resume(); rerr != nil {
+			return st, fmt.Errorf("migration failed before switchover (%v) and resuming the domain at the source failed too: %w; the domain is PAUSED at the source", err, rerr)
+		}
+		return st, fmt.Errorf("migration failed before switchover, domain %q resumed at the source: %w", s.info.Name, err)
+	}
+
+	if err := s.openStreams(); err != nil {
+		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
+	}
+	go s.readReverse()
+
+	// Pre-copy rounds.
+	dirty := []uint64(nil)
+	if s.opt.Mode != wire.ModePostcopy {
+		if err := s.dom.StartDirtyLog(); err != nil {
+			return st, fmt.Errorf("migration not started, domain %q still runs at the source: start dirty log: %w", s.info.Name, err)
+		}
+		st.SetupTimeMs = ms(time.Since(s.start))
+		s.phase.Store("precopy")
+		all := make([]uint64, s.info.NumPages)
+		for i := range all {
+			all[i] = uint64(i)
+		}
+		if err := s.sendPages(wire.PhasePrecopy, all); err != nil {
+			_ = s.dom.StopDirtyLog()
+			return st, fmt.Errorf("migration not started, domain %q still runs at the source: pre-copy round 0: %w", s.info.Name, err)
+		}
+		st.PrecopyRounds = 1
+		for {
+			var err error
+			dirty, err = s.dom.DirtyPages(dirty)
+			if err != nil {
+				_ = s.dom.StopDirtyLog()
+				return st, fmt.Errorf("migration not started, domain still runs at the source: read dirty log: %w", err)
+			}
+			if s.opt.Mode == wire.ModeHybrid && st.PrecopyRounds >= s.opt.HybridRounds {
+				break
+			}
+			if s.opt.Mode == wire.ModePrecopy && (len(dirty) <= s.opt.StopPages || st.PrecopyRounds >= s.opt.MaxRounds) {
+				break
+			}
+			s.round.Store(int64(st.PrecopyRounds))
+			if err := s.sendPages(wire.PhasePrecopy, dirty); err != nil {
+				_ = s.dom.StopDirtyLog()
+				return st, fmt.Errorf("migration not started, domain still runs at the source: pre-copy round %d: %w", st.PrecopyRounds, err)
+			}
+			st.ResentPages += uint64(len(dirty))
+			st.PrecopyRounds++
+		}
+	} else {
+		st.SetupTimeMs = ms(time.Since(s.start))
+	}
+	precopyBytes := s.bw.Written()
+
+	// Switchover: pause, send what the destination needs before it resumes.
+	s.phase.Store("stop")
+	if err := s.dom.Pause(); err != nil {
+		_ = s.dom.StopDirtyLog()
+		return st, fmt.Errorf("pause domain %q at the source (it still runs there): %w", s.info.Name, err)
+	}
+	pausedAt := time.Now()
+	if s.opt.Mode != wire.ModePostcopy {
+		// The loop left the last round's dirty pages unsent; add the
+		// writes between that round and the pause.
+		last, err := s.dom.DirtyPages(nil)
+		if err == nil {
+			err = s.dom.StopDirtyLog()
+		}
+		if err != nil {
+			return resumeHere(fmt.Errorf("final dirty log: %w", err))
+		}
+		dirty = prepage.SortedUnique(append(dirty, last...))
+	}
+	// Memory is frozen from here: checksum it while the rest goes on.
+	crcs := make(chan []uint32, 1)
+	crcErr := make(chan error, 1)
+	go func() {
+		c, err := s.checksums()
+		crcErr <- err
+		crcs <- c
+	}()
+
+	switch s.opt.Mode {
+	case wire.ModePrecopy:
+		if err := s.sendPages(wire.PhaseStop, dirty); err != nil {
+			return resumeHere(fmt.Errorf("stop-and-copy: %w", err))
+		}
+		st.ResentPages += uint64(len(dirty))
+	case wire.ModeHybrid:
+		// Pages re-dirtied since they were sent: the destination forgets
+		// them and they go again, once, in post-copy.
+		for i := 0; i < len(dirty); i += wire.MaxPFNs {
+			chunk := dirty[i:min(len(dirty), i+wire.MaxPFNs)]
+			s.bulkMu.Lock()
+			err := s.bw.WritePFNs(wire.TypeDiscard, chunk)
+			s.bulkMu.Unlock()
+			if err != nil {
+				return resumeHere(fmt.Errorf("discard list: %w", err))
+			}
+		}
+		s.mu.Lock()
+		for p := uint64(0); p < s.info.NumPages; p++ {
+			s.sent.Set(p) // round 0 sent every page
+		}
+		for _, p := range dirty {
+			s.sent.Clear(p)
+		}
+		s.mu.Unlock()
+		st.DiscardedPages = uint64(len(dirty))
+	}
+	core, err := s.dom.CoreState()
+	if err != nil {
+		return resumeHere(fmt.Errorf("read core state: %w", err))
+	}
+	corePFNs, err := s.dom.CorePFNs()
+	if err != nil {
+		return resumeHere(fmt.Errorf("list core pages: %w", err))
+	}
+	if s.opt.Mode != wire.ModePrecopy && len(corePFNs) > 0 {
+		var need []uint64
+		s.mu.Lock()
+		for _, p := range prepage.SortedUnique(corePFNs) {
+			if p < s.info.NumPages && s.sent.Set(p) {
+				need = append(need, p)
+			}
+		}
+		s.mu.Unlock()
+		if err := s.sendPages(wire.PhaseStop, need); err != nil {
+			return resumeHere(fmt.Errorf("core pages: %w", err))
+		}
+		st.CorePages = uint64(len(need))
+	}
+	s.bulkMu.Lock()
+	err = s.bw.WriteBlob(wire.TypeCoreState, core)
+	if err == nil {
+		err = s.bw.WriteSwitchover(wire.Switchover{PausedUnixNano: pausedAt.UnixNano(), PagesSent: s.pagesSent.Load()})
+	}
+	if err == nil {
+		err = s.bw.Flush()
+	}
+	s.bulkMu.Unlock()
+	if err != nil {
+		return resumeHere(fmt.Errorf("send core state: %w", err))
+	}
+	if err := s.wait(ctx, s.ready, "READY"); err != nil {
+		return resumeHere(err)
+	}
+
+	// Point of no return: after GO the destination may run the domain.
+	s.bulkMu.Lock()
+	err = s.bw.WriteRecord(wire.TypeGo)
+	if err == nil {
+		err = s.bw.Flush()
+	}
+	s.bulkMu.Unlock()
+	if err != nil {
+		// GO may or may not have left: the destination can resume only on
+		// a GO it received whole, so the guest runs in at most one place;
+		// which one is not known here.
+		return st, s.afterGo(fmt.Errorf("send GO: %w", err))
+	}
+	if err := s.wait(ctx, s.resumed, "RESUMED"); err != nil {
+		return st, s.afterGo(err)
+	}
+	st.DowntimeMs = ms(time.Since(pausedAt))
+	stopBytes := s.bw.Written()
+
+	if s.opt.Mode != wire.ModePrecopy {
+		s.phase.Store("postcopy")
+		if err := s.postcopy(); err != nil {
+			return st, s.afterGo(err)
+		}
+	}
+
+	s.phase.Store("verify")
+	if err := <-crcErr; err != nil {
+		return st, s.afterGo(fmt.Errorf("checksum source memory: %w", err))
+	}
+	table := <-crcs
+	s.bulkMu.Lock()
+	for i := 0; i < len(table) || i == 0; i += wire.MaxChecksums {
+		end := min(len(table), i+wire.MaxChecksums)
+		if err = s.bw.WriteDone(wire.Checksums{FirstPFN: uint64(i), CRCs: table[i:end]}, end == len(table)); err != nil {
+			break
+		}
+	}
+	if err == nil {
+		err = s.bw.Flush()
+	}
+	s.bulkMu.Unlock()
+	if err != nil {
+		return st, s.afterGo(fmt.Errorf("send checksums: %w", err))
+	}
+	actx, cancel := context.WithTimeout(ctx, s.opt.AckTimeout)
+	err = s.wait(actx, s.acked, "ACK")
+	cancel()
+	if err != nil {
+		return st, s.afterGo(err)
+	}
+	if s.faultDone != nil {
+		// The destination closes the urgent connection once it holds
+		// every page, which ends the fault server.
+		select {
+		case err := <-s.faultDone:
+			if err != nil {
+				return st, s.afterGo(fmt.Errorf("fault service: %w", err))
+			}
+		case <-time.After(5 * time.Second):
+			return st, s.afterGo(errors.New("destination acknowledged but kept the urgent connection open"))
+		}
+	}
+	st.TotalTimeMs = ms(time.Since(s.start))
+	st.PrecopyBytes = precopyBytes
+	st.DowntimeBytes = stopBytes - precopyBytes
+	st.PostcopyBytes = s.bw.Written() - stopBytes + s.uw.Written()
+	st.TotalBytes = s.bw.Written() + s.uw.Written()
+	st.PagesSent = s.pagesSent.Load()
+	st.ZeroPages = s.zeroPages.Load()
+	st.merge(&s.destStats)
+	st.MismatchedPages = s.ack.Mismatched
+	st.Verified = s.ack.Mismatched == 0 && s.ack.PagesReceived == s.info.NumPages && st.DuplicatePages == 0
+	if !st.Verified {
+		return st, s.afterGo(fmt.Errorf("destination reports %d of %d pages differing from the source (first pfn %#x), %d received, %d duplicates",
+			s.ack.Mismatched, s.info.NumPages, s.ack.FirstMismatch, s.ack.PagesReceived, st.DuplicatePages))
+	}
+	s.phase.Store("done")
+	if err := s.dom.Destroy(); err != nil {
+		return st, fmt.Errorf("migration complete and verified, but destroying the source copy failed: %w", err)
+	}
+	return st, nil
+}
+
+// afterGo wraps an error that happened once the destination may have
+// resumed: the source copy is kept paused, with all its memory.
+func (s *source) afterGo(err error) error {
+	return fmt.Errorf("migration failed after switchover: %w; the source copy of %q stays PAUSED with all its memory and is not resumed, so the domain never runs twice: check the destination", err, s.info.Name)
+}
+
+func (s *source) openStreams() error {
+	if err := wire.WriteHeader(s.bulk, wire.ChannelBulk); err != nil {
+		return fmt.Errorf("bulk connection: %w", err)
+	}
+	if err := wire.WriteHeader(s.urgent, wire.ChannelUrgent); err != nil {
+		return fmt.Errorf("urgent connection: %w", err)
+	}
+	s.bulkMu.Lock()
+	defer s.bulkMu.Unlock()
+	err := s.bw.WriteDomainHeader(&wire.DomainHeader{
+		Mode: s.opt.Mode, PageSize: s.info.PageSize, NumPages: s.info.NumPages,
+		VCPUs: s.info.VCPUs, Name: s.info.Name, Backend: s.info.Backend, Config: s.info.Config,
+	})
+	if err == nil {
+		err = s.bw.Flush()
+	}
+	return err
+}
+
+func (s *source) wait(ctx context.Context, ch chan struct{}, what string) error {
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		s.fail(ctx.Err())
+		return fmt.Errorf("waiting for %s from the destination: %w", what, ctx.Err())
+	case <-s.failedC:
+		return fmt.Errorf("waiting for %s from the destination: %w", what, s.failure())
+	}
+}
+
+// readReverse reads what the destination sends back on the bulk
+// connection: credits, READY, RESUMED, STATS, ACK, ERROR.
+func (s *source) readReverse() {
+	r := wire.NewReader(s.bulk)
+	for {
+		rec, err := r.Next()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				err = errors.New("destination closed the connection")
+			}
+			s.fail(fmt.Errorf("bulk connection: %w", err))
+			return
+		}
+		switch rec.Type {
+		case wire.TypeCredit:
+			v, err := wire.DecodeU64(rec.Body)
+			if err != nil {
+				s.fail(err)
+				return
+			}
+			s.creditMu.Lock()
+			s.consumed = v
+			s.creditMu.Unlock()
+			s.credit.Broadcast()
+		case wire.TypeReady:
+			close(s.ready)
+		case wire.TypeResumed:
+			close(s.resumed)
+		case wire.TypeStats:
+			blob, err := wire.DecodeBlob(rec.Body)
+			if err == nil {
+				err = json.Unmarshal(blob, &s.destStats)
+			}
+			if err != nil {
+				s.fail(fmt.Errorf("destination stats: %w", err))
+				return
+			}
+		case wire.TypeAck:
+			a, err := wire.DecodeAck(rec.Body)
+			if err != nil {
+				s.fail(err)
+				return
+			}
+			s.ack = a
+			close(s.acked)
+			return
+		case wire.TypeError:
+			msg, _ := wire.DecodeBlob(rec.Body)
+			s.fail(fmt.Errorf("destination: %s", msg))
+			return
+		default:
+			s.fail(fmt.Errorf("unexpected %v record from the destination", rec.Type))
+			return
+		}
+	}
+}
+
+// readBatch reads pages and builds a batch: entries with ZeroFlag for
+// zero pages, data for the others.
+func (s *source) readBatch(pfns []uint64, buf []byte, entries []uint64, data []byte) ([]uint64, []byte, error) {
+	ps := int(s.info.PageSize)
+	buf = buf[:len(pfns)*ps]
+	if err := s.dom.ReadPages(pfns, buf); err != nil {
+		return nil, nil, fmt.Errorf("read %d pages from pfn %#x: %w", len(pfns), pfns[0], err)
+	}
+	entries, data = entries[:0], data[:0]
+	for i, p := range pfns {
+		pg := buf[i*ps : (i+1)*ps]
+		if bytes.Equal(pg, s.zeroPage) {
+			entries = append(entries, p|wire.ZeroFlag)
+			s.zeroPages.Add(1)
+			continue
+		}
+		entries = append(entries, p)
+		data = append(data, pg...)
+	}
+	s.pagesSent.Add(uint64(len(pfns)))
+	return entries, data, nil
+}
+
+// acquire waits until the bulk window has room for n more bytes.
+func (s *source) acquire(n uint64) error {
+	s.creditMu.Lock()
+	defer s.creditMu.Unlock()
+	for s.failed == nil && s.queued > s.consumed && s.queued-s.consumed+n > uint64(s.opt.WindowBytes) {
+		s.credit.Wait()
+	}
+	if s.failed != nil {
+		return s.failed
+	}
+	s.queued += n
+	return nil
+}
+
+// writeBulk sends one batch on the bulk connection within the window.
+func (s *source) writeBulk(phase wire.Phase, entries []uint64, data []byte) error {
+	if err := s.acquire(uint64(len(data) + 8*len(entries) + 48)); err != nil {
+		return err
+	}
+	s.bulkMu.Lock()
+	defer s.bulkMu.Unlock()
+	before := s.bw.Written()
+	if err := s.bw.WritePageBatch(phase, s.info.PageSize, entries, data); err != nil {
+		return err
+	}
+	// Account the exact record size, which is what the destination
+	// reports as consumed.
+	s.creditMu.Lock()
+	s.queued += s.bw.Written() - before - uint64(len(data)+8*len(entries)+48)
+	s.creditMu.Unlock()
+	return s.bw.Flush()
+}
+
+// sendPages sends pfns in order on the bulk connection.
+func (s *source) sendPages(phase wire.Phase, pfns []uint64) error {
+	n := s.opt.BatchPages
+	buf := make([]byte, n*int(s.info.PageSize))
+	var entries []uint64
+	var data []byte
+	for i := 0; i < len(pfns); i += n {
+		chunk := pfns[i:min(len(pfns), i+n)]
+		var err error
+		entries, data, err = s.readBatch(chunk, buf, entries, data)
+		if err != nil {
+			return err
+		}
+		if err := s.writeBulk(phase, entries, data); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// postcopy pushes every unsent page in policy order while serving demand
+// faults on the urgent connection, until every page has been sent once.
+func (s *source) postcopy() error {
+	s.faultDone = make(chan error, 1)
+	go func() { s.faultDone <- s.serveFaults() }()
+
+	n := s.opt.BatchPages
+	buf := make([]byte, n*int(s.info.PageSize))
+	pfns := make([]uint64, 0, n)
+	var entries []uint64
+	var data []byte
+	for {
+		pfns = pfns[:0]
+		s.mu.Lock()
+		for len(pfns) < n {
+			p, ok := s.policy.Next()
+			if !ok {
+				break
+			}
+			pfns = append(pfns, p)
+		}
+		s.mu.Unlock()
+		if len(pfns) == 0 {
+			break
+		}
+		var err error
+		entries, data, err = s.readBatch(pfns, buf, entries, data)
+		if err == nil {
+			err = s.writeBulk(wire.PhasePush, entries, data)
+		}
+		if err != nil {
+			return fmt.Errorf("post-copy push: %w", err)
+		}
+	}
+	// Every page has been sent (pushed or as a fault reply). The fault
+	// server keeps running until the destination closes the urgent
+	// connection, which it does once it holds every page; errors there
+	// after this point are not the migration's.
+	return nil
+}
+
+// serveFaults answers FAULT_REQUEST records: each requested page not yet
+// sent goes back at once on the urgent connection, and every request moves
+// the pre-paging pivot.
+func (s *source) serveFaults() error {
+	r := wire.NewReader(s.urgent)
+	buf := make([]byte, wire.MaxBatchPages*int(s.info.PageSize))
+	var pfns, need, entries []uint64
+	var data []byte
+	for {
+		rec, err := r.Next()
+		if err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("urgent connection: %w", err)
+		}
+		if rec.Type != wire.TypeFaultRequest {
+			return fmt.Errorf("urgent connection: unexpected %v", rec.Type)
+		}
+		pfns, err = wire.DecodePFNs(rec.Body, pfns)
+		if err != nil {
+			return fmt.Errorf("urgent connection: %w", err)
+		}
+		need = need[:0]
+		s.mu.Lock()
+		for _, p := range pfns {
+			if p >= s.info.NumPages {
+				s.mu.Unlock()
+				return fmt.Errorf("destination asked for pfn %#x beyond the domain's %d pages", p, s.info.NumPages)
+			}
+			s.policy.Fault(p)
+			if s.sent.Set(p) {
+				need = append(need, p)
+			}
+		}
+		s.mu.Unlock()
+		s.faultsSeen.Add(uint64(len(pfns)))
+		for i := 0; i < len(need); i += wire.MaxBatchPages {
+			chunk := need[i:min(len(need), i+wire.MaxBatchPages)]
+			entries, data, err = s.readBatch(chunk, buf, entries, data)
+			if err == nil {
+				err = s.uw.WritePageBatch(wire.PhaseFault, s.info.PageSize, entries, data)
+			}
+			if err != nil {
+				return fmt.Errorf("fault reply: %w", err)
+			}
+		}
+		if len(need) > 0 {
+			if err := s.uw.Flush(); err != nil {
+				return fmt.Errorf("fault reply: %w", err)
+			}
+		}
+	}
+}
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// checksums computes the CRC-32C of every page of the paused domain.
+func (s *source) checksums() ([]uint32, error) {
+	const chunk = 256
+	ps := int(s.info.PageSize)
+	out := make([]uint32, s.info.NumPages)
+	buf := make([]byte, chunk*ps)
+	pfns := make([]uint64, 0, chunk)
+	for base := uint64(0); base < s.info.NumPages; base += chunk {
+		pfns = pfns[:0]
+		for p := base; p < min(base+chunk, s.info.NumPages); p++ {
+			pfns = append(pfns, p)
+		}
+		b := buf[:len(pfns)*ps]
+		if err := s.dom.ReadPages(pfns, b); err != nil {
+			return nil, err
+		}
+		for i := range pfns {
+			out[base+uint64(i)] = crc32.Checksum(b[i*ps:(i+1)*ps], castagnoli)
+		}
+	}
+	return out, nil
+}

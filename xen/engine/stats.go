@@ -1,0 +1,130 @@
+package engine
+
+import (
+	"sort"
+	"time"
+)
+
+// Stats are a migration's figures. Names follow QEMU's query-migrate where
+// one exists (DESIGN.md §6); times are milliseconds, latencies microseconds.
+type Stats struct {
+	Mode      string `json:"mode"`
+	Prepaging string `json:"prepaging,omitempty"`
+	Domain    string `json:"domain"`
+	Pages     uint64 `json:"pages"`
+	PageSize  uint32 `json:"page_size"`
+
+	TotalTimeMs float64 `json:"total_time_ms"`
+	DowntimeMs  float64 `json:"downtime_ms"`
+	SetupTimeMs float64 `json:"setup_time_ms"`
+
+	PrecopyBytes  uint64 `json:"precopy_bytes"`
+	DowntimeBytes uint64 `json:"downtime_bytes"`
+	PostcopyBytes uint64 `json:"postcopy_bytes"`
+	TotalBytes    uint64 `json:"total_bytes"`
+
+	// PagesSent counts page transmissions of every kind (zero pages too).
+	PagesSent uint64 `json:"pages_sent"`
+	ZeroPages uint64 `json:"zero_pages"`
+	// ResentPages are pre-copy re-sends of pages the guest wrote again
+	// after they were sent: pre-copy's inherent cost.
+	ResentPages uint64 `json:"resent_pages"`
+	// DuplicatePages are pages that reached the destination while it
+	// already held that same version: wasted transmissions. Must be 0.
+	DuplicatePages uint64 `json:"duplicate_pages"`
+	PrecopyRounds  int    `json:"precopy_rounds"`
+	CorePages      uint64 `json:"core_pages"`
+	DiscardedPages uint64 `json:"discarded_pages"`
+
+	Faults            uint64  `json:"faults"`
+	NetworkFaults     uint64  `json:"network_faults"`
+	PrepagedHits      uint64  `json:"prepaged_hits"`
+	WorkingSet        uint64  `json:"working_set"`
+	FaultsPerWS       float64 `json:"network_faults_per_working_set"`
+	FaultLatencyP50Us float64 `json:"fault_latency_p50_us"`
+	FaultLatencyP99Us float64 `json:"fault_latency_p99_us"`
+	BlocktimeMs       float64 `json:"blocktime_ms"`
+
+	Verified        bool   `json:"verified"`
+	MismatchedPages uint64 `json:"mismatched_pages"`
+	IntegrityErrors uint64 `json:"integrity_errors"`
+	Progress        uint64 `json:"progress"`
+
+	// Filled in by callers that know the link.
+	LinkRateBps  uint64  `json:"link_rate_bps,omitempty"`
+	LinkBoundMs  float64 `json:"link_bound_ms,omitempty"`
+	TimeOverLink float64 `json:"total_time_over_link_bound,omitempty"`
+}
+
+// DestStats are the destination's figures, sent to the source in a STATS
+// record and merged into Stats.
+type DestStats struct {
+	Faults            uint64       `json:"faults"`
+	NetworkFaults     uint64       `json:"network_faults"`
+	FaultLatencyP50Us float64      `json:"fault_latency_p50_us"`
+	FaultLatencyP99Us float64      `json:"fault_latency_p99_us"`
+	BlocktimeMs       float64      `json:"blocktime_ms"`
+	DuplicatePages    uint64       `json:"duplicate_pages"`
+	PagesReceived     uint64       `json:"pages_received"`
+	MismatchedPages   uint64       `json:"mismatched_pages"`
+	DistinctFaulted   uint64       `json:"distinct_faulted"`
+	Guest             *GuestReport `json:"guest,omitempty"`
+}
+
+// merge folds the destination's figures into s.
+func (s *Stats) merge(d *DestStats) {
+	s.Faults = d.Faults
+	s.NetworkFaults = d.NetworkFaults
+	s.FaultLatencyP50Us = d.FaultLatencyP50Us
+	s.FaultLatencyP99Us = d.FaultLatencyP99Us
+	s.BlocktimeMs = d.BlocktimeMs
+	s.DuplicatePages += d.DuplicatePages
+	if g := d.Guest; g != nil {
+		s.WorkingSet = g.WorkingSet
+		s.IntegrityErrors = g.IntegrityErrors
+		s.Progress = g.Progress
+		if g.WorkingSet >= d.DistinctFaulted {
+			s.PrepagedHits = g.WorkingSet - d.DistinctFaulted
+		}
+		if g.WorkingSet > 0 {
+			s.FaultsPerWS = float64(d.NetworkFaults) / float64(g.WorkingSet)
+		}
+	}
+}
+
+// SetLink fills the link figures: the bound is the time the bytes that had
+// to move need at the link rate.
+func (s *Stats) SetLink(rateBps uint64) {
+	if rateBps == 0 {
+		return
+	}
+	s.LinkRateBps = rateBps
+	s.LinkBoundMs = float64(s.TotalBytes*8) / float64(rateBps) * 1000
+	if s.LinkBoundMs > 0 {
+		s.TimeOverLink = s.TotalTimeMs / s.LinkBoundMs
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// percentile returns the p-th percentile (0..1) of xs in microseconds.
+func percentile(xs []time.Duration, p float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := append([]time.Duration(nil), xs...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := int(p * float64(len(s)-1))
+	return float64(s[i].Nanoseconds()) / 1000
+}
+
+// Progress is a live snapshot for a progress display.
+type Progress struct {
+	Phase     string // "precopy", "stop", "postcopy", "verify", "done"
+	Round     int
+	PagesSent uint64
+	Pages     uint64 // total pages of the domain
+	Bytes     uint64
+	Faults    uint64 // fault requests served so far
+	Elapsed   time.Duration
+}

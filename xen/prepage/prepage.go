@@ -1,0 +1,236 @@
+// Package prepage decides the order in which a post-copy source pushes the
+// pages the destination has not asked for yet: adaptive pre-paging in the
+// manner of Hines & Gopalan (VEE'09), plus the pre-record priority lists of
+// Shan (2020).
+//
+// A Policy is a plain state machine with no I/O: the engine feeds it demand
+// faults (Fault) and asks it for the next page to push (Next). Both share
+// one Bitmap of pages already sent, so a page that crossed the wire, pushed
+// or faulted, is never chosen again: every page is sent once.
+//
+// Policies:
+//   - none: push in pfn order (a plain scan of unsent pages).
+//   - forward: a bubble after the latest fault's pivot p: p+1, p+2, ...
+//   - dual: a bubble both ways around the pivot: p+1, p-1, p+2, p-2, ...
+//   - multi: dual bubbles around the K most recent pivots, served round
+//     robin, so that a guest with several active regions (or vCPUs) is
+//     served in each of them.
+//
+// With every bubble, a new fault moves the pivot (the stale bubble is
+// dropped), and once the bubbles run dry the policy falls back to the scan.
+package prepage
+
+import (
+	"fmt"
+	"sort"
+	"strings"
+)
+
+// Policy chooses the next page to push. Implementations are not safe for
+// concurrent use: the engine serialises calls under one lock.
+type Policy interface {
+	// Fault records a demand fault at pfn (whether or not the page was
+	// already sent): the pivot moves there.
+	Fault(pfn uint64)
+	// Next returns the next unsent page to push and marks it sent. It
+	// returns false once every page has been sent.
+	Next() (uint64, bool)
+}
+
+// Options configure a policy.
+type Options struct {
+	// Pivots is K for multi (default 4).
+	Pivots int
+	// Priority, if not empty, is served before the bubbles and the scan:
+	// the pre-record plan (recorded pages, then predicted pages). After a
+	// fault, the policy interleaves its bubble with the priority list for
+	// FaultBurst pages, because a fault means the plan missed a page the
+	// guest needs now, and its neighbours are likely next.
+	Priority []uint64
+	// FaultBurst is how many pages after each fault alternate between the
+	// fault's bubble and the priority list (default 64).
+	FaultBurst int
+}
+
+// Names lists the bubble policies New accepts.
+var Names = []string{"none", "forward", "dual", "multi"}
+
+// New returns the named policy over sent (whose length is the domain's
+// page count). Pages already set in sent are never returned.
+func New(name string, sent *Bitmap, opt Options) (Policy, error) {
+	if opt.Pivots <= 0 {
+		opt.Pivots = 4
+	}
+	if opt.FaultBurst <= 0 {
+		opt.FaultBurst = 64
+	}
+	var p *bubbles
+	switch name {
+	case "none":
+		p = &bubbles{sent: sent, k: 0}
+	case "forward":
+		p = &bubbles{sent: sent, k: 1, forwardOnly: true}
+	case "dual":
+		p = &bubbles{sent: sent, k: 1}
+	case "multi":
+		p = &bubbles{sent: sent, k: opt.Pivots}
+	default:
+		return nil, fmt.Errorf("unknown pre-paging policy %q (want %s)", name, strings.Join(Names, ", "))
+	}
+	if len(opt.Priority) == 0 {
+		return p, nil
+	}
+	for _, pfn := range opt.Priority {
+		if pfn >= sent.Len() {
+			return nil, fmt.Errorf("priority pfn %d beyond the domain's %d pages", pfn, sent.Len())
+		}
+	}
+	return &prioritized{inner: p, list: opt.Priority, burst: opt.FaultBurst}, nil
+}
+
+// bubble is one pivot's two cursors. fwd is the next candidate above the
+// pivot, back the next below it (back < 0 once exhausted).
+type bubble struct {
+	fwd, back int64
+	turn      bool // dual: whose turn, false = forward
+}
+
+type bubbles struct {
+	sent        *Bitmap
+	k           int // max live bubbles; 0 = scan only
+	forwardOnly bool
+	live        []bubble // most recent last
+	rr          int      // round-robin position in live
+	scan        uint64   // fallback cursor: everything below is sent
+}
+
+func (p *bubbles) Fault(pfn uint64) {
+	if p.k == 0 || pfn >= p.sent.Len() {
+		return
+	}
+	b := bubble{fwd: int64(pfn) + 1, back: int64(pfn) - 1}
+	if p.forwardOnly {
+		b.back = -1
+	}
+	if len(p.live) == p.k {
+		copy(p.live, p.live[1:])
+		p.live = p.live[:p.k-1]
+	}
+	p.live = append(p.live, b)
+	// Serve the newest pivot first: it is where the guest is now.
+	p.rr = len(p.live) - 1
+}
+
+// step returns the next unsent page of bubble b, or false when it is dry.
+// Dual bubbles alternate forward and backward; a side that runs out hands
+// its turns to the other.
+func (p *bubbles) step(b *bubble) (uint64, bool) {
+	n := int64(p.sent.Len())
+	for b.fwd < n || b.back >= 0 {
+		if b.fwd < n && (p.forwardOnly || !b.turn || b.back < 0) {
+			b.turn = true
+			if pfn, ok := p.sent.NextClear(uint64(b.fwd)); ok {
+				b.fwd = int64(pfn) + 1
+				return pfn, true
+			}
+			b.fwd = n
+			continue
+		}
+		b.turn = false
+		if pfn, ok := p.sent.PrevClear(uint64(b.back)); ok {
+			b.back = int64(pfn) - 1
+			return pfn, true
+		}
+		b.back = -1
+	}
+	return 0, false
+}
+
+func (p *bubbles) Next() (uint64, bool) {
+	for len(p.live) > 0 {
+		if p.rr >= len(p.live) {
+			p.rr = 0
+		}
+		i := p.rr
+		if pfn, ok := p.step(&p.live[i]); ok {
+			p.sent.Set(pfn)
+			// Round robin: newest first, then older ones in turn.
+			p.rr = i - 1
+			if p.rr < 0 {
+				p.rr = len(p.live) - 1
+			}
+			return pfn, true
+		}
+		p.live = append(p.live[:i], p.live[i+1:]...)
+		if p.rr > i {
+			p.rr--
+		}
+	}
+	pfn, ok := p.sent.NextClear(p.scan)
+	if !ok {
+		p.scan = p.sent.Len()
+		return 0, false
+	}
+	p.scan = pfn + 1
+	p.sent.Set(pfn)
+	return pfn, true
+}
+
+// prioritized serves a fixed priority list first, interleaving the bubble
+// of a recent fault for a burst of pages.
+type prioritized struct {
+	inner  *bubbles
+	list   []uint64
+	pos    int
+	burst  int
+	left   int  // pages of the current fault burst still to interleave
+	bubble bool // whose turn in the burst
+}
+
+func (p *prioritized) Fault(pfn uint64) {
+	p.inner.Fault(pfn)
+	p.left = p.burst
+	p.bubble = true
+}
+
+func (p *prioritized) nextListed() (uint64, bool) {
+	for p.pos < len(p.list) {
+		pfn := p.list[p.pos]
+		p.pos++
+		if p.inner.sent.Set(pfn) {
+			return pfn, true
+		}
+	}
+	return 0, false
+}
+
+func (p *prioritized) Next() (uint64, bool) {
+	if p.left > 0 {
+		p.left--
+		turn := p.bubble
+		p.bubble = !p.bubble
+		if turn && len(p.inner.live) > 0 {
+			if pfn, ok := p.inner.Next(); ok {
+				return pfn, true
+			}
+		}
+	}
+	if pfn, ok := p.nextListed(); ok {
+		return pfn, true
+	}
+	return p.inner.Next()
+}
+
+// SortedUnique returns pfns sorted with duplicates removed; a helper for
+// callers building priority lists and discard sets.
+func SortedUnique(pfns []uint64) []uint64 {
+	s := append([]uint64(nil), pfns...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	out := s[:0]
+	for i, v := range s {
+		if i == 0 || v != s[i-1] {
+			out = append(out, v)
+		}
+	}
+	return out
+}

@@ -1,0 +1,181 @@
+package prepage
+
+import (
+	"math/rand"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// event is one row of a fault table: either a fault at pfn, or a request
+// for the next n pushed pages.
+type event struct {
+	fault int64 // -1: none
+	next  int
+}
+
+func f(pfn int64) event { return event{fault: pfn} }
+func n(k int) event     { return event{fault: -1, next: k} }
+
+func run(t *testing.T, name string, npages uint64, presend []uint64, opt Options, evs ...event) []uint64 {
+	t.Helper()
+	sent := NewBitmap(npages)
+	for _, p := range presend {
+		sent.Set(p)
+	}
+	p, err := New(name, sent, opt)
+	require.NoError(t, err)
+	var out []uint64
+	for _, e := range evs {
+		if e.fault >= 0 {
+			p.Fault(uint64(e.fault))
+		}
+		for i := 0; i < e.next; i++ {
+			pfn, ok := p.Next()
+			if !ok {
+				break
+			}
+			out = append(out, pfn)
+		}
+	}
+	return out
+}
+
+func TestPolicyOrders(t *testing.T) {
+	cases := []struct {
+		name    string
+		policy  string
+		npages  uint64
+		presend []uint64
+		opt     Options
+		evs     []event
+		want    []uint64
+	}{
+		{"none scans", "none", 8, []uint64{2}, Options{}, []event{f(5), n(4)}, []uint64{0, 1, 3, 4}},
+		{"forward after pivot", "forward", 16, nil, Options{}, []event{n(2), f(10), n(4)}, []uint64{0, 1, 11, 12, 13, 14}},
+		{"forward skips sent, falls back to scan at the end", "forward", 8, []uint64{6}, Options{}, []event{f(5), n(4)}, []uint64{7, 0, 1, 2}},
+		{"dual alternates", "dual", 16, nil, Options{}, []event{f(8), n(5)}, []uint64{9, 7, 10, 6, 11}},
+		{"dual near the edge hands turns to the other side", "dual", 10, nil, Options{}, []event{f(8), n(5)}, []uint64{9, 7, 6, 5, 4}},
+		{"dual skips sent pages", "dual", 16, []uint64{9, 7}, Options{}, []event{f(8), n(4)}, []uint64{10, 6, 11, 5}},
+		{"new fault moves the pivot", "dual", 32, nil, Options{}, []event{f(8), n(2), f(20), n(3)}, []uint64{9, 7, 21, 19, 22}},
+		{"multi interleaves newest first", "multi", 64, nil, Options{Pivots: 2}, []event{f(10), f(40), n(6)}, []uint64{41, 11, 39, 9, 42, 12}},
+		{"multi drops the oldest pivot", "multi", 64, nil, Options{Pivots: 2}, []event{f(10), f(30), f(50), n(4)}, []uint64{51, 31, 49, 29}},
+		{"priority first, then bubble/scan", "dual", 16, nil, Options{Priority: []uint64{5, 3, 5, 9}}, []event{n(5)}, []uint64{5, 3, 9, 0, 1}},
+		{"fault interleaves bubble with priority", "dual", 32, nil, Options{Priority: []uint64{1, 2, 3, 4}, FaultBurst: 4}, []event{f(20), n(6)}, []uint64{21, 1, 19, 2, 3, 4}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			got := run(t, c.policy, c.npages, c.presend, c.opt, c.evs...)
+			require.Equal(t, c.want, got)
+		})
+	}
+}
+
+// Every policy, under any fault sequence, returns each unsent page exactly
+// once and nothing else: the "every page crosses the wire once" property.
+func TestEveryPageOnce(t *testing.T) {
+	rng := rand.New(rand.NewSource(1))
+	for _, name := range Names {
+		for trial := 0; trial < 20; trial++ {
+			npages := uint64(1 + rng.Intn(700))
+			sent := NewBitmap(npages)
+			var pre []uint64
+			for i := uint64(0); i < npages; i++ {
+				if rng.Intn(5) == 0 {
+					sent.Set(i)
+					pre = append(pre, i)
+				}
+			}
+			var prio []uint64
+			if trial%2 == 1 {
+				for i := 0; i < 50; i++ {
+					prio = append(prio, uint64(rng.Int63n(int64(npages))))
+				}
+			}
+			p, err := New(name, sent, Options{Pivots: 3, Priority: prio, FaultBurst: 8})
+			require.NoError(t, err)
+			seen := map[uint64]bool{}
+			for _, x := range pre {
+				seen[x] = true
+			}
+			for {
+				if rng.Intn(4) == 0 {
+					pfn := uint64(rng.Int63n(int64(npages)))
+					p.Fault(pfn)
+					// The engine sends a faulted page directly.
+					if sent.Set(pfn) {
+						seen[pfn] = true
+					}
+				}
+				pfn, ok := p.Next()
+				if !ok {
+					break
+				}
+				require.Less(t, pfn, npages)
+				require.False(t, seen[pfn], "%s: pfn %d returned twice", name, pfn)
+				seen[pfn] = true
+			}
+			require.Len(t, seen, int(npages), name)
+			require.Equal(t, npages, sent.Count())
+		}
+	}
+}
+
+func TestUnknownPolicy(t *testing.T) {
+	_, err := New("bogus", NewBitmap(4), Options{})
+	require.ErrorContains(t, err, "unknown pre-paging policy")
+	_, err = New("dual", NewBitmap(4), Options{Priority: []uint64{9}})
+	require.ErrorContains(t, err, "beyond")
+}
+
+func TestBitmapScans(t *testing.T) {
+	b := NewBitmap(200)
+	for i := uint64(0); i < 200; i++ {
+		if i != 3 && i != 64 && i != 130 && i != 199 {
+			b.Set(i)
+		}
+	}
+	next := func(from uint64) int64 {
+		p, ok := b.NextClear(from)
+		if !ok {
+			return -1
+		}
+		return int64(p)
+	}
+	prev := func(from uint64) int64 {
+		p, ok := b.PrevClear(from)
+		if !ok {
+			return -1
+		}
+		return int64(p)
+	}
+	require.Equal(t, int64(3), next(0))
+	require.Equal(t, int64(64), next(4))
+	require.Equal(t, int64(130), next(65))
+	require.Equal(t, int64(199), next(131))
+	require.Equal(t, int64(-1), next(200))
+	require.Equal(t, int64(130), prev(198))
+	require.Equal(t, int64(64), prev(129))
+	require.Equal(t, int64(3), prev(63))
+	require.Equal(t, int64(-1), prev(2))
+	require.Equal(t, uint64(196), b.Count())
+	b.Set(199)
+	require.Equal(t, int64(-1), next(131))
+}
+
+func BenchmarkDualWithFaults(b *testing.B) {
+	const npages = 1 << 18
+	rng := rand.New(rand.NewSource(2))
+	for i := 0; i < b.N; i++ {
+		sent := NewBitmap(npages)
+		p, _ := New("multi", sent, Options{})
+		for k := 0; ; k++ {
+			if k%64 == 0 {
+				p.Fault(uint64(rng.Intn(npages)))
+			}
+			if _, ok := p.Next(); !ok {
+				break
+			}
+		}
+	}
+}

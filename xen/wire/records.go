@@ -1,0 +1,461 @@
+package wire
+
+import (
+	"fmt"
+	"math/bits"
+)
+
+// Phase says why a page batch was sent; the destination counts bytes per
+// phase (QEMU's precopy / downtime / postcopy split).
+type Phase uint8
+
+// Page batch phases.
+const (
+	PhasePrecopy Phase = 1 // an iterative pre-copy round, domain running at the source
+	PhaseStop    Phase = 2 // stop-and-copy or core pages: domain paused, not yet resumed
+	PhasePush    Phase = 3 // post-copy background push (pre-paging)
+	PhaseFault   Phase = 4 // reply to a demand fault (urgent channel)
+)
+
+func (p Phase) String() string {
+	switch p {
+	case PhasePrecopy:
+		return "precopy"
+	case PhaseStop:
+		return "stop"
+	case PhasePush:
+		return "push"
+	case PhaseFault:
+		return "fault"
+	}
+	return fmt.Sprintf("phase(%d)", uint8(p))
+}
+
+// ZeroFlag marks a page batch entry whose page is all zeroes: no data
+// follows for it in the batch.
+const ZeroFlag = uint64(1) << 63
+
+// PFNMask is the pfn part of a batch entry. 52 bits cover every x86
+// physical address (4 KiB pages, 64-bit addresses).
+const PFNMask = (uint64(1) << 52) - 1
+
+const pageBatchFixed = 16
+
+// PageBatch is a decoded TypePageBatch record. Entries hold a pfn and
+// ZeroFlag; Data holds the pages of the non-zero entries, in order.
+type PageBatch struct {
+	Phase    Phase
+	PageSize uint32
+	Entries  []uint64
+	Data     []byte
+}
+
+// WritePageBatch writes a batch without copying data. data must hold
+// exactly one page for every entry without ZeroFlag.
+func (w *Writer) WritePageBatch(phase Phase, pageSize uint32, entries []uint64, data []byte) error {
+	if err := checkPageSize(pageSize); err != nil {
+		return fmt.Errorf("write page batch: %w", err)
+	}
+	if len(entries) == 0 || len(entries) > MaxBatchPages {
+		return fmt.Errorf("write page batch: %d entries (1..%d): %w", len(entries), MaxBatchPages, ErrMalformed)
+	}
+	nonzero := 0
+	for _, e := range entries {
+		if e&^(ZeroFlag|PFNMask) != 0 {
+			return fmt.Errorf("write page batch: entry %#x has reserved bits: %w", e, ErrMalformed)
+		}
+		if e&ZeroFlag == 0 {
+			nonzero++
+		}
+	}
+	if len(data) != nonzero*int(pageSize) {
+		return fmt.Errorf("write page batch: %d data bytes for %d non-zero pages: %w", len(data), nonzero, ErrMalformed)
+	}
+	fixed := make([]byte, pageBatchFixed+8*len(entries))
+	fixed[0] = byte(phase)
+	le.PutUint32(fixed[4:], pageSize)
+	le.PutUint32(fixed[8:], uint32(len(entries)))
+	for i, e := range entries {
+		le.PutUint64(fixed[pageBatchFixed+8*i:], e)
+	}
+	return w.WriteRecord(TypePageBatch, fixed, data)
+}
+
+// DecodePageBatch decodes body into b, reusing b.Entries. b.Data aliases
+// body.
+func DecodePageBatch(body []byte, b *PageBatch) error {
+	if len(body) < pageBatchFixed {
+		return fmt.Errorf("page batch: %d bytes: %w", len(body), ErrMalformed)
+	}
+	b.Phase = Phase(body[0])
+	if b.Phase < PhasePrecopy || b.Phase > PhaseFault || body[1] != 0 || body[2] != 0 || body[3] != 0 || le.Uint32(body[12:]) != 0 {
+		return fmt.Errorf("page batch: bad phase or reserved bytes: %w", ErrMalformed)
+	}
+	b.PageSize = le.Uint32(body[4:])
+	if err := checkPageSize(b.PageSize); err != nil {
+		return fmt.Errorf("page batch: %w", err)
+	}
+	n := le.Uint32(body[8:])
+	if n == 0 || n > MaxBatchPages {
+		return fmt.Errorf("page batch: %d entries (1..%d): %w", n, MaxBatchPages, ErrMalformed)
+	}
+	end := pageBatchFixed + 8*int(n)
+	if len(body) < end {
+		return fmt.Errorf("page batch: %d entries need %d bytes, have %d: %w", n, end, len(body), ErrMalformed)
+	}
+	b.Entries = b.Entries[:0]
+	nonzero := 0
+	for i := 0; i < int(n); i++ {
+		e := le.Uint64(body[pageBatchFixed+8*i:])
+		if e&^(ZeroFlag|PFNMask) != 0 {
+			return fmt.Errorf("page batch: entry %d %#x has reserved bits: %w", i, e, ErrMalformed)
+		}
+		if e&ZeroFlag == 0 {
+			nonzero++
+		}
+		b.Entries = append(b.Entries, e)
+	}
+	if want := end + nonzero*int(b.PageSize); len(body) != want {
+		return fmt.Errorf("page batch: %d bytes, want %d for %d non-zero pages: %w", len(body), want, nonzero, ErrMalformed)
+	}
+	b.Data = body[end:]
+	return nil
+}
+
+func checkPageSize(ps uint32) error {
+	if ps < 512 || ps > MaxPageSize || bits.OnesCount32(ps) != 1 {
+		return fmt.Errorf("page size %d: %w", ps, ErrMalformed)
+	}
+	return nil
+}
+
+// WritePFNs writes a TypeFaultRequest or TypeDiscard record. Callers split
+// lists longer than MaxPFNs.
+func (w *Writer) WritePFNs(t Type, pfns []uint64) error {
+	if t != TypeFaultRequest && t != TypeDiscard {
+		return fmt.Errorf("write pfn list: %v is not a pfn list: %w", t, ErrMalformed)
+	}
+	if len(pfns) == 0 || len(pfns) > MaxPFNs {
+		return fmt.Errorf("write %v: %d pfns (1..%d): %w", t, len(pfns), MaxPFNs, ErrMalformed)
+	}
+	b := make([]byte, 8+8*len(pfns))
+	le.PutUint32(b, uint32(len(pfns)))
+	for i, p := range pfns {
+		if p&^PFNMask != 0 {
+			return fmt.Errorf("write %v: pfn %#x out of range: %w", t, p, ErrMalformed)
+		}
+		le.PutUint64(b[8+8*i:], p)
+	}
+	return w.WriteRecord(t, b)
+}
+
+// DecodePFNs decodes a pfn list record body, appending to dst[:0].
+func DecodePFNs(body []byte, dst []uint64) ([]uint64, error) {
+	if len(body) < 8 {
+		return nil, fmt.Errorf("pfn list: %d bytes: %w", len(body), ErrMalformed)
+	}
+	n := le.Uint32(body)
+	if n == 0 || n > MaxPFNs || le.Uint32(body[4:]) != 0 {
+		return nil, fmt.Errorf("pfn list: count %d (1..%d) or reserved bytes: %w", n, MaxPFNs, ErrMalformed)
+	}
+	if len(body) != 8+8*int(n) {
+		return nil, fmt.Errorf("pfn list: %d bytes for %d pfns: %w", len(body), n, ErrMalformed)
+	}
+	dst = dst[:0]
+	for i := 0; i < int(n); i++ {
+		p := le.Uint64(body[8+8*i:])
+		if p&^PFNMask != 0 {
+			return nil, fmt.Errorf("pfn list: pfn %#x out of range: %w", p, ErrMalformed)
+		}
+		dst = append(dst, p)
+	}
+	return dst, nil
+}
+
+// Mode is the migration mode announced in the domain header.
+type Mode uint8
+
+// Migration modes.
+const (
+	ModePrecopy  Mode = 1
+	ModePostcopy Mode = 2
+	ModeHybrid   Mode = 3
+)
+
+func (m Mode) String() string {
+	switch m {
+	case ModePrecopy:
+		return "precopy"
+	case ModePostcopy:
+		return "postcopy"
+	case ModeHybrid:
+		return "hybrid"
+	}
+	return fmt.Sprintf("mode(%d)", uint8(m))
+}
+
+// ParseMode parses a --mode value.
+func ParseMode(s string) (Mode, error) {
+	for _, m := range []Mode{ModePrecopy, ModePostcopy, ModeHybrid} {
+		if m.String() == s {
+			return m, nil
+		}
+	}
+	return 0, fmt.Errorf("unknown mode %q (want precopy, postcopy or hybrid)", s)
+}
+
+// DomainHeader opens the bulk stream: what is being migrated and how.
+type DomainHeader struct {
+	Mode     Mode
+	PageSize uint32
+	NumPages uint64 // pfn range [0, NumPages)
+	VCPUs    uint32
+	Name     string
+	Backend  string // "lab", "xen-pvh", ...: the destination refuses a backend it cannot host
+	Config   []byte // backend-specific configuration (e.g. the xl config file)
+}
+
+// Write writes h as a TypeDomainHeader record.
+func (w *Writer) WriteDomainHeader(h *DomainHeader) error {
+	if err := checkPageSize(h.PageSize); err != nil {
+		return fmt.Errorf("write domain header: %w", err)
+	}
+	if h.NumPages == 0 || h.NumPages > PFNMask {
+		return fmt.Errorf("write domain header: %d pages: %w", h.NumPages, ErrMalformed)
+	}
+	var e enc
+	e.u8(uint8(h.Mode))
+	e.u32(h.PageSize)
+	e.u64(h.NumPages)
+	e.u32(h.VCPUs)
+	e.bytes([]byte(h.Name))
+	e.bytes([]byte(h.Backend))
+	e.bytes(h.Config)
+	return w.WriteRecord(TypeDomainHeader, e.b)
+}
+
+// DecodeDomainHeader decodes a TypeDomainHeader body.
+func DecodeDomainHeader(body []byte) (*DomainHeader, error) {
+	d := dec{b: body}
+	h := &DomainHeader{
+		Mode:     Mode(d.u8()),
+		PageSize: d.u32(),
+		NumPages: d.u64(),
+		VCPUs:    d.u32(),
+		Name:     string(d.bytes(256)),
+		Backend:  string(d.bytes(64)),
+		Config:   d.bytes(MaxBlob),
+	}
+	if err := d.finish("domain header"); err != nil {
+		return nil, err
+	}
+	if h.Mode < ModePrecopy || h.Mode > ModeHybrid {
+		return nil, fmt.Errorf("domain header: %v: %w", h.Mode, ErrMalformed)
+	}
+	if err := checkPageSize(h.PageSize); err != nil {
+		return nil, fmt.Errorf("domain header: %w", err)
+	}
+	if h.NumPages == 0 || h.NumPages > PFNMask {
+		return nil, fmt.Errorf("domain header: %d pages: %w", h.NumPages, ErrMalformed)
+	}
+	return h, nil
+}
+
+// Switchover tells the destination that the source domain is paused and
+// that the core state has been sent.
+type Switchover struct {
+	PausedUnixNano int64  // source clock when the domain was paused
+	PagesSent      uint64 // pages sent before switchover (pre-copy rounds, stop-and-copy, core pages)
+}
+
+// WriteSwitchover writes a TypeSwitchover record.
+func (w *Writer) WriteSwitchover(s Switchover) error {
+	var e enc
+	e.u64(uint64(s.PausedUnixNano))
+	e.u64(s.PagesSent)
+	return w.WriteRecord(TypeSwitchover, e.b)
+}
+
+// DecodeSwitchover decodes a TypeSwitchover body.
+func DecodeSwitchover(body []byte) (Switchover, error) {
+	d := dec{b: body}
+	s := Switchover{PausedUnixNano: int64(d.u64()), PagesSent: d.u64()}
+	return s, d.finish("switchover")
+}
+
+// Checksums carries the source's CRC-32C of every page of the paused
+// domain from FirstPFN on. The destination compares them with what it
+// placed, so every migration verifies its result page by page.
+type Checksums struct {
+	FirstPFN uint64
+	CRCs     []uint32
+}
+
+// MaxChecksums bounds the CRCs in one record.
+const MaxChecksums = 1 << 18
+
+// WriteChecksums writes a TypeDone record carrying checksums; the last one
+// has Final set. Callers split the CRC table into chunks of MaxChecksums.
+func (w *Writer) WriteDone(c Checksums, final bool) error {
+	if len(c.CRCs) > MaxChecksums {
+		return fmt.Errorf("write done: %d checksums: %w", len(c.CRCs), ErrTooLarge)
+	}
+	var e enc
+	if final {
+		e.u8(1)
+	} else {
+		e.u8(0)
+	}
+	e.u64(c.FirstPFN)
+	e.u32(uint32(len(c.CRCs)))
+	for _, x := range c.CRCs {
+		e.u32(x)
+	}
+	return w.WriteRecord(TypeDone, e.b)
+}
+
+// DecodeDone decodes a TypeDone body.
+func DecodeDone(body []byte) (c Checksums, final bool, err error) {
+	d := dec{b: body}
+	f := d.u8()
+	c.FirstPFN = d.u64()
+	n := d.u32()
+	if d.err == nil && (n > MaxChecksums || int(n)*4 > len(d.b)) {
+		return c, false, fmt.Errorf("done: %d checksums in %d bytes: %w", n, len(d.b), ErrMalformed)
+	}
+	c.CRCs = make([]uint32, 0, n)
+	for i := uint32(0); i < n && d.err == nil; i++ {
+		c.CRCs = append(c.CRCs, d.u32())
+	}
+	if err := d.finish("done"); err != nil {
+		return c, false, err
+	}
+	if f > 1 || c.FirstPFN > PFNMask {
+		return c, false, fmt.Errorf("done: flags %d pfn %#x: %w", f, c.FirstPFN, ErrMalformed)
+	}
+	return c, f == 1, nil
+}
+
+// Ack is the destination's final word: it has every page, and how many of
+// them differ from the source's checksums.
+type Ack struct {
+	PagesReceived uint64
+	Mismatched    uint64
+	FirstMismatch uint64 // valid when Mismatched > 0
+}
+
+// WriteAck writes a TypeAck record.
+func (w *Writer) WriteAck(a Ack) error {
+	var e enc
+	e.u64(a.PagesReceived)
+	e.u64(a.Mismatched)
+	e.u64(a.FirstMismatch)
+	return w.WriteRecord(TypeAck, e.b)
+}
+
+// DecodeAck decodes a TypeAck body.
+func DecodeAck(body []byte) (Ack, error) {
+	d := dec{b: body}
+	a := Ack{PagesReceived: d.u64(), Mismatched: d.u64(), FirstMismatch: d.u64()}
+	return a, d.finish("ack")
+}
+
+// WriteU64 writes a record whose body is one u64 (TypeCredit: bytes the
+// destination consumed from the bulk channel).
+func (w *Writer) WriteU64(t Type, v uint64) error {
+	var e enc
+	e.u64(v)
+	return w.WriteRecord(t, e.b)
+}
+
+// DecodeU64 decodes a one-u64 body.
+func DecodeU64(body []byte) (uint64, error) {
+	d := dec{b: body}
+	v := d.u64()
+	return v, d.finish("u64 record")
+}
+
+// WriteBlob writes a record carrying one opaque blob (TypeCoreState,
+// TypeStats, TypeError message, TypeResumed with an empty blob).
+func (w *Writer) WriteBlob(t Type, blob []byte) error {
+	var e enc
+	e.bytes(blob)
+	return w.WriteRecord(t, e.b)
+}
+
+// DecodeBlob decodes a blob body. The result aliases body.
+func DecodeBlob(body []byte) ([]byte, error) {
+	d := dec{b: body}
+	v := d.bytes(MaxBlob)
+	return v, d.finish("blob record")
+}
+
+// enc appends little-endian fields.
+type enc struct{ b []byte }
+
+func (e *enc) u8(v uint8)   { e.b = append(e.b, v) }
+func (e *enc) u32(v uint32) { e.b = le.AppendUint32(e.b, v) }
+func (e *enc) u64(v uint64) { e.b = le.AppendUint64(e.b, v) }
+func (e *enc) bytes(v []byte) {
+	e.u32(uint32(len(v)))
+	e.b = append(e.b, v...)
+}
+
+// dec consumes little-endian fields; the first short read sticks as err.
+type dec struct {
+	b   []byte
+	err error
+}
+
+func (d *dec) take(n int) []byte {
+	if d.err != nil {
+		return nil
+	}
+	if n < 0 || len(d.b) < n {
+		d.err = fmt.Errorf("need %d bytes, have %d: %w", n, len(d.b), ErrMalformed)
+		return nil
+	}
+	v := d.b[:n]
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *dec) u8() uint8 {
+	if v := d.take(1); v != nil {
+		return v[0]
+	}
+	return 0
+}
+
+func (d *dec) u32() uint32 {
+	if v := d.take(4); v != nil {
+		return le.Uint32(v)
+	}
+	return 0
+}
+
+func (d *dec) u64() uint64 {
+	if v := d.take(8); v != nil {
+		return le.Uint64(v)
+	}
+	return 0
+}
+
+func (d *dec) bytes(max int) []byte {
+	n := d.u32()
+	if d.err == nil && uint64(n) > uint64(max) {
+		d.err = fmt.Errorf("field of %d bytes > %d: %w", n, max, ErrTooLarge)
+		return nil
+	}
+	return d.take(int(n))
+}
+
+func (d *dec) finish(what string) error {
+	if d.err != nil {
+		return fmt.Errorf("%s: %w", what, d.err)
+	}
+	if len(d.b) != 0 {
+		return fmt.Errorf("%s: %d trailing bytes: %w", what, len(d.b), ErrMalformed)
+	}
+	return nil
+}
