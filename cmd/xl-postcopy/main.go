@@ -14,6 +14,8 @@ import (
 	"strings"
 
 	"github.com/spf13/pflag"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/lab"
 )
 
 // command is one xl-postcopy subcommand.
@@ -61,6 +63,10 @@ func mainUsage() {
 }
 
 func main() {
+	// The lab domain's guest processes are this same binary, re-executed.
+	if lab.IsGuest() {
+		os.Exit(lab.GuestMain())
+	}
 	os.Exit(runMain(os.Args[1:]))
 }
 

@@ -61,7 +61,12 @@ type dest struct {
 	failErr   error
 	failC     chan struct{}
 	blocktime time.Duration
+	resumedAt time.Time
+	timeline  []uint32 // network faults per TimelineBucket since resume
 }
+
+// TimelineBucket is the width of one DestStats.FaultTimeline bucket.
+const TimelineBucket = 10 * time.Millisecond
 
 // RunDest receives one migration on two accepted connections (in either
 // order: each stream's header says which it is), creating the domain with
@@ -293,6 +298,7 @@ func (d *dest) run() (*DestStats, error) {
 	st.FaultLatencyP99Us = percentile(d.lat, 0.99)
 	st.BlocktimeMs = ms(d.blocktime)
 	st.PagesReceived = d.received.Load()
+	st.FaultTimeline = d.timeline
 	st.MismatchedPages = ack.Mismatched
 	d.mu.Unlock()
 	if rep, ok := d.dom.(Reporter); ok {
@@ -418,6 +424,7 @@ func (d *dest) resume(core []byte) error {
 	}
 	d.mu.Lock()
 	d.resumed = true
+	d.resumedAt = time.Now()
 	complete := d.nPresent == d.hdr.NumPages
 	d.mu.Unlock()
 	go d.urgentReader()
@@ -462,6 +469,12 @@ func (d *dest) faultLoop() {
 			if d.requested.Set(p) {
 				d.faultAt[p] = now
 				req = append(req, p)
+				if b := int(now.Sub(d.resumedAt) / TimelineBucket); b < 1<<16 {
+					for len(d.timeline) <= b {
+						d.timeline = append(d.timeline, 0)
+					}
+					d.timeline[b]++
+				}
 			}
 		}
 		d.mu.Unlock()

@@ -95,7 +95,13 @@ func (s *memSource) CoreState() ([]byte, error) { return []byte("core"), nil }
 func (s *memSource) CorePFNs() ([]uint64, error) {
 	return []uint64{3, 5}, nil
 }
-func (s *memSource) Resume() error  { s.mu.Lock(); s.paused = false; s.resumed = true; s.mu.Unlock(); return nil }
+func (s *memSource) Resume() error {
+	s.mu.Lock()
+	s.paused = false
+	s.resumed = true
+	s.mu.Unlock()
+	return nil
+}
 func (s *memSource) Destroy() error { close(s.stopW); s.wg.Wait(); s.destroyed = true; return nil }
 
 // memDest is a unit-test double of a destination: a guest goroutine

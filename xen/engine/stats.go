@@ -50,6 +50,9 @@ type Stats struct {
 	IntegrityErrors uint64 `json:"integrity_errors"`
 	Progress        uint64 `json:"progress"`
 
+	// FaultTimeline counts network faults per 10 ms after resume.
+	FaultTimeline []uint32 `json:"fault_timeline,omitempty"`
+
 	// Filled in by callers that know the link.
 	LinkRateBps  uint64  `json:"link_rate_bps,omitempty"`
 	LinkBoundMs  float64 `json:"link_bound_ms,omitempty"`
@@ -69,6 +72,8 @@ type DestStats struct {
 	MismatchedPages   uint64       `json:"mismatched_pages"`
 	DistinctFaulted   uint64       `json:"distinct_faulted"`
 	Guest             *GuestReport `json:"guest,omitempty"`
+	// FaultTimeline counts network faults per TimelineBucket after resume.
+	FaultTimeline []uint32 `json:"fault_timeline,omitempty"`
 }
 
 // merge folds the destination's figures into s.
@@ -78,6 +83,7 @@ func (s *Stats) merge(d *DestStats) {
 	s.FaultLatencyP50Us = d.FaultLatencyP50Us
 	s.FaultLatencyP99Us = d.FaultLatencyP99Us
 	s.BlocktimeMs = d.BlocktimeMs
+	s.FaultTimeline = d.FaultTimeline
 	s.DuplicatePages += d.DuplicatePages
 	if g := d.Guest; g != nil {
 		s.WorkingSet = g.WorkingSet

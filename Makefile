@@ -1,0 +1,46 @@
+# xl-postcopy — build, test, run.
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+BIN := bin
+
+.PHONY: all deps build run test vet unit fuzz integration bench lab-test lab-shell clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	$(GO) build -o $(BIN)/xl-postcopy ./cmd/xl-postcopy
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/guest-balloon ./guest-balloon
+
+# The main job on its built-in default: migrate a lab domain (no Xen host needed).
+run: build
+	$(BIN)/xl-postcopy lab migrate
+
+# Everything CI checks.
+test: deps vet unit fuzz integration
+
+vet:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "not gofmt-formatted: $$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 -timeout 15m ./...
+
+# Short fuzzing runs of the decoders on untrusted input.
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime 20s ./xen/wire
+	@if ls xen/prerecord/*_test.go >/dev/null 2>&1 && grep -q 'func FuzzBuild' xen/prerecord/*_test.go; then \
+		$(GO) test -run '^$$' -fuzz '^FuzzBuild$$' -fuzztime 10s ./xen/prerecord; fi
+
+integration: build
+	scripts/check-lab-modes.sh $(BIN)/xl-postcopy
+
+bench: build
+	$(BIN)/xl-postcopy bench --link 1gbit --out docs/bench
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,173 @@
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/engine"
+	"github.com/xl-postcopy/xl-postcopy/xen/link"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+)
+
+// RunConfig is one lab migration: a domain, how to migrate it, and over
+// what link.
+type RunConfig struct {
+	Domain Config
+	Engine engine.Options
+	Link   *link.Link // nil: loopback
+	// Warmup is how long the workload runs before the migration starts
+	// (default 1 s); After is how long the destination runs once every
+	// page has arrived, to show the guest keeps going (default 300 ms).
+	Warmup, After time.Duration
+}
+
+// Result is a lab migration's outcome.
+type Result struct {
+	Stats *engine.Stats
+	// OpsAtStart is the progress counter when the migration started;
+	// OpsAtEnd after the destination ran for After; Continued says the
+	// counter grew at the destination after the migration.
+	OpsAtStart, OpsAtEnd uint64
+	Continued            bool
+}
+
+// Run migrates a fresh lab domain from a source to a destination in this
+// process's children, over l, and reports.
+func Run(ctx context.Context, rc RunConfig) (*Result, error) {
+	if rc.Warmup <= 0 {
+		rc.Warmup = time.Second
+	}
+	if rc.After <= 0 {
+		rc.After = 300 * time.Millisecond
+	}
+	l := rc.Link
+	if l == nil {
+		l = link.Loopback()
+	}
+	src, err := StartSource(rc.Domain)
+	if err != nil {
+		return nil, fmt.Errorf("start source lab domain: %w", err)
+	}
+	srcDone := false
+	defer func() {
+		if !srcDone {
+			src.Kill()
+		}
+	}()
+	select {
+	case <-time.After(rc.Warmup):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	r0, err := src.Report()
+	if err != nil {
+		return nil, err
+	}
+
+	ln, err := l.ListenDst(0)
+	if err != nil {
+		return nil, err
+	}
+	defer ln.Close()
+	type destResult struct {
+		dom *Dest
+		st  *engine.DestStats
+		err error
+	}
+	dch := make(chan destResult, 1)
+	go func() {
+		var dom *Dest
+		c1, c2, err := accept2(ln)
+		if err != nil {
+			dch <- destResult{err: err}
+			return
+		}
+		st, err := engine.RunDest(ctx, c1, c2, func(h *wire.DomainHeader) (engine.Dest, error) {
+			d, err := NewDest(h)
+			dom = d
+			if err != nil {
+				return nil, err
+			}
+			return d, nil
+		}, engine.DestOptions{})
+		dch <- destResult{dom: dom, st: st, err: err}
+	}()
+
+	addr := ln.Addr().String()
+	bulk, err := l.DialSrc(addr)
+	if err != nil {
+		return nil, err
+	}
+	urgent, err := l.DialSrc(addr)
+	if err != nil {
+		bulk.Close()
+		return nil, err
+	}
+	if err := link.SetUrgent(urgent); err != nil {
+		bulk.Close()
+		urgent.Close()
+		return nil, err
+	}
+	st, serr := engine.RunSource(ctx, src, bulk, urgent, rc.Engine)
+	if serr == nil {
+		srcDone = true // destroyed by the engine
+	}
+	dr := <-dch
+	if dr.dom != nil {
+		defer dr.dom.Exit()
+	}
+	if serr != nil || dr.err != nil {
+		return &Result{Stats: st}, errors.Join(serr, wrapDest(dr.err))
+	}
+	res := &Result{Stats: st, OpsAtStart: r0.Ops}
+	r1, err := dr.dom.Report()
+	if err != nil {
+		return res, err
+	}
+	time.Sleep(rc.After)
+	r2, err := dr.dom.Report()
+	if err != nil {
+		return res, err
+	}
+	res.OpsAtEnd = r2.Ops
+	res.Continued = r2.Running && r2.Ops > r1.Ops && r1.Ops >= r0.Ops
+	st.IntegrityErrors = r2.Integrity
+	st.Progress = r2.Ops
+	if l.RateBps > 0 {
+		st.SetLink(l.RateBps)
+	}
+	return res, nil
+}
+
+func wrapDest(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("destination: %w", err)
+}
+
+func accept2(ln net.Listener) (net.Conn, net.Conn, error) {
+	c1, err := ln.Accept()
+	if err != nil {
+		return nil, nil, fmt.Errorf("accept: %w", err)
+	}
+	c2, err := ln.Accept()
+	if err != nil {
+		c1.Close()
+		return nil, nil, fmt.Errorf("accept: %w", err)
+	}
+	// Which one is urgent is only known from the stream header; the
+	// destination's bulk direction carries only small credits, so both
+	// may be marked.
+	for _, c := range []net.Conn{c1, c2} {
+		if err := link.SetUrgent(c); err != nil {
+			c1.Close()
+			c2.Close()
+			return nil, nil, err
+		}
+	}
+	return c1, c2, nil
+}
