@@ -33,6 +33,7 @@ type labFlags struct {
 	window            string
 	pivots, hybridRnd int
 	maxRounds         int
+	debug             bool
 }
 
 func (f *labFlags) register(fs *pflag.FlagSet) {
@@ -50,7 +51,8 @@ func (f *labFlags) register(fs *pflag.FlagSet) {
 	fs.StringVar(&f.window, "window", "1M", "bulk bytes in flight before the source waits for the destination")
 	fs.IntVar(&f.pivots, "pivots", 4, "pivots of the multi pre-paging policy")
 	fs.IntVar(&f.hybridRnd, "hybrid-rounds", 1, "pre-copy rounds before a hybrid migration switches to post-copy")
-	fs.IntVar(&f.maxRounds, "max-rounds", 30, "pre-copy: most rounds before stop-and-copy")
+	fs.IntVar(&f.maxRounds, "max-rounds", 5, "pre-copy: most rounds before stop-and-copy (libxc's default is 5)")
+	fs.BoolVar(&f.debug, "debug", false, "print the engine's switchover timings to stderr")
 }
 
 // domain builds the lab domain config for a workload.
@@ -87,8 +89,12 @@ func (f *labFlags) engine(mode wire.Mode, policy string) (engine.Options, error)
 	if f.batch < 1 || f.batch > wire.MaxBatchPages {
 		return engine.Options{}, usagef("--batch %d: want 1..%d", f.batch, wire.MaxBatchPages)
 	}
+	var logf func(string, ...any)
+	if f.debug {
+		logf = func(format string, args ...any) { fmt.Fprintf(os.Stderr, "debug: "+format+"\n", args...) }
+	}
 	return engine.Options{
-		Mode: mode, Prepaging: policy, BatchPages: f.batch, WindowBytes: int(win),
+		Logf: logf, Mode: mode, Prepaging: policy, BatchPages: f.batch, WindowBytes: int(win),
 		Policy: prepage.Options{Pivots: f.pivots}, HybridRounds: f.hybridRnd, MaxRounds: f.maxRounds,
 	}, nil
 }

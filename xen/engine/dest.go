@@ -88,7 +88,7 @@ func RunDest(ctx context.Context, c1, c2 io.ReadWriteCloser, factory Factory, op
 	defer stop()
 	st, err := d.run()
 	if err != nil {
-		d.sendError(err)
+		d.fail(err)
 	}
 	return st, err
 }
@@ -118,20 +118,20 @@ func (d *dest) fail(err error) {
 		}
 		d.failErr = err
 		close(d.failC)
+		// Tell the source why, if the bulk writer is free (it never
+		// blocks for long: the destination only writes small records).
+		if d.bwMu.TryLock() {
+			if d.bw.WriteBlob(wire.TypeError, []byte(err.Error())) == nil {
+				_ = d.bw.Flush()
+			}
+			d.bwMu.Unlock()
+		}
 		d.bulk.Close()
 		d.urg.Close()
 		if d.dom != nil {
 			d.dom.Close()
 		}
 	})
-}
-
-func (d *dest) sendError(err error) {
-	d.bwMu.Lock()
-	defer d.bwMu.Unlock()
-	if d.bw.WriteBlob(wire.TypeError, []byte(err.Error())) == nil {
-		_ = d.bw.Flush()
-	}
 }
 
 func (d *dest) writeBulk(f func(w *wire.Writer) error) error {
@@ -166,6 +166,11 @@ func (d *dest) run() (*DestStats, error) {
 	d.dom, err = d.factory(d.hdr)
 	if err != nil {
 		return nil, fmt.Errorf("create domain %q: %w", d.hdr.Name, err)
+	}
+	if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeCreated) }); err != nil {
+		d.fail(err)
+		_ = d.dom.Destroy()
+		return nil, fmt.Errorf("domain %q created but the source is gone, destroyed it: %w", d.hdr.Name, err)
 	}
 	failBeforeResume := func(err error) (*DestStats, error) {
 		d.fail(err)

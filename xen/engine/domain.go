@@ -9,6 +9,7 @@
 //
 //	source                                   destination
 //	DOMAIN_HEADER ------------------------->  create domain
+//	                        <---------------  CREATED
 //	PAGE_BATCH(precopy)* ------------------>  place (overwrite allowed)   [precopy, hybrid]
 //	  pause
 //	PAGE_BATCH(stop)* / DISCARD* ---------->  place / forget re-dirtied pages

@@ -271,8 +271,9 @@ func TestPrecopyAndHybridWithDirtying(t *testing.T) {
 // because core pages are only sent when not already sent.
 func countCoreResent(st *Stats) uint64 { return st.CorePages }
 
-// A destination that refuses the domain leaves it running at the source.
-func TestFailureBeforeSwitchoverResumesSource(t *testing.T) {
+// A destination that refuses the domain leaves it running at the source,
+// never paused.
+func TestRefusedDomainKeepsSourceRunning(t *testing.T) {
 	src := newMemSource(64, 0)
 	a1, a2, b1, b2 := conns(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -284,10 +285,36 @@ func TestFailureBeforeSwitchoverResumesSource(t *testing.T) {
 	}()
 	_, err := RunSource(ctx, src, a1, a2, Options{Mode: wire.ModePostcopy})
 	require.Error(t, err)
-	require.Contains(t, err.Error(), "resumed at the source")
-	require.True(t, src.resumed)
+	require.Contains(t, err.Error(), "still runs at the source")
+	require.Contains(t, err.Error(), "no room")
+	require.False(t, src.paused)
 	require.False(t, src.destroyed)
 }
+
+// A failure after the pause but before GO resumes the domain at the source.
+func TestFailureBeforeGoResumesSource(t *testing.T) {
+	src := newMemSource(64, 0)
+	a1, a2, b1, b2 := conns(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	dst := newMemDest(nil)
+	go func() {
+		_, _ = RunDest(ctx, b1, b2, func(h *wire.DomainHeader) (Dest, error) {
+			return &failPlaceDest{memDest: dst}, nil
+		}, DestOptions{})
+	}()
+	_, err := RunSource(ctx, src, a1, a2, Options{Mode: wire.ModePostcopy})
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "resumed at the source")
+	require.Contains(t, err.Error(), "disk full")
+	require.True(t, src.resumed)
+	require.False(t, src.paused)
+	require.False(t, src.destroyed)
+}
+
+type failPlaceDest struct{ *memDest }
+
+func (d *failPlaceDest) Place([]Page) error { return fmt.Errorf("disk full") }
 
 // A connection lost after GO leaves the source paused, never resumed.
 func TestFailureAfterGoKeepsSourcePaused(t *testing.T) {

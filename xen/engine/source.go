@@ -39,6 +39,8 @@ type Options struct {
 	// Progress, if set, is called about every ProgressEvery.
 	Progress      func(Progress)
 	ProgressEvery time.Duration
+	// Logf, if set, receives debug lines (switchover timings).
+	Logf func(format string, args ...any)
 	// AckTimeout bounds the wait for the destination's final ACK after the
 	// last page is sent (default 60 s).
 	AckTimeout time.Duration
@@ -95,6 +97,7 @@ type source struct {
 	failed    error  // first failure; failedC is closed when it is set
 	failedC   chan struct{}
 	faultDone chan error // the fault server's result (post-copy)
+	created   chan struct{}
 	ready     chan struct{}
 	resumed   chan struct{}
 	acked     chan struct{}
@@ -125,6 +128,7 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 		opt: opt, dom: dom, info: info, bulk: bulk, urgent: urgent,
 		bw: wire.NewWriter(bulk), uw: wire.NewWriter(urgent),
 		sent:     prepage.NewBitmap(info.NumPages),
+		created:  make(chan struct{}),
 		ready:    make(chan struct{}),
 		resumed:  make(chan struct{}),
 		acked:    make(chan struct{}),
@@ -199,7 +203,9 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	if s.opt.Mode != wire.ModePrecopy {
 		st.Prepaging = s.opt.Prepaging
 	}
+	stopLog := func() {}
 	resumeHere := func(err error) (*Stats, error) {
+		stopLog()
 		if rerr := s.dom.Resume(); rerr != nil {
 			return st, fmt.Errorf("migration failed before switchover (%v) and resuming the domain at the source failed too: %w; the domain is PAUSED at the source", err, rerr)
 		}
@@ -210,6 +216,11 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
 	}
 	go s.readReverse()
+	// The destination creates its domain first: that is setup, not
+	// downtime.
+	if err := s.wait(ctx, s.created, "CREATED"); err != nil {
+		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
+	}
 
 	// Pre-copy rounds.
 	dirty := []uint64(nil)
@@ -256,31 +267,37 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 
 	// Switchover: pause, send what the destination needs before it resumes.
 	s.phase.Store("stop")
+	// Downtime starts when pausing starts: the vCPUs stop during Pause.
+	pausedAt := time.Now()
 	if err := s.dom.Pause(); err != nil {
 		_ = s.dom.StopDirtyLog()
 		return st, fmt.Errorf("pause domain %q at the source (it still runs there): %w", s.info.Name, err)
 	}
-	pausedAt := time.Now()
+	dbg := func(what string) {
+		if s.opt.Logf != nil {
+			s.opt.Logf("%s at +%v since pause", what, time.Since(pausedAt))
+		}
+	}
 	if s.opt.Mode != wire.ModePostcopy {
 		// The loop left the last round's dirty pages unsent; add the
 		// writes between that round and the pause.
 		last, err := s.dom.DirtyPages(nil)
-		if err == nil {
-			err = s.dom.StopDirtyLog()
-		}
 		if err != nil {
+			_ = s.dom.StopDirtyLog()
 			return resumeHere(fmt.Errorf("final dirty log: %w", err))
 		}
+		// Switching tracking off can take a while (it touches every
+		// page-table entry); the paused domain writes nothing, so it waits
+		// until the destination runs.
+		stopLog = func() {
+			stopLog = func() {}
+			if err := s.dom.StopDirtyLog(); err != nil && s.opt.Logf != nil {
+				s.opt.Logf("stop dirty log: %v", err)
+			}
+		}
 		dirty = prepage.SortedUnique(append(dirty, last...))
+		dbg(fmt.Sprintf("final dirty log: %d pages", len(dirty)))
 	}
-	// Memory is frozen from here: checksum it while the rest goes on.
-	crcs := make(chan []uint32, 1)
-	crcErr := make(chan error, 1)
-	go func() {
-		c, err := s.checksums()
-		crcErr <- err
-		crcs <- c
-	}()
 
 	switch s.opt.Mode {
 	case wire.ModePrecopy:
@@ -310,6 +327,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		s.mu.Unlock()
 		st.DiscardedPages = uint64(len(dirty))
 	}
+	dbg("stop-phase pages/discards queued")
 	core, err := s.dom.CoreState()
 	if err != nil {
 		return resumeHere(fmt.Errorf("read core state: %w", err))
@@ -344,9 +362,11 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	if err != nil {
 		return resumeHere(fmt.Errorf("send core state: %w", err))
 	}
+	dbg("switchover sent")
 	if err := s.wait(ctx, s.ready, "READY"); err != nil {
 		return resumeHere(err)
 	}
+	dbg("ready received")
 
 	// Point of no return: after GO the destination may run the domain.
 	s.bulkMu.Lock()
@@ -365,6 +385,17 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		return st, s.afterGo(err)
 	}
 	st.DowntimeMs = ms(time.Since(pausedAt))
+	dbg("resumed received")
+	stopLog()
+	// Memory is frozen since the pause: checksum it while the rest goes
+	// on (not before resume, where it would compete with the downtime).
+	crcs := make(chan []uint32, 1)
+	crcErr := make(chan error, 1)
+	go func() {
+		c, err := s.checksums()
+		crcErr <- err
+		crcs <- c
+	}()
 	stopBytes := s.bw.Written()
 
 	if s.opt.Mode != wire.ModePrecopy {
@@ -493,6 +524,8 @@ func (s *source) readReverse() {
 			s.consumed = v
 			s.creditMu.Unlock()
 			s.credit.Broadcast()
+		case wire.TypeCreated:
+			close(s.created)
 		case wire.TypeReady:
 			close(s.ready)
 		case wire.TypeResumed:

@@ -252,13 +252,18 @@ func (g *guest) handle(req *request) (rep reply) {
 	case "track-stop":
 		g.tracking.Store(false)
 	case "discard":
-		for _, p := range req.PFNs {
-			if p >= g.cfg.Pages {
-				return fail(fmt.Errorf("discard pfn %d beyond %d pages", p, g.cfg.Pages))
+		err := pageRuns(req.PFNs, func(i, j int) error {
+			lo, hi := req.PFNs[i], req.PFNs[j-1]+1
+			if hi > g.cfg.Pages {
+				return fmt.Errorf("discard pfn %d beyond %d pages", hi-1, g.cfg.Pages)
 			}
-			if err := unix.Madvise(g.mem[p*pageSize:(p+1)*pageSize], unix.MADV_DONTNEED); err != nil {
-				return fail(fmt.Errorf("discard pfn %d: %w", p, err))
+			if err := unix.Madvise(g.mem[lo*pageSize:hi*pageSize], unix.MADV_DONTNEED); err != nil {
+				return fmt.Errorf("discard pfns %d-%d: %w", lo, hi-1, err)
 			}
+			return nil
+		})
+		if err != nil {
+			return fail(err)
 		}
 	case "report":
 		r := &report{Integrity: g.integrity.Load(), Running: g.running.Load()}

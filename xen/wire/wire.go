@@ -72,14 +72,15 @@ const (
 	TypeResumed      Type = TypeBase + 0x0C // Resumed: destination domain is running
 	TypeReady        Type = TypeBase + 0x0D // Ready: destination holds the core state, may resume
 	TypeGo           Type = TypeBase + 0x0E // Go: source has given the domain up; resume it
-	typeLast              = TypeGo
+	TypeCreated      Type = TypeBase + 0x0F // Created: destination domain exists, send memory
+	typeLast              = TypeCreated
 )
 
 var typeNames = map[Type]string{
 	TypeDomainHeader: "DOMAIN_HEADER", TypeCoreState: "CORE_STATE", TypePageBatch: "PAGE_BATCH",
 	TypeFaultRequest: "FAULT_REQUEST", TypeDiscard: "DISCARD", TypeSwitchover: "SWITCHOVER",
 	TypeDone: "DONE", TypeAck: "ACK", TypeError: "ERROR", TypeCredit: "CREDIT", TypeStats: "STATS",
-	TypeResumed: "RESUMED", TypeReady: "READY", TypeGo: "GO",
+	TypeResumed: "RESUMED", TypeReady: "READY", TypeGo: "GO", TypeCreated: "CREATED",
 }
 
 func (t Type) String() string {
