@@ -13,7 +13,6 @@ import (
 
 	"github.com/xl-postcopy/xl-postcopy/xen/engine"
 	"github.com/xl-postcopy/xl-postcopy/xen/lab"
-	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
 	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
 
@@ -47,8 +46,8 @@ func init() {
 		setup: func(fs *pflag.FlagSet) {
 			lf.register(fs)
 			fs.StringVar(&out, "out", "bench-out", "directory for results.md, results.json and faults.svg")
-			fs.StringVar(&workloads, "workloads", "zipf,scan,stride,phases", "comma-separated workloads")
-			fs.StringVar(&policies, "policies", strings.Join(prepage.Names, ","), "comma-separated pre-paging policies (post-copy and hybrid)")
+			fs.StringVar(&workloads, "workloads", "zipf,scan,stride,phases,multiproc,stream", "comma-separated workloads")
+			fs.StringVar(&policies, "policies", strings.Join(engine.PolicyNames, ","), "comma-separated pre-paging policies (post-copy and hybrid)")
 			fs.StringVar(&modes, "modes", "precopy,postcopy,hybrid", "comma-separated modes")
 			fs.StringVar(&plotWL, "plot-workload", "zipf", "workload whose post-copy network faults over time are plotted")
 		},
@@ -66,7 +65,7 @@ func init() {
 			}
 			pols := splitList(policies)
 			for _, p := range pols {
-				if _, err := prepage.New(p, prepage.NewBitmap(1), prepage.Options{}); err != nil {
+				if err := engine.ValidatePolicy(p); err != nil {
 					return usagef("--policies: %v", err)
 				}
 			}

@@ -34,6 +34,7 @@ type labFlags struct {
 	pivots, hybridRnd int
 	maxRounds         int
 	debug             bool
+	record, recordInt time.Duration
 }
 
 func (f *labFlags) register(fs *pflag.FlagSet) {
@@ -52,6 +53,8 @@ func (f *labFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.pivots, "pivots", 4, "pivots of the multi pre-paging policy")
 	fs.IntVar(&f.hybridRnd, "hybrid-rounds", 1, "pre-copy rounds before a hybrid migration switches to post-copy")
 	fs.IntVar(&f.maxRounds, "max-rounds", 5, "pre-copy: most rounds before stop-and-copy (libxc's default is 5)")
+	fs.DurationVar(&f.record, "record", time.Second, "pre-record policies: how long the trajectory is recorded before the switchover")
+	fs.DurationVar(&f.recordInt, "record-interval", 20*time.Millisecond, "pre-record policies: dirty-log sampling interval")
 	fs.BoolVar(&f.debug, "debug", false, "print the engine's switchover timings to stderr")
 }
 
@@ -96,6 +99,7 @@ func (f *labFlags) engine(mode wire.Mode, policy string) (engine.Options, error)
 	return engine.Options{
 		Logf: logf, Mode: mode, Prepaging: policy, BatchPages: f.batch, WindowBytes: int(win),
 		Policy: prepage.Options{Pivots: f.pivots}, HybridRounds: f.hybridRnd, MaxRounds: f.maxRounds,
+		Record: f.record, RecordInterval: f.recordInt,
 	}, nil
 }
 
@@ -143,7 +147,7 @@ func init() {
 		summary: "Live-migrate a lab domain (a domain living in a process: real page faults via userfaultfd, real sockets) and report the migration's figures. No Xen host needed.",
 		setup: func(fs *pflag.FlagSet) {
 			fs.StringVar(&mode, "mode", "postcopy", "precopy, postcopy or hybrid")
-			fs.StringVar(&policy, "prepaging", "dual", "post-copy push order: "+strings.Join(prepage.Names, ", "))
+			fs.StringVar(&policy, "prepaging", "dual", "post-copy push order: "+strings.Join(engine.PolicyNames, ", "))
 			fs.StringVar(&workload, "workload", "zipf", "what the vCPUs do: "+strings.Join(lab.WorkloadNames, ", "))
 			lf.register(fs)
 			fs.BoolVar(&asJSON, "json", false, "print the statistics as one JSON object on stdout")
@@ -156,7 +160,7 @@ func init() {
 			if err != nil {
 				return usagef("--mode: %v", err)
 			}
-			if _, err := prepage.New(policy, prepage.NewBitmap(1), prepage.Options{}); err != nil {
+			if err := engine.ValidatePolicy(policy); err != nil {
 				return usagef("--prepaging: %v", err)
 			}
 			cfg, err := lf.domain(workload)

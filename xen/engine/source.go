@@ -39,6 +39,10 @@ type Options struct {
 	// Progress, if set, is called about every ProgressEvery.
 	Progress      func(Progress)
 	ProgressEvery time.Duration
+	// Record and RecordInterval configure the pre-record policies: how
+	// long the trajectory is recorded before the switchover (default 1 s)
+	// and how often the dirty log is sampled (default 20 ms).
+	Record, RecordInterval time.Duration
 	// Logf, if set, receives debug lines (switchover timings).
 	Logf func(format string, args ...any)
 	// AckTimeout bounds the wait for the destination's final ACK after the
@@ -68,6 +72,12 @@ func (o *Options) defaults() {
 	if o.Prepaging == "" {
 		o.Prepaging = "dual"
 	}
+	if o.Record <= 0 {
+		o.Record = time.Second
+	}
+	if o.RecordInterval <= 0 {
+		o.RecordInterval = 20 * time.Millisecond
+	}
 	if o.ProgressEvery <= 0 {
 		o.ProgressEvery = 200 * time.Millisecond
 	}
@@ -89,6 +99,7 @@ type source struct {
 	mu     sync.Mutex // guards sent and policy
 	sent   *prepage.Bitmap
 	policy prepage.Policy
+	spec   policySpec
 
 	credit    sync.Cond // signalled when consumed changes or on failure
 	creditMu  sync.Mutex
@@ -139,11 +150,16 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 	s.credit.L = &s.creditMu
 	s.phase.Store("setup")
 	if opt.Mode != wire.ModePrecopy {
-		p, err := prepage.New(opt.Prepaging, s.sent, opt.Policy)
+		spec, err := parsePolicy(opt.Prepaging)
 		if err != nil {
 			return nil, err
 		}
-		s.policy = p
+		s.spec = spec
+		if !spec.record {
+			if s.policy, err = prepage.New(spec.bubble, s.sent, opt.Policy); err != nil {
+				return nil, err
+			}
+		}
 	}
 	// Closing both connections is how every blocked goroutine is released,
 	// on success and on failure alike.
@@ -222,11 +238,26 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
 	}
 
+	// Pre-record: sample the dirty log while the domain runs (and while
+	// hybrid's pre-copy round goes on).
+	dirtyFn := s.dom.DirtyPages
+	var rec *recorder
+	if s.spec.record {
+		if err := s.dom.StartDirtyLog(); err != nil {
+			return st, fmt.Errorf("migration not started, domain %q still runs at the source: start dirty log for recording: %w", s.info.Name, err)
+		}
+		s.phase.Store("record")
+		rec = startRecorder(s.dom, s.opt.RecordInterval)
+		dirtyFn = rec.DirtyPages
+	}
+
 	// Pre-copy rounds.
 	dirty := []uint64(nil)
 	if s.opt.Mode != wire.ModePostcopy {
-		if err := s.dom.StartDirtyLog(); err != nil {
-			return st, fmt.Errorf("migration not started, domain %q still runs at the source: start dirty log: %w", s.info.Name, err)
+		if rec == nil {
+			if err := s.dom.StartDirtyLog(); err != nil {
+				return st, fmt.Errorf("migration not started, domain %q still runs at the source: start dirty log: %w", s.info.Name, err)
+			}
 		}
 		st.SetupTimeMs = ms(time.Since(s.start))
 		s.phase.Store("precopy")
@@ -241,7 +272,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		st.PrecopyRounds = 1
 		for {
 			var err error
-			dirty, err = s.dom.DirtyPages(dirty)
+			dirty, err = dirtyFn(dirty)
 			if err != nil {
 				_ = s.dom.StopDirtyLog()
 				return st, fmt.Errorf("migration not started, domain still runs at the source: read dirty log: %w", err)
@@ -262,6 +293,26 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 	} else {
 		st.SetupTimeMs = ms(time.Since(s.start))
+	}
+	if rec != nil {
+		if err := s.finishRecording(ctx, rec, st); err != nil {
+			_ = s.dom.StopDirtyLog()
+			return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
+		}
+		more, err := rec.DirtyPages(nil)
+		if err != nil {
+			_ = s.dom.StopDirtyLog()
+			return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
+		}
+		if s.opt.Mode == wire.ModePostcopy {
+			// Tracking served the recording only: switch it off while the
+			// domain still runs, outside the downtime.
+			if err := s.dom.StopDirtyLog(); err != nil {
+				return st, fmt.Errorf("migration not started, domain %q still runs at the source: stop dirty log: %w", s.info.Name, err)
+			}
+		} else {
+			dirty = append(dirty, more...)
+		}
 	}
 	precopyBytes := s.bw.Written()
 
@@ -467,6 +518,51 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 // resumed: the source copy is kept paused, with all its memory.
 func (s *source) afterGo(err error) error {
 	return fmt.Errorf("migration failed after switchover: %w; the source copy of %q stays PAUSED with all its memory and is not resumed, so the domain never runs twice: check the destination", err, s.info.Name)
+}
+
+// finishRecording waits out the recording window, stops the recorder and
+// builds the pre-record plan and the policy that serves it.
+func (s *source) finishRecording(ctx context.Context, rec *recorder, st *Stats) error {
+	if left := s.opt.Record - time.Since(rec.start); left > 0 {
+		select {
+		case <-time.After(left):
+		case <-ctx.Done():
+			rec.finish()
+			return ctx.Err()
+		case <-s.failedC:
+			rec.finish()
+			return s.failure()
+		}
+	}
+	// One last sample so that the newest accesses are in.
+	if err := rec.sample(); err != nil {
+		rec.finish()
+		return err
+	}
+	traj, err := rec.finish()
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	plan := planFromTrajectory(s.spec, traj, s.info.NumPages)
+	po := s.opt.Policy
+	po.Priority = plan.Order
+	s.mu.Lock()
+	s.policy, err = prepage.New(s.spec.bubble, s.sent, po)
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	st.RecordTimeMs = ms(time.Since(rec.start))
+	st.PlanTimeMs = ms(time.Since(t0))
+	st.RecordRounds = int(rec.round)
+	st.TrajectoryLen = uint64(len(traj))
+	st.RecordedPages = uint64(plan.Recorded)
+	st.PredictedPages = uint64(plan.Predicted)
+	st.HotspotPages = uint64(plan.Hotspot)
+	st.Hotspots = len(plan.Hotspots)
+	st.Paths = len(plan.Paths)
+	return nil
 }
 
 func (s *source) openStreams() error {

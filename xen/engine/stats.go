@@ -36,6 +36,18 @@ type Stats struct {
 	CorePages      uint64 `json:"core_pages"`
 	DiscardedPages uint64 `json:"discarded_pages"`
 
+	// Pre-record figures: the recording window, the trajectory, and how
+	// many pages of the priority list came from each stage.
+	RecordTimeMs   float64 `json:"record_time_ms,omitempty"`
+	PlanTimeMs     float64 `json:"plan_time_ms,omitempty"`
+	RecordRounds   int     `json:"record_rounds,omitempty"`
+	TrajectoryLen  uint64  `json:"trajectory_len,omitempty"`
+	RecordedPages  uint64  `json:"recorded_pages,omitempty"`
+	PredictedPages uint64  `json:"predicted_pages,omitempty"`
+	HotspotPages   uint64  `json:"hotspot_pages,omitempty"`
+	Paths          int     `json:"lr_paths,omitempty"`
+	Hotspots       int     `json:"hotspots,omitempty"`
+
 	Faults            uint64  `json:"faults"`
 	NetworkFaults     uint64  `json:"network_faults"`
 	PrepagedHits      uint64  `json:"prepaged_hits"`
