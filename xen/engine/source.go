@@ -28,9 +28,10 @@ type Options struct {
 	// WindowBytes bounds bulk bytes sent but not yet consumed by the
 	// destination (default 1 MiB).
 	WindowBytes int
-	// MaxRounds bounds pre-copy rounds before stop-and-copy (default 30,
-	// as libxc's live migration does); StopPages ends pre-copy early once
-	// a round leaves at most that many dirty pages (default 50, libxc's).
+	// MaxRounds bounds pre-copy rounds before stop-and-copy (default 5,
+	// libxc's max_iterations since Xen 4.6); StopPages ends pre-copy early
+	// once a round leaves at most that many dirty pages (default 50,
+	// libxc's dirty_threshold).
 	MaxRounds int
 	StopPages int
 	// HybridRounds is the number of pre-copy rounds before a hybrid
@@ -61,7 +62,7 @@ func (o *Options) defaults() {
 		o.WindowBytes = 1 << 20
 	}
 	if o.MaxRounds <= 0 {
-		o.MaxRounds = 30
+		o.MaxRounds = 5
 	}
 	if o.StopPages <= 0 {
 		o.StopPages = 50

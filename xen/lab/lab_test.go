@@ -56,3 +56,22 @@ func TestLabMigrateModes(t *testing.T) {
 // zeroResent: pre-copy never re-sends the untouched zero tail, so the
 // zero pages counted are exactly the tail.
 func zeroResent(*engine.Stats) uint64 { return 0 }
+
+// A recorded trace replays in a lab domain and migrates like any workload.
+func TestLabMigrateTraceWorkload(t *testing.T) {
+	var pfns []uint64
+	for i := uint64(0); i < 600; i++ {
+		pfns = append(pfns, 1000+(i*37)%900)
+	}
+	cfg := smallDomain("trace")
+	cfg.Workload.TraceFile = writeTrace(t, 4096, pfns...)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	res, err := Run(ctx, RunConfig{Domain: cfg, Engine: engine.Options{Mode: wire.ModePostcopy, Prepaging: "multi"},
+		Warmup: 200 * time.Millisecond, After: 100 * time.Millisecond})
+	require.NoError(t, err)
+	require.True(t, res.Stats.Verified)
+	require.True(t, res.Continued)
+	require.Zero(t, res.Stats.IntegrityErrors)
+	require.LessOrEqual(t, res.Stats.WorkingSet, uint64(900))
+}
