@@ -9,7 +9,6 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -100,6 +99,9 @@ func TestLoopback(t *testing.T) {
 	prio, err := sockoptInt(c, unix.SOL_SOCKET, unix.SO_PRIORITY)
 	require.NoError(t, err)
 	assert.Equal(t, urgentPriority, prio)
+	tos, err := sockoptInt(c, unix.IPPROTO_IP, unix.IP_TOS)
+	require.NoError(t, err)
+	assert.Equal(t, urgentTOS, tos&0xfc)
 	nodelay, err := sockoptInt(c, unix.IPPROTO_TCP, unix.TCP_NODELAY)
 	require.NoError(t, err)
 	assert.NotZero(t, nodelay)
@@ -237,8 +239,9 @@ func TestCleanupStale(t *testing.T) {
 }
 
 // transfer sends n bytes from src to dst over l and returns the rate seen
-// by the receiver in bits per second.
-func transfer(t *testing.T, l *Link, n int64) float64 {
+// by the receiver in bits per second. cc names the sender's TCP congestion
+// control; "" keeps the system default.
+func transfer(t testing.TB, l *Link, n int64, cc string) float64 {
 	t.Helper()
 	ln, err := l.ListenDst(0)
 	require.NoError(t, err)
@@ -261,6 +264,7 @@ func transfer(t *testing.T, l *Link, n int64) float64 {
 	}()
 	c, err := l.DialSrc(ln.Addr().String())
 	require.NoError(t, err)
+	setCongestion(t, c, cc)
 	buf := make([]byte, 1<<20)
 	start := time.Now()
 	for sent := int64(0); sent < n; sent += int64(len(buf)) {
@@ -277,7 +281,7 @@ func transfer(t *testing.T, l *Link, n int64) float64 {
 func TestThroughput1Gbit(t *testing.T) {
 	requireNetAdmin(t)
 	l := setupGbit(t)
-	bps := transfer(t, l, 64<<20)
+	bps := transfer(t, l, 64<<20, "")
 	ratio := bps / float64(l.RateBps)
 	t.Logf("64 MiB src→dst: %.1f Mbit/s = %.3f × rate (burst %d B, latency %v)",
 		bps/1e6, ratio, l.BurstBytes, l.LatencyBound)
@@ -287,9 +291,35 @@ func TestThroughput1Gbit(t *testing.T) {
 
 // TestUrgentLatencyUnderLoad saturates the link with a bulk stream and
 // measures small request/response round trips on an urgent and on a plain
-// connection, interleaved so both see the same load.
+// connection, interleaved so both see the same load. It runs with the
+// system's congestion control (bbr here, which keeps the queue short) and
+// with cubic, which keeps the bulk queue full and so is the harder case.
 func TestUrgentLatencyUnderLoad(t *testing.T) {
 	requireNetAdmin(t)
+	for _, cc := range []string{"", "cubic"} {
+		name := "cc=" + cc
+		if cc == "" {
+			name = "cc=default"
+		}
+		t.Run(name, func(t *testing.T) { urgentLatency(t, cc) })
+	}
+}
+
+func setCongestion(t testing.TB, c net.Conn, cc string) {
+	t.Helper()
+	if cc == "" {
+		return
+	}
+	raw, err := c.(*net.TCPConn).SyscallConn()
+	require.NoError(t, err)
+	var serr error
+	require.NoError(t, raw.Control(func(fd uintptr) {
+		serr = unix.SetsockoptString(int(fd), unix.IPPROTO_TCP, unix.TCP_CONGESTION, cc)
+	}))
+	require.NoError(t, serr, "setting congestion control %s", cc)
+}
+
+func urgentLatency(t *testing.T, cc string) {
 	l := setupGbit(t)
 	ln, err := l.ListenDst(0)
 	require.NoError(t, err)
@@ -357,8 +387,11 @@ func TestUrgentLatencyUnderLoad(t *testing.T) {
 		c, err := l.DialSrc(ln.Addr().String())
 		require.NoError(t, err)
 		conns = append(conns, c)
-		if kind == 'U' {
+		switch kind {
+		case 'U':
 			require.NoError(t, SetUrgent(c))
+		case 'B':
+			setCongestion(t, c, cc)
 		}
 		_, err = c.Write([]byte{kind})
 		require.NoError(t, err)
@@ -434,15 +467,4 @@ func classSentBytes(t *testing.T, ns, dev, classid string) int64 {
 	n, err := strconv.ParseInt(m[1], 10, 64)
 	require.NoError(t, err)
 	return n
-}
-
-func TestUrgentFilterIsValidBytecode(t *testing.T) {
-	// tc's format: a count, then that many "code jt jf k" quadruples.
-	parts := strings.Split(urgentFilter, ",")
-	n, err := strconv.Atoi(parts[0])
-	require.NoError(t, err)
-	assert.Equal(t, n, len(parts)-1)
-	for _, p := range parts[1:] {
-		assert.Len(t, strings.Fields(p), 4, p)
-	}
 }
