@@ -1,0 +1,439 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/dsb"
+	"github.com/xl-postcopy/xl-postcopy/xen/dsb/control"
+	"github.com/xl-postcopy/xl-postcopy/xen/xenstore"
+)
+
+// options are the daemon's settings; flags.go fills them.
+type options struct {
+	period        time.Duration
+	heartbeat     time.Duration
+	settleTimeout time.Duration
+	procRoot      string
+	sysRoot       string
+	xenstorePath  string // "" picks like xenstore.Open
+	once          bool
+	dryRun        bool
+	kpageflags    bool
+	maxKB         uint64 // 0: from xenstore max_kb, else the target at start
+	reserveMinKB  uint64
+	reserveFrac   float64
+	floorMinKB    uint64
+	floorFrac     float64
+	stepMinKB     uint64
+}
+
+func (o options) meminfoPath() string    { return filepath.Join(o.procRoot, "meminfo") }
+func (o options) pressurePath() string   { return filepath.Join(o.procRoot, "pressure", "memory") }
+func (o options) kpageflagsPath() string { return filepath.Join(o.procRoot, "kpageflags") }
+func (o options) balloonDir() string {
+	return filepath.Join(o.sysRoot, "devices", "system", "xen_memory", "xen_memory0")
+}
+func (o options) targetPath() string  { return filepath.Join(o.balloonDir(), "target_kb") }
+func (o options) currentPath() string { return filepath.Join(o.balloonDir(), "info", "current_kb") }
+
+type daemon struct {
+	opt        options
+	log        *log.Logger
+	out        io.Writer // decisions in --dry-run/--once
+	xs         *xenstore.Client
+	pol        *dsb.Policy
+	origTarget uint64
+	start      time.Time
+	lastNonce  string
+	lastPub    time.Time
+	pubTarget  uint64
+	psiWarned  bool
+}
+
+func readKB(path string) (uint64, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	v, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	return v, nil
+}
+
+func newDaemon(ctx context.Context, opt options, logger *log.Logger, out io.Writer) (*daemon, error) {
+	d := &daemon{opt: opt, log: logger, out: out, start: time.Now()}
+	t, err := readKB(opt.targetPath())
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("no xen-balloon driver: %s is missing — is this a Xen guest, with the xen_balloon driver built in or loaded?", opt.targetPath())
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading the balloon target: %w", err)
+	}
+	d.origTarget = t
+
+	if !opt.dryRun {
+		if opt.xenstorePath != "" {
+			d.xs, err = xenstore.OpenPath(opt.xenstorePath)
+		} else {
+			d.xs, err = xenstore.Open()
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%w (run with --dry-run to try the policy without xenstore)", err)
+		}
+	}
+
+	maxKB := opt.maxKB
+	if maxKB == 0 && d.xs != nil {
+		// A restarted daemon must not take the target it left behind
+		// for the domain's size: the first run recorded the real one.
+		if v, err := d.xs.Read(ctx, control.Key(control.KeyMax)); err == nil {
+			maxKB, _ = strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	if maxKB == 0 {
+		maxKB = t
+	}
+	cfg := dsb.DefaultConfig(maxKB)
+	if opt.reserveMinKB != 0 {
+		cfg.ReserveMinKB = opt.reserveMinKB
+	}
+	if opt.reserveFrac >= 0 {
+		cfg.ReserveFraction = opt.reserveFrac
+	}
+	if opt.floorMinKB != 0 {
+		cfg.FloorMinKB = opt.floorMinKB
+	}
+	if opt.floorFrac >= 0 {
+		cfg.FloorFraction = opt.floorFrac
+	}
+	if opt.stepMinKB != 0 {
+		cfg.ShrinkStepMinKB = opt.stepMinKB
+	}
+	if d.pol, err = dsb.NewPolicy(cfg); err != nil {
+		d.close()
+		return nil, err
+	}
+	d.log.Printf("domain memory %d kB, target %d kB, reserve %d kB, floor %d kB, step %d kB",
+		maxKB, t, cfg.ReserveKB(), cfg.FloorKB(), cfg.ShrinkStepKB())
+	return d, nil
+}
+
+func (d *daemon) close() {
+	if d.xs != nil {
+		d.xs.Close()
+	}
+}
+
+// sample reads what the policy needs. PSI is optional: kernels without
+// CONFIG_PSI, or built with CONFIG_PSI_DEFAULT_DISABLED and booted without
+// psi=1, have none.
+func (d *daemon) sample() (dsb.Sample, error) {
+	s := dsb.Sample{Time: time.Since(d.start)}
+	b, err := os.ReadFile(d.opt.meminfoPath())
+	if err != nil {
+		return s, fmt.Errorf("reading meminfo: %w", err)
+	}
+	if s.Mem, err = dsb.ParseMeminfo(string(b)); err != nil {
+		return s, err
+	}
+	if b, err := os.ReadFile(d.opt.pressurePath()); err == nil {
+		if s.PSI, err = dsb.ParsePSI(string(b)); err != nil {
+			return s, err
+		}
+	} else if !d.psiWarned {
+		d.psiWarned = true
+		d.log.Printf("no memory pressure information (%v): relying on MemAvailable; boot the guest with psi=1 for PSI", err)
+	}
+	if s.TargetKB, err = readKB(d.opt.targetPath()); err != nil {
+		return s, fmt.Errorf("reading the balloon target: %w", err)
+	}
+	if v, err := readKB(d.opt.currentPath()); err == nil {
+		s.CurrentKB = v
+	}
+	return s, nil
+}
+
+func (d *daemon) setTarget(kb uint64) error {
+	if d.opt.dryRun {
+		return nil
+	}
+	f, err := os.OpenFile(d.opt.targetPath(), os.O_WRONLY|os.O_TRUNC, 0)
+	if err != nil {
+		return fmt.Errorf("opening the balloon target (needs root): %w", err)
+	}
+	_, err = f.WriteString(strconv.FormatUint(kb, 10) + "\n")
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("setting the balloon target to %d kB: %w", kb, err)
+	}
+	return nil
+}
+
+// tick runs one periodic step.
+func (d *daemon) tick(ctx context.Context) error {
+	s, err := d.sample()
+	if err != nil {
+		return err
+	}
+	dec := d.pol.Step(s)
+	if d.opt.dryRun || d.opt.once {
+		fmt.Fprintf(d.out, "%s target %d -> %d kB (free %d, available %d kB): %s\n",
+			dec.Action, s.TargetKB, dec.TargetKB, s.Mem.MemFree, s.Mem.MemAvailable, dec.Reason)
+	}
+	if dec.TargetKB != s.TargetKB {
+		if err := d.setTarget(dec.TargetKB); err != nil {
+			return err
+		}
+		if !d.opt.dryRun {
+			d.log.Printf("%s %d -> %d kB: %s", dec.Action, s.TargetKB, dec.TargetKB, dec.Reason)
+		}
+	}
+	if dec.TargetKB != d.pubTarget || time.Since(d.lastPub) >= d.opt.heartbeat {
+		return d.publish(ctx, s, dec, "running")
+	}
+	return nil
+}
+
+// publish writes the state keys in one transaction, so dom0 never reads
+// a half-updated set.
+func (d *daemon) publish(ctx context.Context, s dsb.Sample, dec dsb.Decision, state string) error {
+	if d.xs == nil || d.opt.dryRun {
+		return nil
+	}
+	cfg := d.pol.Config()
+	kv := [][2]string{
+		{control.KeyState, state},
+		{control.KeyTarget, strconv.FormatUint(dec.TargetKB, 10)},
+		{control.KeyCurrent, strconv.FormatUint(s.CurrentKB, 10)},
+		{control.KeyFree, strconv.FormatUint(s.Mem.MemFree, 10)},
+		{control.KeyAvailable, strconv.FormatUint(s.Mem.MemAvailable, 10)},
+		{control.KeyReserve, strconv.FormatUint(cfg.ReserveKB(), 10)},
+		{control.KeyFloor, strconv.FormatUint(cfg.FloorKB(), 10)},
+		{control.KeyMax, strconv.FormatUint(cfg.MaxKB, 10)},
+		{control.KeyReason, dec.Reason},
+		{control.KeyUpdated, strconv.FormatInt(time.Now().Unix(), 10)},
+	}
+	if d.opt.kpageflags {
+		if pc, err := d.classify(); err == nil {
+			kv = append(kv, [2]string{control.KeyPages, pc.Summary()})
+		} else {
+			d.log.Printf("kpageflags: %v", err)
+		}
+	}
+	err := d.xs.Update(ctx, func(tx *xenstore.Tx) error {
+		for _, e := range kv {
+			if err := tx.Write(ctx, control.Key(e[0]), e[1]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("publishing state under %s: %w", control.Dir, err)
+	}
+	d.lastPub, d.pubTarget = time.Now(), dec.TargetKB
+	return nil
+}
+
+// classify reads /proc/kpageflags for every pfn, in 64 KiB chunks (8192
+// pfns), counting only: a large guest's file is 2 MiB per GiB.
+func (d *daemon) classify() (dsb.PageClasses, error) {
+	f, err := os.Open(d.opt.kpageflagsPath())
+	if err != nil {
+		return dsb.PageClasses{}, fmt.Errorf("opening %s (needs root and CONFIG_PROC_PAGE_MONITOR): %w", d.opt.kpageflagsPath(), err)
+	}
+	defer f.Close()
+	c := dsb.NewClassifier(0, false)
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := io.ReadFull(f, buf)
+		if n > 0 {
+			w, derr := dsb.DecodeKpageflags(buf[:n])
+			if derr != nil {
+				return dsb.PageClasses{}, derr
+			}
+			c.Add(w)
+		}
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return c.Result(), nil
+		}
+		if err != nil {
+			return dsb.PageClasses{}, fmt.Errorf("reading %s: %w", d.opt.kpageflagsPath(), err)
+		}
+	}
+}
+
+// handleRequest answers a balloon-now request, if there is a new one.
+func (d *daemon) handleRequest(ctx context.Context) error {
+	v, err := d.xs.Read(ctx, control.Key(control.KeyRequest))
+	if errors.Is(err, xenstore.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("reading the balloon request: %w", err)
+	}
+	nonce, ok := control.ParseRequest(v)
+	if !ok || nonce == d.lastNonce {
+		return nil // spurious watch event, or already answered
+	}
+	d.lastNonce = nonce
+	ack := control.Ack{Nonce: nonce, OK: true}
+	var released uint64
+	s, err := d.sample()
+	dec := dsb.Decision{TargetKB: s.TargetKB, Reason: "sampling failed"}
+	if err == nil {
+		dec = d.pol.BalloonNow(s)
+		err = d.setTarget(dec.TargetKB)
+	}
+	if err == nil {
+		before := have(s.TargetKB, s.CurrentKB)
+		var after uint64
+		after, err = d.settle(ctx, dec.TargetKB)
+		if before > after {
+			released = before - after
+		}
+	}
+	ack.TargetKB = dec.TargetKB
+	if err != nil {
+		ack.OK, ack.Err = false, err.Error()
+	}
+	d.log.Printf("balloon-now %s: %s (target %d kB, released %d kB): %s", nonce, ack.String(), dec.TargetKB, released, dec.Reason)
+	if perr := d.publish(ctx, s, dec, "running"); perr != nil {
+		d.log.Print(perr)
+	}
+	err = d.xs.Update(ctx, func(tx *xenstore.Tx) error {
+		if err := tx.Write(ctx, control.Key(control.KeyReleased), strconv.FormatUint(released, 10)); err != nil {
+			return err
+		}
+		return tx.Write(ctx, control.Key(control.KeyAck), ack.String())
+	})
+	if err != nil {
+		return fmt.Errorf("writing the balloon ack: %w", err)
+	}
+	return nil
+}
+
+func have(target, current uint64) uint64 {
+	if current != 0 {
+		return current
+	}
+	return target
+}
+
+// settle waits until the balloon driver has reached target (so that dom0,
+// when it reads the ack, finds the pages already returned to Xen) and
+// returns what the guest holds then.
+func (d *daemon) settle(ctx context.Context, target uint64) (uint64, error) {
+	slack := d.pol.Config().SettleSlackKB
+	deadline := time.Now().Add(d.opt.settleTimeout)
+	for {
+		cur, err := readKB(d.opt.currentPath())
+		if err != nil {
+			// No info/current_kb (old kernel or test tree): trust the target.
+			return target, nil
+		}
+		if cur <= target+slack {
+			return cur, nil
+		}
+		if time.Now().After(deadline) {
+			return cur, fmt.Errorf("balloon at %d kB has not reached its %d kB target after %v", cur, target, d.opt.settleTimeout)
+		}
+		select {
+		case <-ctx.Done():
+			return cur, ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// shutdown gives the guest back the target it had when the daemon
+// started, so stopping the daemon never leaves the guest squeezed.
+func (d *daemon) shutdown() error {
+	var errs []error
+	if !d.opt.dryRun {
+		if err := d.setTarget(d.origTarget); err != nil {
+			errs = append(errs, err)
+		} else {
+			d.log.Printf("stopping: target restored to %d kB", d.origTarget)
+		}
+	}
+	if d.xs != nil {
+		// The loop's context is gone; give the last words a few seconds.
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		s, err := d.sample()
+		if err == nil {
+			err = d.publish(ctx, s, dsb.Decision{TargetKB: d.origTarget, Reason: "daemon stopped"}, "stopped")
+		}
+		if err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// run is the daemon: one step with --once, else a loop until ctx ends.
+func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) error {
+	d, err := newDaemon(ctx, opt, logger, out)
+	if err != nil {
+		return err
+	}
+	defer d.close()
+	if opt.once {
+		return d.tick(ctx)
+	}
+
+	var events <-chan xenstore.WatchEvent
+	if d.xs != nil {
+		if a, err := d.xs.Read(ctx, control.Key(control.KeyAck)); err == nil {
+			if ack, err := control.ParseAck(a); err == nil {
+				d.lastNonce = ack.Nonce // answered before a restart
+			}
+		}
+		w, err := d.xs.Watch(ctx, control.Key(control.KeyRequest))
+		if err != nil {
+			return fmt.Errorf("watching %s: %w", control.Key(control.KeyRequest), err)
+		}
+		defer w.Close()
+		events = w.Events()
+	}
+	tk := time.NewTicker(opt.period)
+	defer tk.Stop()
+	if err := d.tick(ctx); err != nil {
+		d.log.Print(err)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return d.shutdown()
+		case _, ok := <-events:
+			if !ok {
+				serr := d.shutdown()
+				return errors.Join(fmt.Errorf("xenstore connection lost: %w", d.xs.Err()), serr)
+			}
+			if err := d.handleRequest(ctx); err != nil {
+				d.log.Print(err)
+			}
+		case <-tk.C:
+			// A failed step (a transient read error) is logged, not
+			// fatal: the next period tries again.
+			if err := d.tick(ctx); err != nil {
+				d.log.Print(err)
+			}
+		}
+	}
+}
