@@ -53,7 +53,7 @@ func (f *labFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.pivots, "pivots", 4, "pivots of the multi pre-paging policy")
 	fs.IntVar(&f.hybridRnd, "hybrid-rounds", 1, "pre-copy rounds before a hybrid migration switches to post-copy")
 	fs.IntVar(&f.maxRounds, "max-rounds", 5, "pre-copy: most rounds before stop-and-copy (libxc's default is 5)")
-	fs.DurationVar(&f.record, "record", time.Second, "pre-record policies: how long the trajectory is recorded before the switchover")
+	fs.DurationVar(&f.record, "record", time.Second, "pre-record policies: longest recording of the trajectory before the switchover (ends early once the trajectory converges)")
 	fs.DurationVar(&f.recordInt, "record-interval", 20*time.Millisecond, "pre-record policies: dirty-log sampling interval")
 	fs.BoolVar(&f.debug, "debug", false, "print the engine's switchover timings to stderr")
 }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -62,6 +63,8 @@ type recorder struct {
 
 	mu      sync.Mutex
 	pending map[uint64]struct{}
+	seen    map[uint64]struct{} // every page recorded so far
+	fresh   []int               // per round: pages recorded for the first time
 	traj    []trace.Access
 	round   uint32
 	start   time.Time
@@ -72,7 +75,7 @@ type recorder struct {
 }
 
 func startRecorder(dom Source, interval time.Duration) *recorder {
-	r := &recorder{dom: dom, interval: interval, pending: map[uint64]struct{}{}, start: time.Now(),
+	r := &recorder{dom: dom, interval: interval, pending: map[uint64]struct{}{}, seen: map[uint64]struct{}{}, start: time.Now(),
 		stop: make(chan struct{}), done: make(chan struct{})}
 	go r.loop()
 	return r
@@ -95,21 +98,84 @@ func (r *recorder) loop() {
 }
 
 func (r *recorder) sample() error {
+	_, err := r.sampleRound()
+	return err
+}
+
+// sampleRound reads one round of the dirty log into the trajectory and
+// returns its pages (ascending; the slice is reused by the next sample).
+func (r *recorder) sampleRound() ([]uint64, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var err error
 	r.buf, err = r.dom.DirtyPages(r.buf)
 	if err != nil {
 		r.err = fmt.Errorf("record trajectory: %w", err)
-		return r.err
+		return nil, r.err
 	}
 	now := time.Since(r.start)
+	// A round is a bitmap: its pages carry no order of their own. List
+	// them once each, ascending, as one pass over Xen's log-dirty bitmap
+	// does; a lab scan that took two passes would otherwise look like two
+	// touches in time order to the planner.
+	slices.Sort(r.buf)
+	r.buf = slices.Compact(r.buf)
+	fresh := 0
 	for _, p := range r.buf {
 		r.traj = append(r.traj, trace.Access{T: now, Round: r.round, PFN: p, Write: true})
 		r.pending[p] = struct{}{}
+		if _, ok := r.seen[p]; !ok {
+			r.seen[p] = struct{}{}
+			fresh++
+		}
 	}
+	r.fresh = append(r.fresh, fresh)
 	r.round++
-	return nil
+	return r.buf, nil
+}
+
+// Convergence: recording may end before the --record window once more of
+// it would add almost nothing. After at least convergeMinRounds rounds, the
+// trajectory has converged when its last convergeRounds rounds together
+// found fewer new pages than convergeFraction of all pages recorded: the
+// guest keeps writing the pages already known, so more recording would
+// only delay the migration. A guest that keeps finding new pages (a stream,
+// a scan of a buffer larger than the window covers) is recorded for the
+// whole window.
+const (
+	// convergeMinRounds: 10 rounds (200 ms at 20 ms) leave a path of
+	// MinPathRounds rounds room to show, and a hotspot time to be written
+	// more than once.
+	convergeMinRounds = 10
+	// convergeRounds: 5 rounds (100 ms at 20 ms) of quiet, so that one
+	// process sleeping through a round does not end recording.
+	convergeRounds = 5
+	// convergeFraction: 1 %: the pages still to be found then weigh less
+	// than the fault bubbles will find anyway.
+	convergeFraction = 0.01
+)
+
+// converged applies the convergence rule to the per-round counts of new
+// pages.
+func converged(fresh []int) bool {
+	if len(fresh) < max(convergeMinRounds, convergeRounds) {
+		return false
+	}
+	total, recent := 0, 0
+	for i, n := range fresh {
+		total += n
+		if i >= len(fresh)-convergeRounds {
+			recent += n
+		}
+	}
+	return total > 0 && float64(recent) < convergeFraction*float64(total)
+}
+
+// converged reports whether the trajectory has converged (see converged).
+func (r *recorder) converged() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return converged(r.fresh)
 }
 
 // finish stops sampling and returns the trajectory.
@@ -134,9 +200,14 @@ func (r *recorder) DirtyPages(dst []uint64) ([]uint64, error) {
 	return dst, r.err
 }
 
-// plan turns a trajectory into the priority list.
-func planFromTrajectory(ps policySpec, traj []trace.Access, npages uint64) prerecord.Plan {
+// planOptions are the planner options of a pre-record policy.
+func planOptions(ps policySpec) prerecord.Options {
 	opt := prerecord.DefaultOptions()
 	opt.LR, opt.DBSCAN = ps.lr, ps.db
-	return prerecord.Build(traj, npages, opt)
+	return opt
+}
+
+// planFromTrajectory turns a trajectory into the priority list.
+func planFromTrajectory(ps policySpec, traj []trace.Access, npages uint64) prerecord.Plan {
+	return prerecord.Build(traj, npages, planOptions(ps))
 }

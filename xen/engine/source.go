@@ -40,9 +40,10 @@ type Options struct {
 	// Progress, if set, is called about every ProgressEvery.
 	Progress      func(Progress)
 	ProgressEvery time.Duration
-	// Record and RecordInterval configure the pre-record policies: how
-	// long the trajectory is recorded before the switchover (default 1 s)
-	// and how often the dirty log is sampled (default 20 ms).
+	// Record and RecordInterval configure the pre-record policies: the
+	// longest recording of the trajectory before the switchover (default
+	// 1 s; it ends early once the trajectory converges) and how often the
+	// dirty log is sampled (default 20 ms).
 	Record, RecordInterval time.Duration
 	// Logf, if set, receives debug lines (switchover timings).
 	Logf func(format string, args ...any)
@@ -223,6 +224,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	stopLog := func() {}
 	resumeHere := func(err error) (*Stats, error) {
 		stopLog()
+		err = s.rootCause(err)
 		if rerr := s.dom.Resume(); rerr != nil {
 			return st, fmt.Errorf("migration failed before switchover (%v) and resuming the domain at the source failed too: %w; the domain is PAUSED at the source", err, rerr)
 		}
@@ -233,14 +235,8 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
 	}
 	go s.readReverse()
-	// The destination creates its domain first: that is setup, not
-	// downtime.
-	if err := s.wait(ctx, s.created, "CREATED"); err != nil {
-		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
-	}
-
-	// Pre-record: sample the dirty log while the domain runs (and while
-	// hybrid's pre-copy round goes on).
+	// Pre-record: sample the dirty log while the domain runs (while the
+	// destination creates its domain, and during hybrid's pre-copy round).
 	dirtyFn := s.dom.DirtyPages
 	var rec *recorder
 	if s.spec.record {
@@ -250,6 +246,16 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		s.phase.Store("record")
 		rec = startRecorder(s.dom, s.opt.RecordInterval)
 		dirtyFn = rec.DirtyPages
+	}
+
+	// The destination creates its domain first: that is setup, not
+	// downtime.
+	if err := s.wait(ctx, s.created, "CREATED"); err != nil {
+		if rec != nil {
+			rec.finish()
+			_ = s.dom.StopDirtyLog()
+		}
+		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
 	}
 
 	// Pre-copy rounds.
@@ -515,18 +521,41 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	return st, nil
 }
 
+// rootCause prefers the first recorded failure (often the destination's
+// own ERROR record) over the error it caused here, such as a write on the
+// connection that failure closed.
+func (s *source) rootCause(err error) error {
+	f := s.failure()
+	if f == nil || errors.Is(err, f) {
+		return err
+	}
+	return fmt.Errorf("%w (then: %v)", f, err)
+}
+
 // afterGo wraps an error that happened once the destination may have
 // resumed: the source copy is kept paused, with all its memory.
 func (s *source) afterGo(err error) error {
+	err = s.rootCause(err)
 	return fmt.Errorf("migration failed after switchover: %w; the source copy of %q stays PAUSED with all its memory and is not resumed, so the domain never runs twice: check the destination", err, s.info.Name)
 }
 
-// finishRecording waits out the recording window, stops the recorder and
-// builds the pre-record plan and the policy that serves it.
+// finishRecording waits out the recording window (Options.Record), or
+// less once the trajectory has converged (see converged in record.go),
+// stops the recorder and builds the pre-record plan and the policy that
+// serves it.
+//
+// Planning takes tens of milliseconds while the domain keeps running, and a
+// guest streaming through memory moves hundreds of pages in that time. So
+// one more dirty-log round is read after the plan is built and the plan is
+// advanced along it (prerecord.Plan.Advance): window pages the guest has
+// already walked past go to the end. That round also joins the pending
+// dirty pages, so hybrid mode loses none.
 func (s *source) finishRecording(ctx context.Context, rec *recorder, st *Stats) error {
-	if left := s.opt.Record - time.Since(rec.start); left > 0 {
+	tick := time.NewTicker(s.opt.RecordInterval)
+	defer tick.Stop()
+	for time.Since(rec.start) < s.opt.Record && !rec.converged() {
 		select {
-		case <-time.After(left):
+		case <-tick.C:
 		case <-ctx.Done():
 			rec.finish()
 			return ctx.Err()
@@ -546,6 +575,11 @@ func (s *source) finishRecording(ctx context.Context, rec *recorder, st *Stats) 
 	}
 	t0 := time.Now()
 	plan := planFromTrajectory(s.spec, traj, s.info.NumPages)
+	late, err := rec.sampleRound()
+	if err != nil {
+		return err
+	}
+	plan.Advance(late, planOptions(s.spec))
 	po := s.opt.Policy
 	po.Priority = plan.Order
 	s.mu.Lock()

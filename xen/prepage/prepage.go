@@ -42,14 +42,23 @@ type Options struct {
 	// Pivots is K for multi (default 4).
 	Pivots int
 	// Priority, if not empty, is served before the bubbles and the scan:
-	// the pre-record plan (recorded pages, then predicted pages). After a
-	// fault, the policy interleaves its bubble with the priority list for
-	// FaultBurst pages, because a fault means the plan missed a page the
-	// guest needs now, and its neighbours are likely next.
+	// the pre-record plan. After a fault on a page not sent yet, the policy
+	// interleaves its bubble with the priority list for FaultBurst pages,
+	// because such a fault means the plan missed a page the guest needs
+	// now, and its neighbours are likely next. A fault on a page already
+	// pushed (still in flight) changes nothing: the plan had it.
 	Priority []uint64
 	// FaultBurst is how many pages after each fault alternate between the
 	// fault's bubble and the priority list (default 64).
 	FaultBurst int
+	// BlindBurst is how many pages after a blind fault come from the
+	// fault's bubble alone (default 4·FaultBurst). A fault is blind when
+	// no page of the priority list lies within FaultBurst/2 pages of it:
+	// the guest went where the plan predicted nothing (a new job, a
+	// process that did not run while recording), so the plan's next pages
+	// say nothing about what it needs now, and the bubble gets the link,
+	// as plain dual pre-paging would give it.
+	BlindBurst int
 }
 
 // Names lists the bubble policies New accepts.
@@ -63,6 +72,9 @@ func New(name string, sent *Bitmap, opt Options) (Policy, error) {
 	}
 	if opt.FaultBurst <= 0 {
 		opt.FaultBurst = 64
+	}
+	if opt.BlindBurst <= 0 {
+		opt.BlindBurst = 4 * opt.FaultBurst
 	}
 	var p *bubbles
 	switch name {
@@ -85,7 +97,8 @@ func New(name string, sent *Bitmap, opt Options) (Policy, error) {
 			return nil, fmt.Errorf("priority pfn %d beyond the domain's %d pages", pfn, sent.Len())
 		}
 	}
-	return &prioritized{inner: p, list: opt.Priority, burst: opt.FaultBurst}, nil
+	planned := SortedUnique(opt.Priority)
+	return &prioritized{inner: p, list: opt.Priority, planned: planned, burst: opt.FaultBurst, blindBurst: opt.BlindBurst, lastFault: -1}, nil
 }
 
 // bubble is one pivot's two cursors. fwd is the next candidate above the
@@ -104,12 +117,15 @@ type bubbles struct {
 	scan        uint64   // fallback cursor: everything below is sent
 }
 
-func (p *bubbles) Fault(pfn uint64) {
+func (p *bubbles) Fault(pfn uint64) { p.fault(pfn, p.forwardOnly) }
+
+// fault moves the pivot to pfn; a forward bubble has no backward side.
+func (p *bubbles) fault(pfn uint64, forward bool) {
 	if p.k == 0 || pfn >= p.sent.Len() {
 		return
 	}
 	b := bubble{fwd: int64(pfn) + 1, back: int64(pfn) - 1}
-	if p.forwardOnly {
+	if forward {
 		b.back = -1
 	}
 	if len(p.live) == p.k {
@@ -127,7 +143,7 @@ func (p *bubbles) Fault(pfn uint64) {
 func (p *bubbles) step(b *bubble) (uint64, bool) {
 	n := int64(p.sent.Len())
 	for b.fwd < n || b.back >= 0 {
-		if b.fwd < n && (p.forwardOnly || !b.turn || b.back < 0) {
+		if b.fwd < n && (!b.turn || b.back < 0) {
 			b.turn = true
 			if pfn, ok := p.sent.NextClear(uint64(b.fwd)); ok {
 				b.fwd = int64(pfn) + 1
@@ -147,6 +163,22 @@ func (p *bubbles) step(b *bubble) (uint64, bool) {
 }
 
 func (p *bubbles) Next() (uint64, bool) {
+	if pfn, ok := p.nextBubble(); ok {
+		return pfn, true
+	}
+	pfn, ok := p.sent.NextClear(p.scan)
+	if !ok {
+		p.scan = p.sent.Len()
+		return 0, false
+	}
+	p.scan = pfn + 1
+	p.sent.Set(pfn)
+	return pfn, true
+}
+
+// nextBubble returns the next page of the live bubbles (round robin,
+// newest first), dropping dry ones; false when none is left.
+func (p *bubbles) nextBubble() (uint64, bool) {
 	for len(p.live) > 0 {
 		if p.rr >= len(p.live) {
 			p.rr = 0
@@ -166,31 +198,90 @@ func (p *bubbles) Next() (uint64, bool) {
 			p.rr--
 		}
 	}
-	pfn, ok := p.sent.NextClear(p.scan)
-	if !ok {
-		p.scan = p.sent.Len()
-		return 0, false
-	}
-	p.scan = pfn + 1
-	p.sent.Set(pfn)
-	return pfn, true
+	return 0, false
 }
 
 // prioritized serves a fixed priority list first, interleaving the bubble
-// of a recent fault for a burst of pages.
+// of a recent fault for a burst of pages, or giving the bubble the link for
+// a longer burst after a blind fault. A fault within 4·FaultBurst pages
+// above the previous one gets a forward-only bubble; two such in a row get
+// it for a blind burst.
 type prioritized struct {
-	inner  *bubbles
-	list   []uint64
-	pos    int
-	burst  int
-	left   int  // pages of the current fault burst still to interleave
-	bubble bool // whose turn in the burst
+	inner      *bubbles
+	list       []uint64
+	planned    []uint64 // list, sorted: is a fault near the plan?
+	pos        int
+	burst      int
+	blindBurst int
+	left       int   // pages of the current fault burst still to interleave
+	bubble     bool  // whose turn in the burst
+	blind      int   // pages of the current blind burst still to serve
+	lastFault  int64 // the previous fault on an unsent page; -1: none
+	walk       int   // faults in a row each a little above the previous
+}
+
+// nearPlan reports whether a listed page lies within burst/2 of pfn.
+func (p *prioritized) nearPlan(pfn uint64) bool {
+	h := uint64(p.burst / 2)
+	lo := pfn - min(pfn, h)
+	i := sort.Search(len(p.planned), func(i int) bool { return p.planned[i] >= lo })
+	return i < len(p.planned) && p.planned[i]-lo <= 2*h
 }
 
 func (p *prioritized) Fault(pfn uint64) {
-	p.inner.Fault(pfn)
-	p.left = p.burst
-	p.bubble = true
+	if pfn < p.inner.sent.Len() && p.inner.sent.Test(pfn) {
+		// Already pushed, still in flight: the plan had the page and the
+		// guest is just close behind the push. A bubble here would spend
+		// half the link behind a guest that streams forward.
+		return
+	}
+	// A fault a little above the previous one: the guest walks up through
+	// memory, and the pages below the fault are behind it. The bubble then
+	// goes forward only, so none of the link is spent behind the walker.
+	ahead := p.lastFault >= 0 && pfn > uint64(p.lastFault) && pfn-uint64(p.lastFault) <= uint64(4*p.burst)
+	p.lastFault = int64(pfn)
+	p.inner.fault(pfn, ahead || p.inner.forwardOnly)
+	if !ahead {
+		p.walk = 0
+	} else {
+		p.walk++
+		p.skipWalked(pfn)
+	}
+	if p.walk >= 2 {
+		// Three faults in a row, each a little above the last: the guest
+		// walks faster than the plan's pages reach it. Shared with the
+		// list, the forward bubble would get half the link and fall
+		// behind again; it gets all of it for a blind burst.
+		p.left, p.blind = 0, p.blindBurst
+		return
+	}
+	if p.nearPlan(pfn) {
+		p.left, p.bubble, p.blind = p.burst, true, 0
+		return
+	}
+	p.left, p.blind = 0, p.blindBurst
+}
+
+// maxSkip bounds how far skipWalked looks down the list.
+const maxSkip = 1 << 16
+
+// skipWalked skips the list's next pages when they are an ascending run
+// (steps of at most FaultBurst) that reaches pfn: a guest walking up
+// through memory has passed them already (the plan was built a moment
+// before the switchover, and the walk went on meanwhile), so sending them
+// now would only delay the pages ahead of it. They stay unsent, for the
+// bubbles and the final scan: every page is still sent once.
+func (p *prioritized) skipWalked(pfn uint64) {
+	j, limit := p.pos, min(len(p.list), p.pos+maxSkip)
+	for j < limit && p.list[j] < pfn {
+		if j+1 < len(p.list) && (p.list[j+1] <= p.list[j] || p.list[j+1]-p.list[j] > uint64(p.burst)) {
+			return // the run ends below pfn: the guest is not walking it
+		}
+		j++
+	}
+	if j < limit {
+		p.pos = j
+	}
 }
 
 func (p *prioritized) nextListed() (uint64, bool) {
@@ -205,12 +296,20 @@ func (p *prioritized) nextListed() (uint64, bool) {
 }
 
 func (p *prioritized) Next() (uint64, bool) {
+	if p.blind > 0 {
+		p.blind--
+		if pfn, ok := p.inner.nextBubble(); ok {
+			return pfn, true
+		}
+	}
 	if p.left > 0 {
 		p.left--
 		turn := p.bubble
 		p.bubble = !p.bubble
-		if turn && len(p.inner.live) > 0 {
-			if pfn, ok := p.inner.Next(); ok {
+		if turn {
+			// Only the bubble: once it is dry the list goes on, not the
+			// fallback scan.
+			if pfn, ok := p.inner.nextBubble(); ok {
 				return pfn, true
 			}
 		}

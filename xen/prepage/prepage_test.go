@@ -61,7 +61,19 @@ func TestPolicyOrders(t *testing.T) {
 		{"multi interleaves newest first", "multi", 64, nil, Options{Pivots: 2}, []event{f(10), f(40), n(6)}, []uint64{41, 11, 39, 9, 42, 12}},
 		{"multi drops the oldest pivot", "multi", 64, nil, Options{Pivots: 2}, []event{f(10), f(30), f(50), n(4)}, []uint64{51, 31, 49, 29}},
 		{"priority first, then bubble/scan", "dual", 16, nil, Options{Priority: []uint64{5, 3, 5, 9}}, []event{n(5)}, []uint64{5, 3, 9, 0, 1}},
-		{"fault interleaves bubble with priority", "dual", 32, nil, Options{Priority: []uint64{1, 2, 3, 4}, FaultBurst: 4}, []event{f(20), n(6)}, []uint64{21, 1, 19, 2, 3, 4}},
+		// 4 is within FaultBurst/2 of 6: the plan covers that area.
+		{"fault near the plan interleaves bubble with priority", "dual", 32, nil, Options{Priority: []uint64{1, 2, 3, 4}, FaultBurst: 4}, []event{f(6), n(6)}, []uint64{7, 1, 5, 2, 3, 4}},
+		// Nothing listed near 20: the bubble alone for BlindBurst pages.
+		{"blind fault gives the bubble the link", "dual", 32, nil, Options{Priority: []uint64{1, 2, 3, 4}, FaultBurst: 4, BlindBurst: 3}, []event{f(20), n(6)}, []uint64{21, 19, 22, 1, 2, 3}},
+		// 20 was pushed already (in flight): the plan had it, no burst.
+		{"fault on an in-flight page keeps the list going", "dual", 32, []uint64{20}, Options{Priority: []uint64{1, 2, 3, 4}, FaultBurst: 4}, []event{f(20), n(6)}, []uint64{1, 2, 3, 4, 0, 5}},
+		// 14: a burst (dual). 20 is a little above 14, so the guest walks
+		// up: its bubble is forward only, and the listed run 12..19 below
+		// it is skipped (left for the bubbles and the scan).
+		{"a walk past the plan skips the pages behind it", "dual", 64, nil,
+			Options{Priority: []uint64{10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26}, FaultBurst: 4},
+			[]event{f(14), n(4), f(20), n(6)}, []uint64{15, 10, 13, 11, 21, 20, 22, 23, 24, 25}},
+		{"a later fault on an unsent page still bursts", "dual", 32, []uint64{20}, Options{Priority: []uint64{1, 2, 3, 4}, FaultBurst: 4}, []event{f(20), n(1), f(6), n(4)}, []uint64{1, 7, 2, 5, 3}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -1,10 +1,19 @@
 package prerecord
 
 import (
-	"sort"
+	"cmp"
+	"slices"
 
 	"github.com/xl-postcopy/xl-postcopy/xen/trace"
 )
+
+// A recorder that reads a dirty bitmap (Xen log-dirty, PAGEMAP_SCAN) lists
+// each round's pages in ascending pfn order whatever order they were
+// touched in. Inside such a round a dense random burst looks exactly like
+// an ascending scan, so paths in bitmap-ordered trajectories are found
+// across rounds instead, from each round's segments: a scan shows up as a
+// segment that starts, in the next round, just past where it ended in this
+// one; a random burst shows up as segments that overlap round after round.
 
 // segment is a run of one round's accesses, positions [s, e), whose pfns
 // rise in steps of at most MaxStepPages and span [lo, hi].
@@ -14,9 +23,8 @@ type segment struct {
 }
 
 // roundSegments splits the round acc[s:e] into segments when the round is
-// listed in strictly ascending pfn order, the signature of a recorder that
-// read a dirty bitmap and so could not know the order of touches inside the
-// round. A round in any other order is taken as genuinely ordered: nil.
+// listed in strictly ascending pfn order; a round in any other order, or
+// with a pfn at or above npages, gives nil.
 func roundSegments(acc []trace.Access, s, e int, npages, maxStep uint64) []segment {
 	var out []segment
 	for i := s; i < e; i++ {
@@ -33,66 +41,55 @@ func roundSegments(acc []trace.Access, s, e int, npages, maxStep uint64) []segme
 	return out
 }
 
-// justBelow reports whether some segment of other starts at most maxStep
-// pages above x's end. other is ascending and disjoint.
-func justBelow(x segment, other []segment, maxStep uint64) bool {
-	k := sort.Search(len(other), func(i int) bool { return other[i].lo > x.hi })
-	return k < len(other) && other[k].lo-x.hi <= maxStep
-}
+// roundRun is one round of a trajectory: accesses [s, e).
+type roundRun struct{ s, e int }
 
-// justAbove reports whether some segment of other ends at most maxStep
-// pages below x's start.
-func justAbove(x segment, other []segment, maxStep uint64) bool {
-	k := sort.Search(len(other), func(i int) bool { return other[i].hi >= x.lo }) - 1
-	return k >= 0 && x.lo-other[k].hi <= maxStep
-}
-
-// unbitmapOrder returns the trajectory's pfns in the order the path tracker
-// should see them. In a bitmap-ordered round (see roundSegments) a segment
-// is read backwards when the neighbouring rounds say the memory is being
-// walked downwards: the previous round has a segment just above it, or the
-// next round a segment just below it, and neither has one continuing it
-// upwards. Then a backward scan of k pages per round, listed ascending in
-// each round, becomes the descending sequence it really was. Everything
-// else keeps the recorded order.
-func unbitmapOrder(acc []trace.Access, npages, maxStep uint64) []uint64 {
-	pfns := make([]uint64, len(acc))
-	for i, a := range acc {
-		pfns[i] = a.PFN
-	}
-	type run struct{ s, e int }
-	var rounds []run
+// rounds splits acc into runs of equal Round.
+func rounds(acc []trace.Access) []roundRun {
+	var out []roundRun
 	for i := 0; i < len(acc); {
 		j := i + 1
 		for j < len(acc) && acc[j].Round == acc[i].Round {
 			j++
 		}
-		rounds = append(rounds, run{i, j})
+		out = append(out, roundRun{i, j})
 		i = j
 	}
-	var prev, cur, next []segment
-	for r := range rounds {
-		if r == 0 {
-			cur = roundSegments(acc, rounds[0].s, rounds[0].e, npages, maxStep)
-		} else {
-			prev, cur = cur, next
-		}
-		next = nil
-		if r+1 < len(rounds) {
-			next = roundSegments(acc, rounds[r+1].s, rounds[r+1].e, npages, maxStep)
-		}
-		for _, x := range cur {
-			if x.e-x.s < 2 {
-				continue
-			}
-			down := justBelow(x, prev, maxStep) || justAbove(x, next, maxStep)
-			up := justAbove(x, prev, maxStep) || justBelow(x, next, maxStep)
-			if down && !up {
-				for i, j := x.s, x.e-1; i < j; i, j = i+1, j-1 {
-					pfns[i], pfns[j] = pfns[j], pfns[i]
-				}
+	return out
+}
+
+// bitmapOrdered reports whether acc looks recorded from a dirty bitmap:
+// inside rounds, pfns rise, except for at most one descent per round on
+// average (a recorder whose scan of the bitmap took more than one pass, each
+// ascending), and some round has two or more pfns. A trajectory of one page
+// per round, or in genuine time order (where about every other step inside
+// a round descends), is read access by access.
+func bitmapOrdered(acc []trace.Access) bool {
+	rs := rounds(acc)
+	multi, descents := false, 0
+	for _, r := range rs {
+		for i := r.s + 1; i < r.e; i++ {
+			multi = true
+			if acc[i].PFN <= acc[i-1].PFN {
+				descents++
 			}
 		}
 	}
-	return pfns
+	return multi && descents <= len(rs)
+}
+
+// sortRounds returns acc with every round's pfns sorted ascending and
+// duplicates inside a round removed: the order a single pass over the
+// round's dirty bitmap gives. acc itself is not modified.
+func sortRounds(acc []trace.Access) []trace.Access {
+	out := make([]trace.Access, 0, len(acc))
+	for _, r := range rounds(acc) {
+		k := len(out)
+		out = append(out, acc[r.s:r.e]...)
+		round := out[k:]
+		slices.SortStableFunc(round, func(x, y trace.Access) int { return cmp.Compare(x.PFN, y.PFN) })
+		round = slices.CompactFunc(round, func(x, y trace.Access) bool { return x.PFN == y.PFN })
+		out = out[:k+len(round)]
+	}
+	return out
 }

@@ -113,19 +113,24 @@ func decay(age uint32, halfLife float64) float64 {
 	return math.Exp2(-float64(age) / halfLife)
 }
 
-// hotspots clusters the trajectory, ranks the hotspots and appends their
-// pages not yet in set to order. It returns the ranked hotspots, the
-// effective MinPts and the extended order.
+// hotspots clusters the trajectory, ranks the hotspots and returns them,
+// the effective MinPts, and the hotspot pages the trajectory did not record
+// as candidates for the send order.
 //
-// Inside a hotspot the distinct recorded pfns are ranked by count ·
-// decay(age) (ties: more recent, then lower pfn). Each ranked pfn c not yet
-// covered by an earlier neighbourhood of the same hotspot opens the
-// neighbourhood [c−h, c+h], h = NeighbourhoodPages/2, clipped to the guest,
-// emitted nearest first (c+1, c−1, c+2, …) like a pre-paging bubble. A
-// neighbourhood may reach up to h pages past the hotspot's ends, because the
-// recorded extremes are only where the records stopped. Pages of [Start,
-// End] that no neighbourhood covered come last, ascending.
-func hotspots(acc []trace.Access, npages uint64, opt Options, set *pageSet, order []uint64) ([]Hotspot, int, []uint64) {
+// Inside a hotspot the distinct recorded pfns are ranked by their page
+// score (pageScore: recent accesses count most; ties: more recent, then
+// lower pfn). Each ranked pfn c not yet covered by an earlier neighbourhood
+// of the same hotspot opens the neighbourhood [c−h, c+h], h =
+// NeighbourhoodPages/2, clipped to the guest, walked nearest first (c+1,
+// c−1, c+2, …) like a pre-paging bubble; its unrecorded pages become
+// candidates with half of c's score, because a page beside a busy page is
+// likely used with it, but it was not seen written. A neighbourhood may
+// reach up to h pages past the hotspot's ends, because the recorded
+// extremes are only where the records stopped. Pages of [Start−h, End+h]
+// that no neighbourhood covered come last, at a quarter of the hotspot's
+// best score: a busy pfn near one end of a hotspot must not leave the
+// other end's margin out.
+func hotspots(acc []trace.Access, npages uint64, opt Options, recorded *pageSet, pageScore func(uint64) float64, seq int) ([]Hotspot, int, []cand) {
 	recs := make([]record, 0, len(acc))
 	var maxRound uint32
 	for _, a := range acc {
@@ -142,7 +147,7 @@ func hotspots(acc []trace.Access, npages uint64, opt Options, set *pageSet, orde
 		}
 	}
 	if len(recs) == 0 {
-		return nil, minPts, order
+		return nil, minPts, nil
 	}
 	sortRecords(recs)
 	pfns := make([]uint64, len(recs))
@@ -171,17 +176,24 @@ func hotspots(acc []trace.Access, npages uint64, opt Options, set *pageSet, orde
 	})
 	out := make([]Hotspot, len(hs))
 	h := opt.NeighbourhoodPages / 2
-	type cand struct {
+	type busy struct {
 		pfn   uint64
 		round uint32
 		prio  float64
 	}
-	var cands []cand
+	var busies []busy
 	var covered []uint64
+	var cands []cand
+	emit := func(q uint64, score float64) {
+		if !recorded.has(q) {
+			cands = append(cands, cand{pfn: q, score: score, seq: seq, stage: stageHotspot})
+			seq++
+		}
+	}
 	for k, i := range rank {
 		out[k] = hs[i]
 		c := clusters[i]
-		cands = cands[:0]
+		busies = busies[:0]
 		for j := c.Lo; j < c.Hi; {
 			e := j
 			var last uint32
@@ -189,10 +201,10 @@ func hotspots(acc []trace.Access, npages uint64, opt Options, set *pageSet, orde
 				last = max(last, recs[e].round)
 				e++
 			}
-			cands = append(cands, cand{recs[j].pfn, last, float64(e-j) * decay(maxRound-last, opt.HalfLifeRounds)})
+			busies = append(busies, busy{recs[j].pfn, last, pageScore(recs[j].pfn)})
 			j = e
 		}
-		slices.SortStableFunc(cands, func(x, y cand) int {
+		slices.SortStableFunc(busies, func(x, y busy) int {
 			if c := cmp.Compare(y.prio, x.prio); c != 0 {
 				return c
 			}
@@ -206,43 +218,36 @@ func hotspots(acc []trace.Access, npages uint64, opt Options, set *pageSet, orde
 		clear(covered)
 		mark := func(q uint64) { covered[(q-base)/64] |= 1 << ((q - base) % 64) }
 		isCovered := func(q uint64) bool { return covered[(q-base)/64]&(1<<((q-base)%64)) != 0 }
-		for _, cd := range cands {
-			if isCovered(cd.pfn) {
+		for _, b := range busies {
+			if isCovered(b.pfn) {
 				continue
 			}
-			mark(cd.pfn)
-			if set.add(cd.pfn) {
-				order = append(order, cd.pfn) // only if the caller's set lacked it
-			}
+			mark(b.pfn)
 			for d := uint64(1); d <= h; d++ {
-				if d <= top-cd.pfn {
-					if q := cd.pfn + d; !isCovered(q) {
+				if d <= top-b.pfn {
+					if q := b.pfn + d; !isCovered(q) {
 						mark(q)
-						if set.add(q) {
-							order = append(order, q)
-						}
+						emit(q, b.prio/2)
 					}
 				}
-				if d <= cd.pfn-base {
-					if q := cd.pfn - d; !isCovered(q) {
+				if d <= b.pfn-base {
+					if q := b.pfn - d; !isCovered(q) {
 						mark(q)
-						if set.add(q) {
-							order = append(order, q)
-						}
+						emit(q, b.prio/2)
 					}
 				}
 			}
 		}
-		for q := c.Start; ; q++ {
-			if !isCovered(q) && set.add(q) {
-				order = append(order, q)
+		for q := base; ; q++ {
+			if !isCovered(q) {
+				emit(q, busies[0].prio/4)
 			}
-			if q == c.End {
+			if q == top {
 				break
 			}
 		}
 	}
-	return out, minPts, order
+	return out, minPts, cands
 }
 
 // sortRecords sorts by pfn (round order within a pfn does not matter).

@@ -2,34 +2,38 @@
 // in which a post-copy migration pushes guest pages (Shan, "Research on
 // pre-record virtual machine live migration", 2020).
 //
-// The plan has three stages, each appended to Plan.Order without repeating
-// a page:
+// Three stages propose pages, each with a score that estimates how soon
+// after resume the guest will touch the page (higher: sooner); Plan.Order
+// is every proposed page once, highest score first:
 //
-//  1. Recorded: every distinct pfn of the trajectory, in first-touch order.
-//     These are the pages the guest touched while it was being recorded and
-//     so the pages it is most likely to touch right after it resumes.
-//  2. Predicted (linear regression, Options.LR): the trajectory is split
-//     into incremental paths (runs that move steadily through memory in one
-//     direction). A path that has enough points and fits pfn = A + B·t well
-//     is a "sequence set"; its prediction window continues past its last pfn
-//     in the direction and at the rate of B, because a scan that was under
-//     way when recording stopped keeps going after resume.
+//  1. Recorded: every distinct pfn of the trajectory. Its score sums
+//     2^(−age/HalfLifeRounds) over its records, age in rounds before the
+//     end of the trajectory: a page written in every recent round (hot)
+//     comes first, one last written long ago (a finished job) late. Equal
+//     scores keep first-touch order. Time is measured in log-dirty rounds.
+//  2. Predicted (linear regression, Options.LR): incremental paths (runs
+//     moving steadily through memory in one direction) that fit pfn = A +
+//     B·t well are sequence sets; a live one (still moving when recording
+//     stopped) reaches the page d pages past its head in d/|B| rounds, and
+//     that page scores like a page to be touched once then. The pages a
+//     live path walked past are behind the walker: passed once, they score
+//     0; passed periodically (a scan wrapping around its buffer), they
+//     score for when the walker comes back (pageStat.behindScore). So a
+//     stream's next pages go before the recorded pages it has left behind,
+//     and a hot page still goes before a window page many rounds ahead.
 //  3. Hotspot (ISS-DBSCAN, Options.DBSCAN): the trajectory's pfns, sorted,
-//     are clustered by density. Busy and recent clusters come first; inside
-//     one, pages near its most accessed pfns come first. The untouched pages
-//     inside and at the edges of a hotspot are what clustering predicts. This
-//     stage is what helps when many small processes each touch a little
-//     memory, where regression finds no long paths.
+//     are clustered by density; the unrecorded pages around a hotspot's
+//     busy pfns (the pages a process uses but did not write: code, data it
+//     only reads) score half of the busy pfn they are near. This stage is
+//     what helps when many small processes each touch a little memory,
+//     where regression finds no paths.
 //
-// Time is measured in log-dirty rounds (see Path): a rate B is pages per
-// round, and WindowRounds says how many rounds ahead a window reaches.
-//
-// A path is followed access by access, so the order inside a round
-// matters. A recorder that reads a dirty bitmap lists each round's pages in
-// ascending pfn order whatever order they were touched in; such rounds are
-// recognised (strictly ascending) and a run in them is read backwards when
-// the neighbouring rounds show memory being walked downwards, so a backward
-// scan of many pages per round is still predicted downward.
+// Trajectories from a dirty bitmap (Xen log-dirty, PAGEMAP_SCAN) list each
+// round's pages in ascending pfn order, not in touch order. Such rounds are
+// recognised (ascending, at most about one restart per round: see
+// bitmapOrdered), each is sorted, and paths are then found
+// across rounds, one point per round (findSegmentPaths); a trajectory in
+// time order is followed access by access (findAccessPaths).
 //
 // Pages not in Plan.Order are left to the migration's ordinary background
 // push (pre-paging or a linear scan); the plan only says what goes first.
@@ -39,6 +43,9 @@
 package prerecord
 
 import (
+	"cmp"
+	"slices"
+
 	"github.com/xl-postcopy/xl-postcopy/xen/trace"
 )
 
@@ -52,33 +59,53 @@ type Options struct {
 	// DBSCAN enables ISS-DBSCAN hotspot pages.
 	DBSCAN bool
 
-	// MinPathPoints is the fewest accesses an incremental path needs before
-	// it is fitted. Default 16: a chain of 16 strictly monotone accesses each
-	// within MaxStepPages of the last is vanishingly unlikely from random
-	// accesses, while a real scan covers 16 pages (64 KiB) in a moment.
+	// MinPathPoints is the fewest accesses (pages) an incremental path
+	// needs before it is fitted. Default 16: a chain of 16 strictly
+	// monotone accesses each within MaxStepPages of the last is vanishingly
+	// unlikely from random accesses, while a real scan covers 16 pages
+	// (64 KiB) in a moment.
 	MinPathPoints int
 	// MaxStepPages is the largest pfn gap between consecutive accesses of one
 	// path. Default 16 (64 KiB): it admits strided loops and scans whose
 	// read-only pages log-dirty did not see, and keeps the chance that an
 	// unrelated access joins a path at 16/npages per open path.
 	MaxStepPages uint64
+	// MinPathRounds is the fewest rounds a path of a bitmap-ordered
+	// trajectory must span (points of its fit). Default 5: by chance, a
+	// segment of a round is continued in the next round with probability
+	// about segments·MaxStepPages/npages, so a false path needs that four
+	// times in a row (and must also step regularly, see findSegmentPaths);
+	// 5 rounds are 100 ms at the lab's 20 ms interval, 250 ms at Xen's
+	// usual 50 ms.
+	MinPathRounds int
+	// MaxGapRounds is how many rounds a path may go unseen and still be
+	// continued, and how old its last segment may be at the end of the
+	// trajectory for it to be live. Default 3: a slow scan writes a page
+	// only every few rounds.
+	MaxGapRounds int
 	// MinR2 is the coefficient of determination a path's fit needs to be a
 	// sequence set. Default 0.9: a steady scan fits to >0.99 even when round
 	// lengths jitter; a path whose rate changed several times does not.
 	MinR2 float64
 	// WindowRounds is how many rounds of the path's own progress the window
-	// covers: the window is |B|·WindowRounds pages. Default 4: at the usual
-	// 50 ms log-dirty interval that is 200 ms of the path's progress, about
-	// what a 25 MB recorded set takes to cross a 1 Gbit/s link, i.e. roughly
-	// how far the scan gets while the recorded pages are still being sent.
+	// covers: the window is |B|·WindowRounds pages. Default 64: window pages
+	// are merged with the recorded ones by score, and a page t rounds ahead
+	// scores 2^(−t/HalfLifeRounds), so a long window never pushes a page the
+	// guest wrote recently back; its far end only displaces pages the
+	// trajectory says nothing about. A short one runs out while the guest
+	// still streams, and from then on it faults. 64 rounds are 1.3 s at the
+	// lab's 20 ms (a whole 1 Gbit post-copy of a 256 MiB guest), 3.2 s at
+	// 50 ms.
 	WindowRounds float64
 	// MinWindowPages is the least a window covers, for paths so slow that
 	// |B|·WindowRounds rounds to nothing. Default 32 (128 KiB, ~1 ms at
 	// 1 Gbit/s): the next pages of a steady path are near-certain to be
 	// touched, and sending them costs almost nothing.
 	MinWindowPages uint64
-	// MaxWindowPages caps one path's window. Default 4096 (16 MiB): a fast
-	// scan must not crowd out the other paths' windows and the hotspots.
+	// MaxWindowPages caps one path's window, and all windows together
+	// (the most recent paths first). Default 65536 (256 MiB, about 2 s of
+	// a 1 Gbit link): only paths faster than 1024 pages per round (200 MB/s
+	// at 20 ms) reach it alone; it bounds the plan's size.
 	MaxWindowPages uint64
 	// MaxOpenPaths is how many incremental paths are tracked at once; when a
 	// new one opens, the least recently extended is closed. Default 32:
@@ -105,10 +132,13 @@ type Options struct {
 	// NeighbourhoodPages is the width of one neighbourhood around a
 	// hotspot's busy pfn. Default 32 (128 KiB), two DBSCAN radii.
 	NeighbourhoodPages uint64
-	// HalfLifeRounds is the recency half-life in hotspot scores: a record
-	// this many rounds older than the trajectory's last round counts half.
-	// Default 16 (0.8 s at 50 ms rounds): recency breaks ties between similar
-	// hotspots but a much busier old hotspot still ranks first.
+	// HalfLifeRounds is the recency half-life of every score: a record
+	// this many rounds older than the trajectory's last round counts half,
+	// and a window page this many rounds ahead of its path scores half.
+	// Default 4 (80 ms at 20 ms rounds, 200 ms at 50 ms): a job that has
+	// written its pages for 4 rounds outranks an equally busy job that
+	// stopped just before it started, while a page written in every round
+	// (score ≈ 6.3) still outranks one written once in the last round (1).
 	HalfLifeRounds float64
 }
 
@@ -119,17 +149,19 @@ func DefaultOptions() Options {
 		LR:                 true,
 		DBSCAN:             true,
 		MinPathPoints:      16,
+		MinPathRounds:      5,
+		MaxGapRounds:       3,
 		MaxStepPages:       16,
 		MinR2:              0.9,
-		WindowRounds:       4,
+		WindowRounds:       64,
 		MinWindowPages:     32,
-		MaxWindowPages:     4096,
+		MaxWindowPages:     65536,
 		MaxOpenPaths:       32,
 		EpsPages:           8,
 		MinPts:             8,
 		DensityFactor:      2,
 		NeighbourhoodPages: 32,
-		HalfLifeRounds:     16,
+		HalfLifeRounds:     4,
 	}
 }
 
@@ -141,6 +173,12 @@ func (o Options) withDefaults() Options {
 	}
 	if o.MaxStepPages == 0 {
 		o.MaxStepPages = d.MaxStepPages
+	}
+	if o.MinPathRounds <= 0 {
+		o.MinPathRounds = d.MinPathRounds
+	}
+	if o.MaxGapRounds <= 0 {
+		o.MaxGapRounds = d.MaxGapRounds
 	}
 	if o.MinR2 == 0 {
 		o.MinR2 = d.MinR2
@@ -177,18 +215,21 @@ func (o Options) withDefaults() Options {
 
 // Plan is the page send order derived from one trajectory.
 type Plan struct {
-	// Order is the full priority order: recorded pages (first-touch order),
-	// then the regression windows, then hotspot neighbourhood pages. It has
-	// no duplicates and every pfn is below npages.
+	// Order is the full priority order (see the package comment): every
+	// recorded page, the regression windows and the hotspot neighbourhood
+	// pages, merged by score. It has no duplicates and every pfn is below
+	// npages.
 	Order []uint64
-	// Recorded, Predicted and Hotspot count the pages of Order that came
-	// from each stage; they sum to len(Order).
+	// Recorded counts the distinct recorded pages, Predicted the window
+	// pages that were not recorded, Hotspot the hotspot pages that are
+	// neither; they sum to len(Order).
 	Recorded, Predicted, Hotspot int
-	// Paths are the accepted sequence sets, most recently extended first
-	// (the order their windows were emitted in).
+	// Demoted counts recorded pages that a live path had already walked
+	// past and that score lower for it (see the package comment).
+	Demoted int
+	// Paths are the accepted sequence sets, most recently extended first.
 	Paths []Path
-	// Hotspots are the clusters, highest Score first (the order their pages
-	// were emitted in).
+	// Hotspots are the clusters, highest Score first.
 	Hotspots []Hotspot
 	// MinPts is the effective DBSCAN core threshold after DensityFactor.
 	MinPts int
@@ -207,29 +248,88 @@ func Build(acc []trace.Access, npages uint64, opt Options) Plan {
 		p.Dropped = len(acc)
 		return p
 	}
-	set := newPageSet(npages)
-	p.Order = make([]uint64, 0, min(uint64(len(acc)), npages))
+	valid := acc
 	for _, a := range acc {
 		if a.PFN >= npages {
 			p.Dropped++
-			continue
-		}
-		if set.add(a.PFN) {
-			p.Order = append(p.Order, a.PFN)
 		}
 	}
-	p.Recorded = len(p.Order)
-	if opt.LR {
-		p.Paths = findPaths(acc, npages, opt)
-		for i := range p.Paths {
-			p.Order = p.Paths[i].appendWindow(p.Order, set, npages)
+	if p.Dropped > 0 {
+		valid = make([]trace.Access, 0, len(acc)-p.Dropped)
+		for _, a := range acc {
+			if a.PFN < npages {
+				valid = append(valid, a)
+			}
 		}
-		p.Predicted = len(p.Order) - p.Recorded
+	}
+	pages, index, last := pageStats(valid, opt.HalfLifeRounds)
+	recorded := newPageSet(npages)
+	for _, pg := range pages {
+		recorded.add(pg.pfn)
+	}
+	cands := make([]cand, 0, len(pages))
+	for i, pg := range pages {
+		cands = append(cands, cand{pfn: pg.pfn, score: pg.score, seq: i, stage: stageRecorded})
+	}
+	seq := len(cands)
+	if opt.LR {
+		p.Paths = findPaths(valid, npages, opt)
+		var swept []pfnRange
+		for i := range p.Paths {
+			path := &p.Paths[i]
+			path.Live = path.live(last, opt)
+			if path.Live {
+				swept = append(swept, pfnRange{min(path.FirstPFN, path.LastPFN), max(path.FirstPFN, path.LastPFN)})
+			}
+		}
+		swept = mergeSpans(swept)
+		// The pages a live path walked past are behind the walker.
+		for i := range cands {
+			if c := &cands[i]; inSpans(swept, c.pfn) {
+				if b := pages[i].behindScore(last, opt.HalfLifeRounds); b < c.score {
+					c.score = b
+					p.Demoted++
+				}
+			}
+		}
+		for k := range p.Paths {
+			if path := &p.Paths[k]; path.Live {
+				path.clipPeriodic(index, npages, opt)
+			}
+		}
+		// The windows share MaxWindowPages, most recent path first.
+		budget := opt.MaxWindowPages
+		for k := range p.Paths {
+			n := len(cands)
+			cands = p.Paths[k].windowCandidates(cands, &seq, npages, last, budget, opt)
+			budget -= uint64(len(cands) - n)
+		}
 	}
 	if opt.DBSCAN {
-		n := len(p.Order)
-		p.Hotspots, p.MinPts, p.Order = hotspots(acc, npages, opt, set, p.Order)
-		p.Hotspot = len(p.Order) - n
+		score := func(pfn uint64) float64 { return pages[index[pfn]].score }
+		var hc []cand
+		p.Hotspots, p.MinPts, hc = hotspots(valid, npages, opt, recorded, score, seq)
+		cands = append(cands, hc...)
+	}
+	// Highest score first; equal scores keep their stage and creation
+	// order (recorded in first-touch order, windows most recent path
+	// first and nearest page first, hotspots by rank).
+	slices.SortStableFunc(cands, func(x, y cand) int { return cmp.Compare(y.score, x.score) })
+	set := newPageSet(npages)
+	p.Order = make([]uint64, 0, len(cands))
+	for _, c := range cands {
+		if !set.add(c.pfn) {
+			continue
+		}
+		p.Order = append(p.Order, c.pfn)
+		switch {
+		case recorded.has(c.pfn):
+			p.Recorded++
+		case c.stage == stagePredicted:
+			p.Predicted++
+		default:
+			p.Hotspot++
+		}
 	}
 	return p
 }

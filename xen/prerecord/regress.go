@@ -8,8 +8,10 @@ import (
 )
 
 // Path is an accepted sequence set: an incremental path whose accesses fit
-// pfn = A + B·t with t in rounds (see roundTimes), so B is pages per
-// log-dirty round.
+// pfn = A + B·t with t in rounds, so B is pages per log-dirty round. In a
+// time-ordered trajectory every access is a point (t from roundTimes); in a
+// bitmap-ordered one every round is a point, t = Round and pfn = the head
+// of the path's segment in that round (see findSegmentPaths).
 type Path struct {
 	A, B   float64 // pfn = A + B·t, t in rounds
 	R2     float64 // coefficient of determination of the fit, in [0,1]
@@ -21,8 +23,18 @@ type Path struct {
 	// LastIndex is the index in the trajectory of the path's last access;
 	// windows are ordered by it, most recent first.
 	LastIndex int
-	// Window is the pfn distance the prediction window covers from LastPFN
-	// (before clipping at 0 and npages).
+	// LastRound is the round of the path's last access. A path whose last
+	// round is the trajectory's last (or close to it, see MaxGapRounds) is
+	// live: the guest was still walking it when recording stopped.
+	LastRound uint32
+	// Live is set by Build on live paths.
+	Live bool
+	// Stride is the step between the path's pages, and between its window
+	// pages: 1 for a scan, the row length for a column walk. Paths of a
+	// time-ordered trajectory use 1.
+	Stride uint64
+	// Window is how many pages the prediction window has: LastPFN ±
+	// Stride·k for k = 1…Window (clipped at 0 and npages).
 	Window uint64
 }
 
@@ -128,11 +140,18 @@ func roundTimes(acc []trace.Access) []float64 {
 	return ts
 }
 
-// findPaths splits the trajectory into incremental paths and returns the
-// accepted ones, most recently extended first.
-//
-// Rounds listed in ascending pfn order, as a dirty-bitmap recorder lists
-// them, are first put in walking order by unbitmapOrder.
+// findPaths returns the trajectory's accepted paths, most recently
+// extended first: across rounds for a bitmap-ordered trajectory
+// (findSegmentPaths), access by access otherwise (findAccessPaths).
+func findPaths(acc []trace.Access, npages uint64, opt Options) []Path {
+	if bitmapOrdered(acc) {
+		return findSegmentPaths(sortRounds(acc), npages, opt)
+	}
+	return findAccessPaths(acc, npages, opt)
+}
+
+// findAccessPaths splits a time-ordered trajectory into incremental paths
+// and returns the accepted ones, most recently extended first.
 //
 // Up to MaxOpenPaths paths are open at once so that interleaved streams are
 // told apart. Each access (pfn p) goes to the open path it continues best:
@@ -144,13 +163,17 @@ func roundTimes(acc []trace.Access) []float64 {
 // pfn adds nothing. Otherwise p opens a new path, closing the least recently
 // extended one when MaxOpenPaths are open. A closed path is accepted when it
 // has at least MinPathPoints points and R2 ≥ MinR2.
-func findPaths(acc []trace.Access, npages uint64, opt Options) []Path {
+func findAccessPaths(acc []trace.Access, npages uint64, opt Options) []Path {
 	ts := roundTimes(acc)
-	pfns := unbitmapOrder(acc, npages, opt.MaxStepPages)
+	pfns := make([]uint64, len(acc))
+	for i, a := range acc {
+		pfns[i] = a.PFN
+	}
 	open := make([]openPath, 0, opt.MaxOpenPaths)
 	var out []Path
 	closePath := func(p *openPath) {
 		if path, ok := p.accept(opt); ok {
+			path.LastRound = acc[path.LastIndex].Round
 			out = append(out, path)
 		}
 	}
@@ -238,6 +261,13 @@ func (p *openPath) accept(opt Options) (Path, bool) {
 		// the fit contradicts the path, so it predicts nothing.
 		return Path{}, false
 	}
+	return Path{A: a, B: b, R2: r2, Points: p.n, FirstPFN: p.first, LastPFN: p.last,
+		Dir: dir, LastIndex: p.lastIdx, Stride: 1, Window: windowPages(b, opt)}, true
+}
+
+// windowPages is the window of a path moving b of its pages per round:
+// |b|·WindowRounds, at least MinWindowPages, at most MaxWindowPages.
+func windowPages(b float64, opt Options) uint64 {
 	// Round up, but not for the last-bit error of an exact rate: a scan
 	// of 40 pages per round must give 160 pages, not 161.
 	w := math.Ceil(math.Abs(b)*opt.WindowRounds - 1e-6)
@@ -248,33 +278,5 @@ func (p *openPath) accept(opt Options) (Path, bool) {
 			win = uint64(w)
 		}
 	}
-	win = min(win, opt.MaxWindowPages)
-	return Path{A: a, B: b, R2: r2, Points: p.n, FirstPFN: p.first, LastPFN: p.last,
-		Dir: dir, LastIndex: p.lastIdx, Window: win}, true
-}
-
-// appendWindow appends the window's pages not yet in set to order: pfns
-// LastPFN+Dir·1 … LastPFN+Dir·Window, nearest first, stopping at 0 and
-// npages. The window is contiguous even for a strided path: the skipped
-// pages cost little (every page is sent once anyway) and a stride estimate
-// from a few points is not worth trusting.
-func (p *Path) appendWindow(order []uint64, set *pageSet, npages uint64) []uint64 {
-	for k := uint64(1); k <= p.Window; k++ {
-		var q uint64
-		if p.Dir > 0 {
-			if p.LastPFN >= npages-1 || k > npages-1-p.LastPFN {
-				break
-			}
-			q = p.LastPFN + k
-		} else {
-			if k > p.LastPFN {
-				break
-			}
-			q = p.LastPFN - k
-		}
-		if set.add(q) {
-			order = append(order, q)
-		}
-	}
-	return order
+	return min(win, opt.MaxWindowPages)
 }
