@@ -61,17 +61,18 @@ type recorder struct {
 	dom      Source
 	interval time.Duration
 
-	mu      sync.Mutex
-	pending map[uint64]struct{}
-	seen    map[uint64]struct{} // every page recorded so far
-	fresh   []int               // per round: pages recorded for the first time
-	traj    []trace.Access
-	round   uint32
-	start   time.Time
-	err     error
-	stop    chan struct{}
-	done    chan struct{}
-	buf     []uint64
+	mu       sync.Mutex
+	pending  map[uint64]struct{}
+	seen     map[uint64]struct{} // every page recorded so far
+	fresh    []int               // per round: pages recorded for the first time
+	traj     []trace.Access
+	round    uint32
+	start    time.Time
+	err      error
+	stop     chan struct{}
+	stopOnce sync.Once
+	done     chan struct{}
+	buf      []uint64
 }
 
 func startRecorder(dom Source, interval time.Duration) *recorder {
@@ -179,8 +180,9 @@ func (r *recorder) converged() bool {
 }
 
 // finish stops sampling and returns the trajectory.
+// finish is idempotent, so error paths may call it again.
 func (r *recorder) finish() ([]trace.Access, error) {
-	close(r.stop)
+	r.stopOnce.Do(func() { close(r.stop) })
 	<-r.done
 	r.mu.Lock()
 	defer r.mu.Unlock()

@@ -245,6 +245,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 		s.phase.Store("record")
 		rec = startRecorder(s.dom, s.opt.RecordInterval)
+		defer rec.finish() // error paths: stop sampling
 		dirtyFn = rec.DirtyPages
 	}
 
