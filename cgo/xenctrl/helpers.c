@@ -379,6 +379,15 @@ int xp_ring_put_response(xp_ring *r, const xp_vm_event *in)
     }
     xp_vm_event_encode(in, &rsp);
     memcpy(RING_GET_RESPONSE(&r->back, prod), &rsp, sizeof(rsp));
+    /*
+     * Read the slot back before publishing it: in the nested TCG lab Xen
+     * once dropped one of our responses as a version mismatch.
+     */
+    if ( memcmp(RING_GET_RESPONSE(&r->back, prod), &rsp, sizeof(rsp)) )
+    {
+        errno = EIO;
+        return -1;
+    }
     r->back.rsp_prod_pvt = prod + 1;
     RING_PUSH_RESPONSES(&r->back);
     return 0;
@@ -413,6 +422,32 @@ int xp_ring_notify(xp_ring *r)
     if ( !r->xce )
         return 0;
     return xenevtchn_notify(r->xce, r->local_port);
+}
+
+void xp_ring_get_state(xp_ring *r, xp_ring_state *out)
+{
+    vm_event_sring_t *s = r->back.sring;
+
+    xen_rmb();
+    out->req_prod = s->req_prod;
+    out->req_event = s->req_event;
+    out->rsp_prod = s->rsp_prod;
+    out->rsp_event = s->rsp_event;
+    out->req_cons = r->back.req_cons;
+    out->rsp_prod_pvt = r->back.rsp_prod_pvt;
+}
+
+int xp_ring_response_versions(xp_ring *r, uint32_t *out, int n)
+{
+    int i;
+    RING_IDX idx = r->back.rsp_prod_pvt;
+
+    for ( i = 0; i < n && i < (int)RING_SIZE(&r->back) && idx != 0; i++ )
+    {
+        idx--;
+        out[i] = RING_GET_RESPONSE(&r->back, idx)->version;
+    }
+    return i;
 }
 
 int xp_ring_test_push_request(xp_ring *r, const xp_vm_event *in)

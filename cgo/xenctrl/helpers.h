@@ -128,6 +128,15 @@ int xp_ring_put_response(xp_ring *r, const xp_vm_event *in);
 int xp_ring_wait(xp_ring *r, int timeout_ms);
 int xp_ring_notify(xp_ring *r);
 
+/* Indexes of the shared ring and of our back end, for diagnostics. */
+typedef struct xp_ring_state {
+    uint32_t req_prod, req_event, rsp_prod, rsp_event; /* shared page */
+    uint32_t req_cons, rsp_prod_pvt;                   /* our back end */
+} xp_ring_state;
+void xp_ring_get_state(xp_ring *r, xp_ring_state *out);
+/* The version field of the n responses before rsp_prod_pvt, newest first. */
+int xp_ring_response_versions(xp_ring *r, uint32_t *out, int n);
+
 /* Front-end side on a local ring, standing in for Xen in unit tests. */
 int xp_ring_test_push_request(xp_ring *r, const xp_vm_event *in);
 int xp_ring_test_pop_response(xp_ring *r, xp_vm_event *out);

@@ -145,6 +145,42 @@ func (h *Handle) EnablePaging(dom uint32) (*PagingRing, error) {
 	return &PagingRing{h: h, dom: dom, r: r}, nil
 }
 
+// RingState is a snapshot of the ring's indexes. Xen produces requests
+// (ReqProd) and consumes responses: after it consumed response n it sets
+// RspEvent to n+1, so RspEvent lagging RspProd+1 means responses sit
+// unread. ReqCons and RspProdPvt are our back end's private indexes.
+type RingState struct {
+	ReqProd, ReqEvent, RspProd, RspEvent uint32
+	ReqCons, RspProdPvt                  uint32
+}
+
+func (s RingState) String() string {
+	return fmt.Sprintf("req_prod=%d req_cons=%d req_event=%d rsp_prod=%d rsp_event=%d",
+		s.ReqProd, s.ReqCons, s.ReqEvent, s.RspProd, s.RspEvent)
+}
+
+// State reads the ring's indexes (diagnostics: are requests produced, are
+// our responses consumed?).
+func (p *PagingRing) State() RingState {
+	var c C.xp_ring_state
+	C.xp_ring_get_state(p.r, &c)
+	return RingState{ReqProd: uint32(c.req_prod), ReqEvent: uint32(c.req_event), RspProd: uint32(c.rsp_prod),
+		RspEvent: uint32(c.rsp_event), ReqCons: uint32(c.req_cons), RspProdPvt: uint32(c.rsp_prod_pvt)}
+}
+
+// ResponseVersions reads the version field of the last n responses we put
+// on the ring, newest first, straight from the shared page: evidence when
+// Xen reports "vm_event interface version mismatch" although every
+// response was written with VMEventInterfaceVersion.
+func (p *PagingRing) ResponseVersions(n int) []uint32 {
+	if n <= 0 {
+		return nil
+	}
+	out := make([]uint32, n)
+	got := C.xp_ring_response_versions(p.r, (*C.uint32_t)(unsafe.Pointer(&out[0])), C.int(n))
+	return out[:int(got)]
+}
+
 // LocalPort is our end of the event channel.
 func (p *PagingRing) LocalPort() int { return int(p.r.local_port) }
 
@@ -175,7 +211,8 @@ func (p *PagingRing) GetRequest() (req Request, ok bool, err error) {
 
 // PutResponse puts rsp on the ring with version VMEventInterfaceVersion.
 // Call Notify afterwards (once for a batch). It fails with ENOSPC if there
-// is no consumed request left to answer.
+// is no consumed request left to answer, and with EIO if the slot does not
+// read back as written (the response is then not published).
 func (p *PagingRing) PutResponse(rsp Response) error {
 	c := rsp.toC()
 	rc, err := C.xp_ring_put_response(p.r, &c)

@@ -280,3 +280,25 @@ func TestHints(t *testing.T) {
 	assert.Contains(t, pagingHint(syscall.EOPNOTSUPP), "CONFIG_MEM_PAGING")
 	assert.Contains(t, pagingHint(syscall.ENODEV), "HAP")
 }
+
+func TestPagingRingState(t *testing.T) {
+	l, err := newLocalRing()
+	require.NoError(t, err)
+	defer l.Close()
+	for i := 0; i < 2; i++ {
+		require.NoError(t, l.pushRequest(Request{Version: 7, Reason: ReasonMemPaging, GFN: uint64(i)}))
+	}
+	req, ok, err := l.GetRequest()
+	require.NoError(t, err)
+	require.True(t, ok)
+	require.NoError(t, l.PutResponse(ResponseFor(req)))
+	s := l.State()
+	assert.EqualValues(t, 2, s.ReqProd, "Xen produced two requests")
+	assert.EqualValues(t, 1, s.ReqCons)
+	assert.EqualValues(t, 2, s.ReqEvent, "we ask for an event at the next request")
+	assert.EqualValues(t, 1, s.RspProd, "our response is published")
+	assert.EqualValues(t, 1, s.RspProdPvt)
+	assert.Contains(t, s.String(), "req_prod=2 req_cons=1")
+	assert.Equal(t, []uint32{VMEventInterfaceVersion}, l.ResponseVersions(4), "one response so far")
+	assert.Nil(t, l.ResponseVersions(0))
+}
