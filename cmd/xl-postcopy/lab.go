@@ -176,10 +176,8 @@ func init() {
 				return err
 			}
 			defer l.Close()
-			if !asJSON || isTerminal(os.Stderr) {
-				if isTerminal(os.Stderr) {
-					eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
-				}
+			if isTerminal(os.Stderr) {
+				eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
 			}
 			ctx, cancel := signalContext()
 			defer cancel()

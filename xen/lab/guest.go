@@ -2,7 +2,6 @@ package lab
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -373,5 +372,3 @@ func popcount(x uint64) int {
 
 // pageSize is the lab domain's page size (x86's).
 const pageSize = 4096
-
-var errGuestExited = errors.New("lab guest exited")
