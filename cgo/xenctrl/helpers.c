@@ -494,6 +494,14 @@ void xp_get_layout(xp_layout *l)
     l->hvm_cpu_save_code = HVM_SAVE_CODE(CPU);
     l->hvm_cpu_save_len = HVM_SAVE_LENGTH(CPU);
     l->hvm_cpu_cr3_offset = offsetof(HVM_SAVE_TYPE(CPU), cr3);
+    l->hvm_cpu_offsets[0] = offsetof(HVM_SAVE_TYPE(CPU), rsp);
+    l->hvm_cpu_offsets[1] = offsetof(HVM_SAVE_TYPE(CPU), rip);
+    l->hvm_cpu_offsets[2] = offsetof(HVM_SAVE_TYPE(CPU), cr0);
+    l->hvm_cpu_offsets[3] = offsetof(HVM_SAVE_TYPE(CPU), cr3);
+    l->hvm_cpu_offsets[4] = offsetof(HVM_SAVE_TYPE(CPU), cr4);
+    l->hvm_cpu_offsets[5] = offsetof(HVM_SAVE_TYPE(CPU), gs_base);
+    l->hvm_cpu_offsets[6] = offsetof(HVM_SAVE_TYPE(CPU), shadow_gs);
+    l->hvm_cpu_offsets[7] = offsetof(HVM_SAVE_TYPE(CPU), msr_efer);
     l->paging_ring_param = HVM_PARAM_PAGING_RING_PFN;
 }
 

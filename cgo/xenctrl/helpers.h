@@ -154,6 +154,7 @@ typedef struct xp_layout {
     uint64_t hvm_cpu_save_code;
     uint64_t hvm_cpu_save_len;
     uint64_t hvm_cpu_cr3_offset;
+    uint64_t hvm_cpu_offsets[8]; /* rsp rip cr0 cr3 cr4 gs_base shadow_gs msr_efer */
     uint64_t paging_ring_param;
 } xp_layout;
 void xp_get_layout(xp_layout *l);

@@ -32,7 +32,11 @@ type Layout struct {
 	HVMCPUSaveCode          uint64
 	HVMCPUSaveLength        uint64
 	HVMCPUCR3Offset         uint64
-	PagingRingParam         uint64
+	// HVMCPUOffsets are the offsets of rsp, rip, cr0, cr3, cr4, gs_base,
+	// shadow_gs and msr_efer in the CPU save record, for parsers that read
+	// the HVM context in pure Go (xen/xendom).
+	HVMCPUOffsets   [8]uint64
+	PagingRingParam uint64
 }
 
 // ABILayout reports the compiled-in layout.
@@ -52,6 +56,9 @@ func ABILayout() Layout {
 		HVMCPUSaveLength:        uint64(l.hvm_cpu_save_len),
 		HVMCPUCR3Offset:         uint64(l.hvm_cpu_cr3_offset),
 		PagingRingParam:         uint64(l.paging_ring_param),
+		HVMCPUOffsets: [8]uint64{uint64(l.hvm_cpu_offsets[0]), uint64(l.hvm_cpu_offsets[1]), uint64(l.hvm_cpu_offsets[2]),
+			uint64(l.hvm_cpu_offsets[3]), uint64(l.hvm_cpu_offsets[4]), uint64(l.hvm_cpu_offsets[5]),
+			uint64(l.hvm_cpu_offsets[6]), uint64(l.hvm_cpu_offsets[7])},
 	}
 }
 

@@ -302,3 +302,39 @@ func TestPagingRingState(t *testing.T) {
 	assert.Equal(t, []uint32{VMEventInterfaceVersion}, l.ResponseVersions(4), "one response so far")
 	assert.Nil(t, l.ResponseVersions(0))
 }
+
+func TestSuspendCallsOnClosedHandle(t *testing.T) {
+	// Without a dom0 no Handle can be opened (TestOpenOutsideDom0); a zero
+	// or nil Handle must fail cleanly before reaching libxc.
+	for name, h := range map[string]*Handle{"zero": {}, "nil": nil} {
+		t.Run(name, func(t *testing.T) {
+			assert.ErrorIs(t, h.ResumeDomain(1, true), ErrClosed)
+			assert.ErrorIs(t, h.ResumeDomain(1, false), ErrClosed)
+			assert.ErrorIs(t, h.ShutdownDomain(1, ShutdownSuspend), ErrClosed)
+			ti, err := h.TSCInfo(1)
+			assert.ErrorIs(t, err, ErrClosed)
+			assert.Equal(t, TSCInfo{}, ti)
+			assert.ErrorIs(t, h.SetTSCInfo(1, TSCInfo{GTSCkHz: 2000000}), ErrClosed)
+		})
+	}
+}
+
+func TestShutdownReasons(t *testing.T) {
+	// xen/include/public/sched.h: these values are guest ABI.
+	assert.EqualValues(t, 0, ShutdownPoweroff)
+	assert.EqualValues(t, 1, ShutdownReboot)
+	assert.EqualValues(t, 2, ShutdownSuspend)
+	assert.EqualValues(t, 3, ShutdownCrash)
+	assert.EqualValues(t, shutdownCrash, ShutdownCrash)
+	assert.EqualValues(t, 5, shutdownMax)
+}
+
+func TestShutdownDomainRejectsBadReason(t *testing.T) {
+	var h Handle // checked before the handle, so no Xen is needed
+	err := h.ShutdownDomain(4, 99)
+	require.ErrorIs(t, err, syscall.EINVAL)
+	var xe *Error
+	require.ErrorAs(t, err, &xe)
+	assert.Equal(t, "xc_domain_shutdown(dom 4, reason 99: not a SHUTDOWN_* code (max 5)): invalid argument", xe.Error())
+	assert.ErrorIs(t, h.ShutdownDomain(4, shutdownMax), ErrClosed, "the highest valid reason passes the check")
+}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
 	"github.com/xl-postcopy/xl-postcopy/xen/trace"
+	"github.com/xl-postcopy/xl-postcopy/xen/xendom"
 )
 
 // `xl-postcopy trace` records which pages a running domain writes, round by
@@ -218,7 +219,9 @@ func resolveDomain(h *xenctrl.Handle, arg string) (uint32, error) {
 	if xsErr == nil {
 		return dom, nil
 	}
-	out, xlErr := exec.Command("xl", "domid", arg).Output()
+	xlCmd := exec.Command("xl", "domid", arg)
+	xlCmd.Env = xendom.CleanEnv()
+	out, xlErr := xlCmd.Output()
 	if xlErr == nil {
 		if v, perr := strconv.ParseUint(strings.TrimSpace(string(out)), 10, 16); perr == nil {
 			return uint32(v), nil

@@ -71,6 +71,14 @@ type Source interface {
 	Destroy() error
 }
 
+// Relinquisher is implemented by sources that mark the domain as given up
+// right before the destination is told to run it (the Xen backend renames
+// it NAME--migratedaway, as xl does), so that two copies never share a
+// name. A Resume after Relinquish undoes the mark.
+type Relinquisher interface {
+	Relinquish() error
+}
+
 // Page is one page for the destination; Data nil means all zeroes.
 type Page struct {
 	PFN  uint64

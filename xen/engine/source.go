@@ -426,6 +426,11 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		return resumeHere(err)
 	}
 	dbg("ready received")
+	if r, ok := s.dom.(Relinquisher); ok {
+		if err := r.Relinquish(); err != nil {
+			return resumeHere(fmt.Errorf("mark the source copy as migrated away: %w", err))
+		}
+	}
 
 	// Point of no return: after GO the destination may run the domain.
 	s.bulkMu.Lock()

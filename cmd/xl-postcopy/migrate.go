@@ -1,0 +1,393 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"strings"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/dsb/control"
+	"github.com/xl-postcopy/xl-postcopy/xen/engine"
+	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+	"github.com/xl-postcopy/xl-postcopy/xen/xendom"
+	"github.com/xl-postcopy/xl-postcopy/xen/xenstore"
+)
+
+// migrateFlags are `migrate`'s options.
+type migrateFlags struct {
+	ssh        string
+	config     string
+	mode       string
+	prepaging  string
+	asJSON     bool
+	debug      bool
+	balloon    bool
+	receiver   string
+	record     time.Duration
+	recordInt  time.Duration
+	suspendTO  time.Duration
+	hybridRnds int
+}
+
+func init() {
+	var f migrateFlags
+	register(&command{
+		name:    "migrate",
+		args:    "[options] <domain> <host>",
+		summary: "live-migrate a Xen domain to host with post-copy (PVH/HVM with HAP), hybrid or pre-copy (dom0)",
+		setup: func(fs *pflag.FlagSet) {
+			fs.StringVarP(&f.ssh, "ssh", "s", "ssh", "command that reaches host (the receiver runs as `CMD HOST xl-postcopy migrate-receive`); '' runs the receiver locally, host is then only a label")
+			fs.StringVarP(&f.config, "config", "C", "", "xl config file the destination creates the domain from (default /etc/xen/NAME.cfg or /etc/xen/NAME)")
+			fs.StringVar(&f.mode, "mode", "postcopy", "postcopy, hybrid or precopy (PV domains: precopy only, done by `xl migrate`)")
+			fs.StringVar(&f.prepaging, "prepaging", "dual", "post-copy push order: "+strings.Join(engine.PolicyNames, ", "))
+			fs.BoolVar(&f.balloon, "balloon", true, "if guest-balloon runs in the guest, ask it to give its free memory back first (those pages are then not sent)")
+			fs.DurationVar(&f.record, "record", time.Second, "pre-record policies: longest recording of the trajectory before the switchover")
+			fs.DurationVar(&f.recordInt, "record-interval", 20*time.Millisecond, "pre-record policies: dirty-log sampling interval")
+			fs.IntVar(&f.hybridRnds, "hybrid-rounds", 1, "pre-copy rounds before a hybrid migration switches to post-copy")
+			fs.DurationVar(&f.suspendTO, "suspend-timeout", 30*time.Second, "how long the guest may take to suspend")
+			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
+			fs.BoolVar(&f.asJSON, "json", false, "print the statistics as one JSON object on stdout")
+			fs.BoolVar(&f.debug, "debug", false, "print the backend's and the engine's steps to stderr")
+		},
+		run: func(fs *pflag.FlagSet, args []string) error {
+			if len(args) != 2 {
+				return usagef("want <domain> <host>, got %d arguments", len(args))
+			}
+			return runMigrate(f, args[0], args[1])
+		},
+	})
+	var urgentFD int
+	var listenTok, attachTok string
+	var recvDebug bool
+	register(&command{
+		name:    "migrate-receive",
+		args:    "[options]",
+		summary: "receive a migration on stdin/stdout (started by `xl-postcopy migrate`, not by hand)",
+		setup: func(fs *pflag.FlagSet) {
+			fs.IntVar(&urgentFD, "urgent-fd", -1, "file descriptor of the urgent stream (local receiver)")
+			fs.StringVar(&listenTok, "urgent-listen", "", "accept the urgent stream on the abstract socket @xl-postcopy-`TOKEN`")
+			fs.StringVar(&attachTok, "urgent-attach", "", "relay stdin/stdout to the receiver waiting with --urgent-listen `TOKEN`")
+			fs.BoolVar(&recvDebug, "debug", false, "print the backend's steps to stderr")
+		},
+		run: func(fs *pflag.FlagSet, args []string) error {
+			if len(args) != 0 {
+				return usagef("unexpected argument %q", args[0])
+			}
+			if attachTok != "" {
+				return attachUrgent(attachTok, 30*time.Second)
+			}
+			return runMigrateReceive(urgentFD, listenTok, recvDebug)
+		},
+	})
+}
+
+func debugf(on bool, who string) func(string, ...any) {
+	if !on {
+		return func(string, ...any) {}
+	}
+	return func(format string, a ...any) {
+		fmt.Fprintf(os.Stderr, "%s: %s\n", who, fmt.Sprintf(format, a...))
+	}
+}
+
+// findConfig returns the xl config text of the domain.
+func findConfig(path, name string) ([]byte, string, error) {
+	cands := []string{path}
+	if path == "" {
+		cands = []string{"/etc/xen/" + name + ".cfg", "/etc/xen/" + name}
+	}
+	for _, p := range cands {
+		b, err := os.ReadFile(p)
+		if err == nil {
+			return b, p, nil
+		}
+		if path != "" || !errors.Is(err, os.ErrNotExist) {
+			return nil, "", fmt.Errorf("read the domain's xl config: %w", err)
+		}
+	}
+	return nil, "", fmt.Errorf("no xl config for domain %s in %s: pass the file it was created from with -C FILE", name, strings.Join(cands, " or "))
+}
+
+// dsbReport is what the guest's balloon daemon did before the migration.
+type dsbReport struct {
+	Asked      bool   `json:"asked"`
+	Running    bool   `json:"daemon_running"`
+	OK         bool   `json:"ok"`
+	ReleasedKB uint64 `json:"released_kb"`
+	TargetKB   uint64 `json:"target_kb"`
+	Error      string `json:"error,omitempty"`
+}
+
+// balloonFirst asks guest-balloon, if it runs, to release free memory now.
+func balloonFirst(xs *xenstore.Client, dom uint32, logf func(string, ...any)) dsbReport {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	var r dsbReport
+	state, err := xs.Read(ctx, control.Path(dom, control.KeyState))
+	if err != nil || state != "running" {
+		logf("guest-balloon not running in domain %d (state %q, %v): no ballooning", dom, state, err)
+		return r
+	}
+	r.Running, r.Asked = true, true
+	ack, err := control.RequestBalloon(ctx, xs, dom, 10*time.Second)
+	if err != nil {
+		r.Error = err.Error()
+		return r
+	}
+	r.OK, r.ReleasedKB, r.TargetKB = ack.OK, ack.ReleasedKB, ack.TargetKB
+	if !ack.OK {
+		r.Error = ack.Err
+	}
+	return r
+}
+
+func runMigrate(f migrateFlags, domArg, host string) error {
+	mode, err := wire.ParseMode(f.mode)
+	if err != nil {
+		return usagef("--mode: %v", err)
+	}
+	if err := engine.ValidatePolicy(f.prepaging); err != nil {
+		return usagef("--prepaging: %v", err)
+	}
+	logf := debugf(f.debug, "migrate")
+	x, err := xendom.OpenXen()
+	if err != nil {
+		return err
+	}
+	defer x.Close()
+	dom, err := resolveDomain(x.Handle, domArg)
+	if err != nil {
+		return err
+	}
+	info, err := x.Domain(dom)
+	if err != nil {
+		return fmt.Errorf("domain %d: %w", dom, err)
+	}
+	xs, err := xenstore.Open()
+	if err != nil {
+		return err
+	}
+	defer xs.Close()
+	ctx, cancel := signalContext()
+	defer cancel()
+	name, err := xs.Read(ctx, fmt.Sprintf("/local/domain/%d/name", dom))
+	if err != nil {
+		return fmt.Errorf("name of domain %d: %w", dom, err)
+	}
+	if !info.HVM {
+		if mode != wire.ModePrecopy {
+			return fmt.Errorf("domain %s: %w", name, xendom.RefusePostcopy(info))
+		}
+		return migratePV(f, xs, dom, name, host, logf)
+	}
+	if mode != wire.ModePrecopy {
+		if err := xendom.RefusePostcopy(info); err != nil {
+			return fmt.Errorf("domain %s: %w", name, err)
+		}
+	}
+	cfgText, cfgPath, err := findConfig(f.config, name)
+	if err != nil {
+		return err
+	}
+	logf("domain %s (%d, %s), config %s, mode %s, pre-paging %s", name, dom, info.Kind(), cfgPath, mode, f.prepaging)
+	var dsb dsbReport
+	if f.balloon {
+		dsb = balloonFirst(xs, dom, logf)
+		if dsb.Asked && !f.asJSON {
+			if dsb.OK {
+				fmt.Fprintf(os.Stderr, "guest-balloon released %d kB before the migration (target %d kB)\n", dsb.ReleasedKB, dsb.TargetKB)
+			} else {
+				fmt.Fprintf(os.Stderr, "guest-balloon did not balloon (%s); migrating all memory\n", dsb.Error)
+			}
+		}
+	}
+	src, err := xendom.NewSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{}, Dom: dom, Name: name,
+		XLConfig: cfgText, SuspendTimeout: f.suspendTO, Logf: debugf(f.debug, "xen-source")})
+	if err != nil {
+		return fmt.Errorf("domain %s: %w", name, err)
+	}
+	var recv *receiver
+	extra := []string{}
+	if f.debug {
+		extra = append(extra, "--debug")
+	}
+	if f.ssh == "" {
+		self, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("find this executable for the local receiver: %w", err)
+		}
+		recv, err = startLocalReceiver(self, extra)
+		if err != nil {
+			return err
+		}
+	} else {
+		recv, err = startRemoteReceiver(f.ssh, host, f.receiver, extra)
+		if err != nil {
+			return err
+		}
+	}
+	eo := engine.Options{Mode: mode, Prepaging: f.prepaging, Policy: prepage.Options{}, HybridRounds: f.hybridRnds,
+		Record: f.record, RecordInterval: f.recordInt}
+	if f.debug {
+		eo.Logf = debugf(true, "engine")
+	}
+	progress := isTerminal(os.Stderr) && !f.debug
+	if progress {
+		eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
+	}
+	if !f.asJSON {
+		fmt.Fprintf(os.Stderr, "migrating %s (domain %d, %s, %d RAM pages) to %s: mode %s, pre-paging %s\n",
+			name, dom, info.Kind(), src.Info().NumPages, host, mode, f.prepaging)
+	}
+	st, runErr := engine.RunSource(ctx, src, recv.bulk, recv.urgent, eo)
+	if progress {
+		fmt.Fprintln(os.Stderr)
+	}
+	if werr := recv.wait(30 * time.Second); werr != nil {
+		logf("receiver: %v", werr)
+	}
+	if runErr != nil {
+		return fmt.Errorf("migrate %s: %w", name, runErr)
+	}
+	if mode == wire.ModePrecopy {
+		st.Prepaging = ""
+	}
+	out := struct {
+		*engine.Stats
+		Host string             `json:"host"`
+		Xen  xendom.SourceStats `json:"xen"`
+		DSB  dsbReport          `json:"dsb"`
+	}{st, host, src.Stats(), dsb}
+	if f.asJSON {
+		out.Stats.FaultTimeline = nil
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(out); err != nil {
+			return err
+		}
+	} else {
+		printXenStats(os.Stdout, st, out.Xen)
+	}
+	if !st.Verified || st.DuplicatePages != 0 {
+		return errors.New("migration finished but the result is not sound (see verified, duplicate_pages)")
+	}
+	return nil
+}
+
+func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {
+	fmt.Fprintf(w, "verified          %v (%d pages, %d mismatched)\n", st.Verified, st.Pages, st.MismatchedPages)
+	fmt.Fprintf(w, "total time        %.1f ms\n", st.TotalTimeMs)
+	fmt.Fprintf(w, "downtime          %.2f ms (guest suspend %.1f ms)\n", st.DowntimeMs, xs.SuspendMs)
+	fmt.Fprintf(w, "bytes sent        %s (precopy %s, downtime %s, postcopy %s)\n", fmtBytes(st.TotalBytes), fmtBytes(st.PrecopyBytes), fmtBytes(st.DowntimeBytes), fmtBytes(st.PostcopyBytes))
+	fmt.Fprintf(w, "pages sent        %d (zero %d, re-sent %d, duplicates %d, pre-copy rounds %d)\n", st.PagesSent, st.ZeroPages, st.ResentPages, st.DuplicatePages, st.PrecopyRounds)
+	fmt.Fprintf(w, "core state        %d pages before resume (%d page-table pages); guest hints: %s\n", st.CorePages, xs.PageTablePages, xs.GuestHints)
+	if st.Mode != "precopy" {
+		fmt.Fprintf(w, "network faults    %d (distinct pages faulted %d), p50 %.0f us, p99 %.0f us\n", st.NetworkFaults, st.WorkingSet, st.FaultLatencyP50Us, st.FaultLatencyP99Us)
+	}
+}
+
+// migratePV hands a PV domain to `xl migrate` (pre-copy; PV has no
+// vm_event paging), after ballooning.
+func migratePV(f migrateFlags, xs *xenstore.Client, dom uint32, name, host string, logf func(string, ...any)) error {
+	var dsb dsbReport
+	if f.balloon {
+		dsb = balloonFirst(xs, dom, logf)
+	}
+	args := []string{"migrate"}
+	if f.config != "" {
+		args = append(args, "-C", f.config)
+	}
+	target := host
+	if f.ssh == "" {
+		// xl's -s '' runs its last argument as the receiver command.
+		target = "xl migrate-receive"
+	}
+	args = append(args, "-s", f.ssh, name, target)
+	if !f.asJSON {
+		fmt.Fprintf(os.Stderr, "%s is a PV domain: pre-copy by xl %s\n", name, strings.Join(args, " "))
+	}
+	start := time.Now()
+	cmd := exec.Command("xl", args...)
+	cmd.Env = xendom.CleanEnv()
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	err := cmd.Run()
+	if err != nil {
+		return fmt.Errorf("xl migrate %s: %w", name, err)
+	}
+	if f.asJSON {
+		return json.NewEncoder(os.Stdout).Encode(struct {
+			Mode        string    `json:"mode"`
+			Domain      string    `json:"domain"`
+			By          string    `json:"by"`
+			TotalTimeMs float64   `json:"total_time_ms"`
+			DSB         dsbReport `json:"dsb"`
+		}{"precopy", name, "xl migrate", float64(time.Since(start).Microseconds()) / 1000, dsb})
+	}
+	return nil
+}
+
+// stdioConn is the bulk stream of a receiver: stdin and stdout.
+type stdioConn struct{ r, w *os.File }
+
+func (s stdioConn) Read(b []byte) (int, error)  { return s.r.Read(b) }
+func (s stdioConn) Write(b []byte) (int, error) { return s.w.Write(b) }
+func (s stdioConn) Close() error                { return errors.Join(s.r.Close(), s.w.Close()) }
+
+func runMigrateReceive(urgentFD int, listenTok string, debug bool) error {
+	logf := debugf(debug, "migrate-receive")
+	var bulk io.ReadWriteCloser = stdioConn{r: os.Stdin, w: os.Stdout}
+	// Nothing else may write to stdout: it is the stream.
+	os.Stdout = os.Stderr
+	var urgent io.ReadWriteCloser
+	switch {
+	case urgentFD >= 0:
+		c, err := fileConn(os.NewFile(uintptr(urgentFD), "urgent"))
+		if err != nil {
+			return err
+		}
+		urgent = c
+	case listenTok != "":
+		c, err := listenUrgent(listenTok, 60*time.Second)
+		if err != nil {
+			return err
+		}
+		urgent = c
+	default:
+		return usagef("migrate-receive needs --urgent-fd or --urgent-listen (it is started by `xl-postcopy migrate`)")
+	}
+	x, err := xendom.OpenXen()
+	if err != nil {
+		return err
+	}
+	defer x.Close()
+	var dest *xendom.Dest
+	inner := xendom.NewFactory(xendom.DestOptions{HV: x, XL: xendom.XL{}, Logf: debugf(debug, "xen-dest")})
+	factory := func(h *wire.DomainHeader) (engine.Dest, error) {
+		d, err := inner(h)
+		if err == nil {
+			dest = d.(*xendom.Dest)
+		}
+		return d, err
+	}
+	ctx, cancel := signalContext()
+	defer cancel()
+	st, err := engine.RunDest(ctx, bulk, urgent, factory, engine.DestOptions{})
+	if err != nil {
+		return fmt.Errorf("receive: %w", err)
+	}
+	if dest != nil {
+		logf("domain %d complete: %+v; engine: faults %d network %d", dest.DomID(), dest.Stats(), st.Faults, st.NetworkFaults)
+		if err := dest.Rename(); err != nil {
+			return fmt.Errorf("domain %d received, but renaming it from %s failed: %w", dest.DomID(), dest.Name(), err)
+		}
+	}
+	return nil
+}

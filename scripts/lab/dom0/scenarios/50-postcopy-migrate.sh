@@ -1,0 +1,173 @@
+#!/bin/sh
+# Built-in: post-copy migration of a running PVH guest with xl-postcopy (issue 5), against
+# xl migrate on the same guest in the same run, and the PV refusal.
+#   1. xl-postcopy migrate --prepaging dual, then --prepaging record+lr+dbscan: exit 0,
+#      verified, no duplicate page, the guest's progress counter goes on from where it was;
+#   2. xl migrate of the same guest: downtime and bytes side by side with ours, downtime
+#      measured for both by the same outside ruler (`xl-postcopy lab-downtime`, polling
+#      the hypervisor every millisecond) besides each tool's own figure;
+#   3. a PV guest: --mode postcopy is refused naming the reason, --mode precopy migrates it.
+# shellcheck source-path=SCRIPTDIR source=../lab-lib.sh
+. /lab/lab-lib.sh
+n=lab-pc
+pv=lab-pcpv
+
+# jget FILE KEY prints a top-level number/bool of xl-postcopy's JSON (two-space indent).
+jget() { sed -n "s/^  \"$2\": \([^,{]*\),*\$/\1/p" "$1" | head -n 1 | tr -d '"'; }
+
+pc_dump() {
+	echo "--- xl-postcopy stderr ($1)"
+	tail -n 60 "/tmp/pc-$1.err" 2>/dev/null
+	xl list
+	_lab_dump "$n"
+	_f=$LAB_CONSOLE_DIR/guest-$n--incoming.log
+	if [ -f "$_f" ] && grep -q -E 'BUG|Oops|panic|WARNING|general protection' "$_f"; then
+		echo "--- first oops in $_f"
+		tr -d '\r' <"$_f" | grep -v '^progress ' | grep -n -E -A45 -B12 'BUG|Oops|panic|WARNING|general protection' | head -n 90
+	fi
+	xl dmesg | grep -v 'HVM.*save:\|HVM.*restore:' | tail -n 25
+}
+
+# watch_start DOMID LABEL starts the outside downtime ruler.
+watch_start() {
+	xl-postcopy lab-downtime --timeout 300s "$1" >"/tmp/dt-$2.txt" 2>&1 &
+	_wpid=$!
+}
+
+# watch_end LABEL waits for the ruler (it stops a second after the destination runs).
+watch_end() {
+	_i=0
+	while kill -0 "$_wpid" 2>/dev/null && [ "$_i" -lt 100 ]; do
+		sleep 0.1
+		_i=$((_i + 1))
+	done
+	kill "$_wpid" 2>/dev/null
+	wait "$_wpid" 2>/dev/null
+	sed -n 's/^downtime_ms=\([0-9.]*\).*/\1/p' "/tmp/dt-$1.txt" | head -n 1
+}
+
+# progress_after SEQ0: the guest's counter must continue past SEQ0 and keep moving.
+progress_after() {
+	_log=$(lab_console_log "$n")
+	_s1=$(lab_wait_progress "$_log" $(($1 + 1)) 90) || return 1
+	_s2=$(lab_wait_progress "$_log" $((_s1 + 2)) 60) || return 1
+	_errs=$(lab_last_progress_line "$_log" | sed -n 's/.*errors=\([0-9]*\).*/\1/p')
+	[ "$_errs" = 0 ] || return 2
+	echo "$_s2"
+}
+
+# pc_migrate LABEL [xl-postcopy option ...]: one post-copy migration of $n with checks.
+pc_migrate() {
+	_l=$1
+	shift
+	_id=$(lab_domid "$n")
+	_seq0=$(lab_last_progress "$(lab_console_log "$n")")
+	watch_start "$_id" "$_l"
+	_t0=$(lab_now)
+	xl-postcopy migrate -s '' -C "/tmp/$n.cfg" --json --debug "$@" "$n" localhost >"/tmp/pc-$_l.json" 2>"/tmp/pc-$_l.err"
+	_rc=$?
+	_wall=$(lab_since "$_t0")
+	_dt=$(watch_end "$_l")
+	_j=/tmp/pc-$_l.json
+	_kv="wall_s=$_wall watched_downtime_ms=${_dt:-none} downtime_ms=$(jget "$_j" downtime_ms) total_ms=$(jget "$_j" total_time_ms)"
+	_kv="$_kv bytes=$(jget "$_j" total_bytes) pages=$(jget "$_j" pages) pages_sent=$(jget "$_j" pages_sent)"
+	_kv="$_kv core_pages=$(jget "$_j" core_pages) network_faults=$(jget "$_j" network_faults) faults=$(jget "$_j" faults)"
+	_kv="$_kv duplicate_pages=$(jget "$_j" duplicate_pages) verified=$(jget "$_j" verified) seq_before=$_seq0"
+	if [ "$_rc" != 0 ]; then
+		lab_result "postcopy-$_l" FAIL reason=exit-$_rc $_kv
+		pc_dump "$_l"
+		return 1
+	fi
+	if [ "$(jget "$_j" verified)" != true ] || [ "$(jget "$_j" duplicate_pages)" != 0 ]; then
+		lab_result "postcopy-$_l" FAIL reason=unsound-stats $_kv
+		return 1
+	fi
+	if ! _after=$(progress_after "$_seq0"); then
+		lab_result "postcopy-$_l" FAIL reason=no-progress-after $_kv
+		pc_dump "$_l"
+		return 1
+	fi
+	lab_result "postcopy-$_l" PASS $_kv seq_after=$_after
+	eval "pc_dt_$(echo "$_l" | tr -c 'a-z0-9\n' _)=\${_dt:-none}"
+	return 0
+}
+
+st=0
+lab_create_guest "$n" pvh 'tsc_mode="native"' 'on_reboot="preserve"' || {
+	lab_result postcopy-dual FAIL reason=create
+	exit 1
+}
+if ! lab_wait_progress "$(lab_console_log "$n")" 3 180 >/dev/null; then
+	lab_result postcopy-dual FAIL reason=no-progress-before
+	_lab_dump "$n"
+	exit 1
+fi
+pc_migrate dual --prepaging dual || st=1
+if [ $st = 0 ]; then
+	pc_migrate record --prepaging record+lr+dbscan || st=1
+fi
+if [ $st = 0 ]; then
+	# The same guest with xl migrate, measured by the same ruler.
+	id=$(lab_domid "$n")
+	seq0=$(lab_last_progress "$(lab_console_log "$n")")
+	watch_start "$id" xl
+	t0=$(lab_now)
+	if lab_migrate_local "$n"; then
+		wall=$(lab_since "$t0")
+		xdt=$(watch_end xl)
+		xbytes=$(tr -dc 0-9 <"/tmp/migrate-$n.bytes" 2>/dev/null)
+		if after=$(progress_after "$seq0"); then
+			lab_result xl-vs-postcopy PASS "xl_downtime_ms=${xdt:-none}" "xl_bytes=${xbytes:-unknown}" "xl_wall_s=$wall" \
+				"postcopy_dual_downtime_ms=$(jget /tmp/pc-dual.json downtime_ms)" "postcopy_dual_watched_ms=${pc_dt_dual:-none}" \
+				"postcopy_dual_bytes=$(jget /tmp/pc-dual.json total_bytes)" \
+				"postcopy_record_downtime_ms=$(jget /tmp/pc-record.json downtime_ms)" "postcopy_record_watched_ms=${pc_dt_record:-none}" \
+				"postcopy_record_bytes=$(jget /tmp/pc-record.json total_bytes)" \
+				"dual_network_faults=$(jget /tmp/pc-dual.json network_faults)" \
+				"record_network_faults=$(jget /tmp/pc-record.json network_faults)" seq_after="$after"
+		else
+			watch_end xl >/dev/null
+			lab_result xl-vs-postcopy FAIL reason=no-progress-after-xl-migrate
+			st=1
+		fi
+	else
+		watch_end xl >/dev/null
+		lab_result xl-vs-postcopy FAIL reason=xl-migrate
+		st=1
+	fi
+fi
+[ "$LAB_KEEP_GUESTS" = 1 ] || { [ -n "$(lab_domid "$n")" ] && xl destroy "$n"; }
+
+# PV: post-copy refused with the reason, pre-copy done by xl migrate.
+if lab_create_guest "$pv" pv && lab_wait_progress "$(lab_console_log "$pv")" 3 180 >/dev/null; then
+	if xl-postcopy migrate -s '' -C "/tmp/$pv.cfg" --mode postcopy "$pv" localhost >/tmp/pv-refuse.out 2>&1; then
+		lab_result pv-refusal FAIL reason=postcopy-accepted
+		st=1
+	elif ! grep -q -- '--mode precopy' /tmp/pv-refuse.out; then
+		lab_result pv-refusal FAIL reason=message
+		cat /tmp/pv-refuse.out
+		st=1
+	else
+		seq0=$(lab_last_progress "$(lab_console_log "$pv")")
+		if xl-postcopy migrate -s '' -C "/tmp/$pv.cfg" --mode precopy "$pv" localhost >/tmp/pv-pre.out 2>&1; then
+			_log=$(lab_console_log "$pv")
+			if s=$(lab_wait_progress "$_log" $((seq0 + 2)) 90); then
+				lab_result pv-refusal PASS "refusal=$(head -n 1 /tmp/pv-refuse.out | tr ' ' _ | cut -c1-120)" precopy=ok seq_before="$seq0" seq_after="$s"
+			else
+				lab_result pv-refusal FAIL reason=no-progress-after-precopy "log=$_log" "seq=$s"
+				tail -n 20 /tmp/pv-pre.out
+				xl list
+				_lab_dump "$pv"
+				st=1
+			fi
+		else
+			lab_result pv-refusal FAIL reason=precopy-failed
+			tail -n 20 /tmp/pv-pre.out
+			st=1
+		fi
+	fi
+else
+	lab_result pv-refusal FAIL reason=create
+	st=1
+fi
+[ "$LAB_KEEP_GUESTS" = 1 ] || { [ -n "$(lab_domid "$pv")" ] && xl destroy "$pv"; }
+exit $st

@@ -1,0 +1,541 @@
+package xendom
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
+	"github.com/xl-postcopy/xl-postcopy/xen/engine"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+)
+
+// DestOptions configure the destination.
+type DestOptions struct {
+	HV Hypervisor
+	XL Toolstack
+	// Poll is how often the paging ring is looked at without an event
+	// (default 20 ms): an event lost to a race costs at most that.
+	Poll     time.Duration
+	Logf     func(format string, a ...any)
+	Progress func(stage string, done, total int)
+}
+
+// gfn states at the destination.
+const (
+	stEvicted = iota // paged out: a touch pauses the vCPU and asks us
+	stLoaded         // holds the source's content
+)
+
+// DestStats are the destination backend's figures.
+type DestStats struct {
+	CreateMs       float64 `json:"create_ms"`
+	EvictMs        float64 `json:"evict_ms"`
+	Evicted        uint64  `json:"evicted"`
+	Populated      uint64  `json:"populated"`       // gfns RAM at the source, not here after xl create
+	Released       uint64  `json:"released"`        // gfns RAM here, not at the source (ballooned there)
+	Requests       uint64  `json:"paging_requests"` // vm_event requests taken off the ring
+	ForeignReq     uint64  `json:"foreign_requests"`
+	Loaded         uint64  `json:"loaded"`
+	Overwritten    uint64  `json:"overwritten"` // pre-copy re-sends written over a loaded page
+	PlainResponses uint64  `json:"plain_responses"`
+	LoadMs         float64 `json:"load_ms"` // time spent in page loads and writes (hypercalls)
+}
+
+// Dest is the domain being received.
+type Dest struct {
+	opt  DestOptions
+	cfg  DomainConfig
+	dom  uint32
+	gfns []uint64
+	ring Ring
+	zero []byte
+
+	mu      sync.Mutex
+	state   []uint8
+	pending map[uint64][]xenctrl.Request // by page index: requests waiting for the page
+	stats   DestStats
+	ringMu  sync.Mutex // the ring is not safe for concurrent use
+
+	faults    chan []uint64
+	closed    chan struct{}
+	closeOnce sync.Once
+	loopDone  chan struct{}
+	loopErr   error
+}
+
+// NewFactory returns the engine.Factory that creates Xen destinations.
+func NewFactory(opt DestOptions) engine.Factory {
+	if opt.Poll <= 0 {
+		opt.Poll = 20 * time.Millisecond
+	}
+	if opt.Logf == nil {
+		opt.Logf = func(string, ...any) {}
+	}
+	if opt.Progress == nil {
+		opt.Progress = func(string, int, int) {}
+	}
+	return func(h *wire.DomainHeader) (engine.Dest, error) { return newDest(opt, h) }
+}
+
+func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
+	if h.Backend != Backend {
+		return nil, fmt.Errorf("stream is for a %q domain; this receiver hosts Xen domains", h.Backend)
+	}
+	if h.PageSize != PageSize {
+		return nil, fmt.Errorf("stream has %d-byte pages, Xen x86 uses %d", h.PageSize, PageSize)
+	}
+	var cfg DomainConfig
+	if err := json.Unmarshal(h.Config, &cfg); err != nil {
+		return nil, fmt.Errorf("domain configuration in the stream: %w", err)
+	}
+	gfns, err := fromRanges(cfg.GFNs, h.NumPages)
+	if err != nil {
+		return nil, fmt.Errorf("domain configuration in the stream: %w", err)
+	}
+	if uint64(len(gfns)) != h.NumPages {
+		return nil, fmt.Errorf("stream announces %d pages but lists %d gfns", h.NumPages, len(gfns))
+	}
+	if cfg.XLConfig == "" {
+		return nil, errors.New("the stream carries no xl configuration for the domain")
+	}
+	d := &Dest{opt: opt, cfg: cfg, gfns: gfns, zero: make([]byte, PageSize), state: make([]uint8, len(gfns)),
+		pending: map[uint64][]xenctrl.Request{}, faults: make(chan []uint64, 64), closed: make(chan struct{}),
+		loopDone: make(chan struct{})}
+	if err := d.create(); err != nil {
+		if d.dom != 0 {
+			if derr := d.destroy(); derr != nil {
+				err = fmt.Errorf("%w (and removing the half-made domain failed: %v)", err, derr)
+			}
+		}
+		return nil, err
+	}
+	return d, nil
+}
+
+// DomID is the new domain's id.
+func (d *Dest) DomID() uint32 { return d.dom }
+
+// Name is the name the domain was created with (NAME--incoming).
+func (d *Dest) Name() string { return d.cfg.Name + "--incoming" }
+
+// Stats returns the backend's figures so far.
+func (d *Dest) Stats() DestStats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.stats
+}
+
+func (d *Dest) create() error {
+	start := time.Now()
+	f, err := os.CreateTemp("", "xl-postcopy-*.cfg")
+	if err != nil {
+		return fmt.Errorf("write the domain's xl config: %w", err)
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.WriteString(d.cfg.XLConfig); err != nil {
+		f.Close()
+		return fmt.Errorf("write the domain's xl config: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("write the domain's xl config: %w", err)
+	}
+	d.opt.Progress("create", 0, 1)
+	dom, err := d.opt.XL.CreatePaused(f.Name(), d.Name())
+	if err != nil {
+		return fmt.Errorf("create the domain: %w", err)
+	}
+	d.dom = dom
+	d.stats.CreateMs = msSince(start)
+	info, err := d.opt.HV.Domain(dom)
+	if err != nil {
+		return fmt.Errorf("new domain %d: %w", dom, err)
+	}
+	if err := RefusePostcopy(info); err != nil {
+		return fmt.Errorf("new domain %d: %w", dom, err)
+	}
+	if err := d.reconcile(); err != nil {
+		return err
+	}
+	ring, err := d.opt.HV.EnablePaging(dom)
+	if err != nil {
+		return fmt.Errorf("enable vm_event paging on domain %d: %w", dom, err)
+	}
+	d.ring = ring
+	go d.ringLoop()
+	return d.evictAll()
+}
+
+// reconcile makes the new domain's RAM the source's: the same special
+// pages, the source's RAM gfns populated, gfns the source gave back (a
+// balloon) released.
+func (d *Dest) reconcile() error {
+	for _, sp := range specialParams {
+		v, err := d.opt.HV.HVMParam(d.dom, sp.param)
+		if err != nil {
+			return fmt.Errorf("read HVM param %s of the new domain: %w", sp.name, err)
+		}
+		if (sp.name == "store" || sp.name == "console") && v != d.cfg.Special[sp.name] {
+			return fmt.Errorf("the new domain's %s page is gfn %#x, the source's %#x: the configurations differ", sp.name, v, d.cfg.Special[sp.name])
+		}
+	}
+	special := map[uint64]bool{}
+	for _, v := range d.cfg.Special {
+		special[v] = true
+	}
+	max, err := d.opt.HV.MaxGPFN(d.dom)
+	if err != nil {
+		return fmt.Errorf("max gpfn of the new domain: %w", err)
+	}
+	if n := len(d.gfns); d.gfns[n-1] > max+(1<<20) {
+		return fmt.Errorf("source gfn %#x is far beyond the new domain's max gpfn %#x: the configurations differ", d.gfns[n-1], max)
+	}
+	top := max
+	if g := d.gfns[len(d.gfns)-1]; g > top {
+		top = g
+	}
+	var populate, release []uint64
+	const batch = 1024
+	probe := make([]uint64, 0, batch)
+	for base := uint64(0); base <= top; base += batch {
+		probe = probe[:0]
+		for g := base; g <= top && g < base+batch; g++ {
+			probe = append(probe, g)
+		}
+		types, err := d.opt.HV.PageTypes(d.dom, probe)
+		if err != nil {
+			return fmt.Errorf("page types of the new domain: %w", err)
+		}
+		for i, t := range types {
+			g := probe[i]
+			ram := t != xenctrl.PageInvalid && t != xenctrl.PageXAlloc && t != xenctrl.PageBroken
+			_, want := slices.BinarySearch(d.gfns, g)
+			switch {
+			case want && !ram:
+				populate = append(populate, g)
+			case !want && ram && !special[g]:
+				release = append(release, g)
+			}
+		}
+	}
+	if len(release) > 0 {
+		if err := d.opt.HV.DecreaseReservation(d.dom, release); err != nil {
+			return fmt.Errorf("release %d gfns the source does not have: %w", len(release), err)
+		}
+	}
+	if len(populate) > 0 {
+		if err := d.opt.HV.PopulatePhysmap(d.dom, populate); err != nil {
+			return fmt.Errorf("populate %d gfns the source has: %w", len(populate), err)
+		}
+	}
+	d.stats.Populated, d.stats.Released = uint64(len(populate)), uint64(len(release))
+	d.opt.Logf("new domain %d: %d RAM pages to receive, %d gfns populated, %d released", d.dom, len(d.gfns), len(populate), len(release))
+	return nil
+}
+
+// evictAll pages out every gfn that will come from the source, before
+// the source even pauses: domain creation is setup, not downtime.
+func (d *Dest) evictAll() error {
+	start := time.Now()
+	var failed []uint64
+	var firstErr error
+	for i, g := range d.gfns {
+		err := d.opt.HV.PagingNominate(d.dom, g)
+		if err == nil {
+			err = d.opt.HV.PagingEvict(d.dom, g)
+		}
+		if err != nil {
+			failed = append(failed, uint64(i))
+			if firstErr == nil {
+				firstErr = fmt.Errorf("gfn %#x: %w", g, err)
+			}
+		}
+		if i%4096 == 0 {
+			d.opt.Progress("evict", i, len(d.gfns))
+		}
+	}
+	if len(failed) > 0 {
+		// A page still referenced (a mapping being torn down) is refused
+		// with EBUSY; one more try after a pause.
+		time.Sleep(200 * time.Millisecond)
+		still := failed[:0]
+		for _, i := range failed {
+			g := d.gfns[i]
+			err := d.opt.HV.PagingNominate(d.dom, g)
+			if err == nil {
+				err = d.opt.HV.PagingEvict(d.dom, g)
+			}
+			if err != nil {
+				still = append(still, i)
+			}
+		}
+		if len(still) > 0 {
+			return fmt.Errorf("page out %d of %d gfns of the new domain failed (first: %v)", len(still), len(d.gfns), firstErr)
+		}
+	}
+	d.opt.Progress("evict", len(d.gfns), len(d.gfns))
+	d.mu.Lock()
+	d.stats.Evicted = uint64(len(d.gfns))
+	d.stats.EvictMs = msSince(start)
+	d.mu.Unlock()
+	d.opt.Logf("paged out %d gfns in %v", len(d.gfns), time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// Place implements engine.Dest.
+func (d *Dest) Place(pages []engine.Page) error {
+	var wake []xenctrl.Request
+	for _, p := range pages {
+		if p.PFN >= uint64(len(d.gfns)) {
+			return fmt.Errorf("page index %d beyond the domain's %d pages", p.PFN, len(d.gfns))
+		}
+		g := d.gfns[p.PFN]
+		data := p.Data
+		if data == nil {
+			data = d.zero
+		}
+		d.mu.Lock()
+		st := d.state[p.PFN]
+		d.mu.Unlock()
+		var err error
+		t0 := time.Now()
+		if st == stEvicted {
+			err = d.opt.HV.PagingLoad(d.dom, g, data)
+			if errors.Is(err, syscall.ENOENT) {
+				// Not paged out (nor in) any more: it is resident; write it.
+				err = d.opt.HV.WritePage(d.dom, g, data)
+			}
+		} else {
+			err = d.opt.HV.WritePage(d.dom, g, data)
+		}
+		if err != nil {
+			return fmt.Errorf("load gfn %#x: %w", g, err)
+		}
+		d.mu.Lock()
+		d.stats.LoadMs += msSince(t0)
+		if st == stEvicted {
+			d.stats.Loaded++
+		} else {
+			d.stats.Overwritten++
+		}
+		d.state[p.PFN] = stLoaded
+		wake = append(wake, d.pending[p.PFN]...)
+		delete(d.pending, p.PFN)
+		d.mu.Unlock()
+	}
+	if len(wake) > 0 {
+		return d.respond(wake)
+	}
+	return nil
+}
+
+// respond answers requests whose pages are in and notifies Xen once.
+func (d *Dest) respond(reqs []xenctrl.Request) error {
+	d.ringMu.Lock()
+	defer d.ringMu.Unlock()
+	for _, r := range reqs {
+		if err := d.ring.PutResponse(xenctrl.ResponseFor(r)); err != nil {
+			return fmt.Errorf("answer the paging request for gfn %#x: %w", r.GFN, err)
+		}
+	}
+	if err := d.ring.Notify(); err != nil {
+		return fmt.Errorf("notify Xen of %d paging responses: %w", len(reqs), err)
+	}
+	return nil
+}
+
+// Discard implements engine.Dest: pages re-dirtied at the source after a
+// pre-copy round are paged out again, so that a touch asks for the new
+// version.
+func (d *Dest) Discard(pfns []uint64) error {
+	for _, p := range pfns {
+		if p >= uint64(len(d.gfns)) {
+			return fmt.Errorf("page index %d beyond the domain's %d pages", p, len(d.gfns))
+		}
+		d.mu.Lock()
+		st := d.state[p]
+		d.mu.Unlock()
+		if st == stEvicted {
+			continue
+		}
+		g := d.gfns[p]
+		err := d.opt.HV.PagingNominate(d.dom, g)
+		if err == nil {
+			err = d.opt.HV.PagingEvict(d.dom, g)
+		}
+		if err != nil {
+			return fmt.Errorf("page out re-dirtied gfn %#x: %w", g, err)
+		}
+		d.mu.Lock()
+		d.state[p] = stEvicted
+		d.mu.Unlock()
+	}
+	return nil
+}
+
+// ringLoop takes requests off the paging ring: a request for a page
+// already in (or not ours) is answered at once, the others wait in
+// pending for Place and go to ReadFaults.
+func (d *Dest) ringLoop() {
+	defer close(d.loopDone)
+	var faults []uint64
+	for {
+		select {
+		case <-d.closed:
+			return
+		default:
+		}
+		if _, err := d.ring.Wait(d.opt.Poll); err != nil {
+			d.loopErr = fmt.Errorf("wait for the paging event channel: %w", err)
+			close(d.faults)
+			return
+		}
+		faults = faults[:0]
+		var answer []xenctrl.Request
+		d.ringMu.Lock()
+		for {
+			req, ok, err := d.ring.GetRequest()
+			if !ok {
+				break
+			}
+			if err != nil {
+				d.opt.Logf("paging request: %v", err)
+			}
+			d.mu.Lock()
+			d.stats.Requests++
+			if req.Flags&xenctrl.FlagForeign != 0 {
+				d.stats.ForeignReq++
+			}
+			idx, ours := slices.BinarySearch(d.gfns, req.GFN)
+			switch {
+			case req.Reason != xenctrl.ReasonMemPaging, req.PagingFlags&xenctrl.PagingDropPage != 0, !ours:
+				answer = append(answer, req)
+				d.stats.PlainResponses++
+			case d.state[idx] == stLoaded:
+				answer = append(answer, req)
+				d.stats.PlainResponses++
+			default:
+				if len(d.pending[uint64(idx)]) == 0 {
+					faults = append(faults, uint64(idx))
+				}
+				d.pending[uint64(idx)] = append(d.pending[uint64(idx)], req)
+			}
+			d.mu.Unlock()
+		}
+		d.ringMu.Unlock()
+		if len(answer) > 0 {
+			if err := d.respond(answer); err != nil {
+				d.loopErr = err
+				close(d.faults)
+				return
+			}
+		}
+		if len(faults) > 0 {
+			select {
+			case d.faults <- slices.Clone(faults):
+			case <-d.closed:
+				return
+			}
+		}
+	}
+}
+
+// ReadFaults implements engine.Dest.
+func (d *Dest) ReadFaults(dst []uint64) ([]uint64, error) {
+	dst = dst[:0]
+	select {
+	case f, ok := <-d.faults:
+		if !ok {
+			return dst, d.loopErr
+		}
+		dst = append(dst, f...)
+	case <-d.closed:
+		return dst, engine.ErrClosed
+	}
+	for {
+		select {
+		case f, ok := <-d.faults:
+			if !ok {
+				return dst, nil
+			}
+			dst = append(dst, f...)
+		default:
+			return dst, nil
+		}
+	}
+}
+
+// Resume implements engine.Dest: the TSC settings and the HVM context
+// (vCPU registers, local APIC, ...) of the suspended source, then the
+// domain runs. The guest returns from its suspend hypercall as from a
+// migration and rebuilds its event channels, grant table and xenstore
+// connection against this domain, whose store and console pages and
+// event channels are the ones xl set up here.
+func (d *Dest) Resume(core []byte) error {
+	var cs coreState
+	if err := json.Unmarshal(core, &cs); err != nil {
+		return fmt.Errorf("core state: %w", err)
+	}
+	if err := d.opt.HV.SetTSCInfo(d.dom, cs.TSC); err != nil {
+		return fmt.Errorf("set TSC info: %w", err)
+	}
+	if err := d.opt.HV.SetHVMContext(d.dom, cs.HVM); err != nil {
+		return fmt.Errorf("set the HVM context: %w", err)
+	}
+	if err := d.opt.HV.Unpause(d.dom); err != nil {
+		return fmt.Errorf("unpause domain %d: %w", d.dom, err)
+	}
+	return nil
+}
+
+// Close implements engine.Dest: fault delivery stops. With every page in,
+// paging is switched off; otherwise the ring stays (the guest stays
+// paused on its faults, nothing is lost).
+func (d *Dest) Close() error {
+	d.closeOnce.Do(func() { close(d.closed) })
+	<-d.loopDone
+	d.mu.Lock()
+	complete := len(d.pending) == 0
+	for _, s := range d.state {
+		if s != stLoaded {
+			complete = false
+			break
+		}
+	}
+	d.mu.Unlock()
+	if complete && d.ring != nil {
+		d.ringMu.Lock()
+		defer d.ringMu.Unlock()
+		err := d.ring.Close()
+		d.ring = nil
+		if err != nil {
+			return fmt.Errorf("disable paging: %w", err)
+		}
+	}
+	return nil
+}
+
+// Destroy implements engine.Dest: the domain never ran.
+func (d *Dest) Destroy() error { return d.destroy() }
+
+func (d *Dest) destroy() error {
+	d.closeOnce.Do(func() { close(d.closed) })
+	if d.ring != nil {
+		<-d.loopDone
+		d.ringMu.Lock()
+		_ = d.ring.Close()
+		d.ring = nil
+		d.ringMu.Unlock()
+	}
+	return d.opt.XL.Destroy(d.dom)
+}
+
+// Rename gives the domain its own name once the source copy is gone.
+func (d *Dest) Rename() error { return d.opt.XL.Rename(d.dom, d.cfg.Name) }
+
+func msSince(t time.Time) float64 { return float64(time.Since(t).Microseconds()) / 1000 }

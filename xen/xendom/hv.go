@@ -1,0 +1,168 @@
+// Package xendom is the engine's backend for real Xen domains (PVH and HVM
+// with HAP): the source reads pages through foreign mappings, tracks writes
+// with log-dirty and stops the guest with a cooperative suspend; the
+// destination is a domain created by xl from the same configuration, paused,
+// whose every RAM page is paged out with vm_event paging before the guest
+// resumes, so that a touch of a page not yet received pauses the vCPU and
+// becomes a paging request, served by fetching the page from the source.
+//
+// Everything the hypervisor does goes through the small Hypervisor
+// interface: *xenctrl.Handle provides it through Xen, and the tests drive
+// the backend with a double that keeps memory and a paging ring in Go.
+package xendom
+
+import (
+	"fmt"
+	"time"
+
+	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
+)
+
+// Hypervisor is what the backend needs from Xen.
+type Hypervisor interface {
+	Domain(dom uint32) (xenctrl.DomainInfo, error)
+	Pause(dom uint32) error
+	Unpause(dom uint32) error
+	// ResumeDomain ends a suspend: fast makes the guest see its suspend
+	// as cancelled (it goes on where it was, in the same domain).
+	ResumeDomain(dom uint32, fast bool) error
+	MaxGPFN(dom uint32) (uint64, error)
+	PageTypes(dom uint32, gfns []uint64) ([]xenctrl.PageType, error)
+	HVMContext(dom uint32) ([]byte, error)
+	SetHVMContext(dom uint32, ctx []byte) error
+	HVMParam(dom uint32, param int) (uint64, error)
+	TSCInfo(dom uint32) (xenctrl.TSCInfo, error)
+	SetTSCInfo(dom uint32, t xenctrl.TSCInfo) error
+	// ReadPages copies the pages at gfns into buf (4096 bytes each) and
+	// returns the indexes of the pages that could not be mapped (left
+	// zero). No mapping outlives the call: a mapped page cannot be
+	// nominated for paging.
+	ReadPages(dom uint32, gfns []uint64, buf []byte) (failed []int, err error)
+	WritePage(dom uint32, gfn uint64, src []byte) error
+	PopulatePhysmap(dom uint32, gfns []uint64) error
+	DecreaseReservation(dom uint32, gfns []uint64) error
+	EnableLogDirty(dom uint32) error
+	DisableLogDirty(dom uint32) error
+	// CleanDirty returns the gfns written since the last call (below
+	// pages) and clears the log.
+	CleanDirty(dom uint32, pages uint64, dst []uint64) ([]uint64, error)
+	PagingNominate(dom uint32, gfn uint64) error
+	PagingEvict(dom uint32, gfn uint64) error
+	PagingLoad(dom uint32, gfn uint64, page []byte) error
+	EnablePaging(dom uint32) (Ring, error)
+}
+
+// Ring is a domain's vm_event paging ring (*xenctrl.PagingRing).
+type Ring interface {
+	GetRequest() (xenctrl.Request, bool, error)
+	PutResponse(xenctrl.Response) error
+	Notify() error
+	// Wait blocks until Xen signals the event channel or timeout passes.
+	Wait(timeout time.Duration) (bool, error)
+	Close() error
+}
+
+// PageSize is the x86 page size, the only one this backend handles.
+const PageSize = 4096
+
+// Xen is the Hypervisor of a real dom0.
+type Xen struct {
+	*xenctrl.Handle
+	dirty map[uint32]*xenctrl.DirtyBitmap
+	words []uint64
+	// LastMapError is the first per-page error of the latest ReadPages
+	// that had one (for logs: which errno Xen gave).
+	LastMapError error
+}
+
+// OpenXen opens the hypervisor interfaces; it fails with xenctrl's clear
+// "not running in a Xen dom0" error elsewhere.
+func OpenXen() (*Xen, error) {
+	h, err := xenctrl.Open()
+	if err != nil {
+		return nil, err
+	}
+	return &Xen{Handle: h, dirty: map[uint32]*xenctrl.DirtyBitmap{}}, nil
+}
+
+// Close releases the hypervisor handles.
+func (x *Xen) Close() error {
+	for _, b := range x.dirty {
+		b.Close()
+	}
+	return x.Handle.Close()
+}
+
+// ReadPages implements Hypervisor.
+func (x *Xen) ReadPages(dom uint32, gfns []uint64, buf []byte) ([]int, error) {
+	if len(buf) < len(gfns)*PageSize {
+		return nil, fmt.Errorf("read %d pages into a %d-byte buffer", len(gfns), len(buf))
+	}
+	if len(gfns) == 0 {
+		return nil, nil
+	}
+	m, err := x.MapBatch(dom, xenctrl.ProtRead, gfns)
+	if err != nil {
+		return nil, fmt.Errorf("map %d gfns from %#x: %w", len(gfns), gfns[0], err)
+	}
+	var failed []int
+	for i := range gfns {
+		dst := buf[i*PageSize : (i+1)*PageSize]
+		pg, perr := m.Page(i)
+		if perr != nil {
+			clear(dst)
+			if len(failed) == 0 {
+				x.LastMapError = fmt.Errorf("gfn %#x: %w", gfns[i], perr)
+			}
+			failed = append(failed, i)
+			continue
+		}
+		copy(dst, pg)
+	}
+	if err := m.Unmap(); err != nil {
+		return nil, fmt.Errorf("unmap %d gfns: %w", len(gfns), err)
+	}
+	return failed, nil
+}
+
+// CleanDirty implements Hypervisor.
+func (x *Xen) CleanDirty(dom uint32, pages uint64, dst []uint64) ([]uint64, error) {
+	b := x.dirty[dom]
+	if b == nil || b.Pages() != pages {
+		if b != nil {
+			b.Close()
+		}
+		nb, err := x.NewDirtyBitmap(dom, pages)
+		if err != nil {
+			return nil, err
+		}
+		x.dirty[dom] = nb
+		b = nb
+	}
+	if cap(x.words) < b.Words() {
+		x.words = make([]uint64, b.Words())
+	}
+	w := x.words[:b.Words()]
+	if _, err := b.Clean(w); err != nil {
+		return nil, err
+	}
+	return xenctrl.AppendSetBits(dst, w, pages), nil
+}
+
+// DisableLogDirty implements Hypervisor and frees the bitmap buffer.
+func (x *Xen) DisableLogDirty(dom uint32) error {
+	if b := x.dirty[dom]; b != nil {
+		b.Close()
+		delete(x.dirty, dom)
+	}
+	return x.Handle.DisableLogDirty(dom)
+}
+
+// EnablePaging implements Hypervisor.
+func (x *Xen) EnablePaging(dom uint32) (Ring, error) {
+	r, err := x.Handle.EnablePaging(dom)
+	if err != nil {
+		return nil, err
+	}
+	return r, nil
+}

@@ -1,0 +1,610 @@
+package xendom
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
+	"github.com/xl-postcopy/xl-postcopy/xen/engine"
+	"github.com/xl-postcopy/xl-postcopy/xen/ptwalk"
+)
+
+// Backend is the engine.Info.Backend of Xen domains.
+const Backend = "xen"
+
+// HVM parameters naming pages that belong to the toolstack and the
+// hypervisor, not to the guest's RAM: the destination domain has its own
+// (xl sets them up there), so they are never sent (xen/hvm/params.h).
+var specialParams = []struct {
+	name  string
+	param int
+}{
+	{"store", 1}, {"ioreq", 5}, {"bufioreq", 6}, {"ident_pt", 12},
+	{"console", 17}, {"paging_ring", 27}, {"monitor_ring", 28}, {"sharing_ring", 29},
+}
+
+// DomainConfig travels in the DOMAIN_HEADER: what the destination needs
+// to create the domain and map the engine's page indexes to gfns.
+type DomainConfig struct {
+	Name     string            `json:"name"`
+	Kind     string            `json:"kind"` // "pvh" or "hvm"
+	VCPUs    uint32            `json:"vcpus"`
+	XLConfig string            `json:"xl_config"`
+	GFNs     []Range           `json:"gfns"` // page index i is the i-th gfn of these ranges
+	Special  map[string]uint64 `json:"special"`
+}
+
+// Range is a run of consecutive gfns.
+type Range struct {
+	First uint64 `json:"first"`
+	Count uint64 `json:"count"`
+}
+
+func toRanges(gfns []uint64) []Range {
+	var r []Range
+	for _, g := range gfns {
+		if n := len(r); n > 0 && r[n-1].First+r[n-1].Count == g {
+			r[n-1].Count++
+			continue
+		}
+		r = append(r, Range{First: g, Count: 1})
+	}
+	return r
+}
+
+func fromRanges(r []Range, limit uint64) ([]uint64, error) {
+	var total uint64
+	for _, x := range r {
+		if x.Count == 0 || x.First+x.Count < x.First {
+			return nil, fmt.Errorf("bad gfn range %#x+%d", x.First, x.Count)
+		}
+		total += x.Count
+		if total > limit {
+			return nil, fmt.Errorf("gfn ranges hold more than %d pages", limit)
+		}
+	}
+	out := make([]uint64, 0, total)
+	for _, x := range r {
+		for i := uint64(0); i < x.Count; i++ {
+			g := x.First + i
+			if n := len(out); n > 0 && out[n-1] >= g {
+				return nil, fmt.Errorf("gfn ranges not ascending at %#x", g)
+			}
+			out = append(out, g)
+		}
+	}
+	return out, nil
+}
+
+// coreState is the engine's CORE_STATE body for a Xen domain.
+type coreState struct {
+	TSC xenctrl.TSCInfo `json:"tsc"`
+	HVM []byte          `json:"hvm"`
+}
+
+// Store is the part of a xenstore client the source uses to ask the guest
+// to suspend (*xenstore.Client).
+type Store interface {
+	Write(ctx context.Context, path, value string) error
+	Remove(ctx context.Context, path string) error
+}
+
+// SourceOptions configure a Source.
+type SourceOptions struct {
+	HV       Hypervisor
+	XS       Store
+	XL       Toolstack
+	Dom      uint32
+	Name     string
+	XLConfig []byte
+	// SuspendTimeout bounds the wait for the guest to suspend (default 30 s).
+	SuspendTimeout time.Duration
+	Logf           func(format string, a ...any)
+}
+
+// SourceStats are the backend's own figures, for the migration report.
+type SourceStats struct {
+	RAMPages        uint64  `json:"ram_pages"`        // pages transferred (the engine's page space)
+	SkippedGFNs     uint64  `json:"skipped_gfns"`     // gfns below max_gpfn not RAM (holes, ballooned, special)
+	UnmappablePages uint64  `json:"unmappable_pages"` // pages that could not be mapped at send time (sent as zeroes)
+	PageTablePages  uint64  `json:"page_table_pages"` // found by the CR3 walk of every vCPU
+	PerCPUPages     uint64  `json:"per_cpu_pages"`    // start of each vCPU per-CPU area (vcpu_info)
+	WalkSkipped     uint64  `json:"walk_skipped"`     // page-table entries pointing outside RAM
+	GuestHints      string  `json:"guest_hints"`      // where core pages came from
+	SuspendMs       float64 `json:"suspend_ms"`       // guest's suspend, part of the downtime
+	ReadMs          float64 `json:"read_ms"`          // time spent mapping and copying pages
+}
+
+// Source is a running Xen PVH/HVM domain being migrated away.
+type Source struct {
+	opt    SourceOptions
+	info   xenctrl.DomainInfo
+	gfns   []uint64 // index -> gfn, ascending
+	maxGFN uint64
+	cfg    DomainConfig
+
+	mu         sync.Mutex
+	suspended  bool
+	renamed    bool
+	renaming   chan error
+	logDirty   bool
+	scratch    []uint64
+	stats      SourceStats
+	hvmContext []byte
+}
+
+// RefusePostcopy says why dom cannot be a post-copy source, or nil.
+func RefusePostcopy(info xenctrl.DomainInfo) error {
+	switch {
+	case !info.HVM:
+		return errors.New("post-copy needs vm_event paging, which Xen offers only to HVM and PVH guests, and this is a PV domain: use --mode precopy")
+	case !info.HAP:
+		return errors.New("post-copy needs vm_event paging, which needs HAP (hap=1 in the domain config and a CPU with EPT/NPT); this domain uses shadow paging: use --mode precopy")
+	}
+	return nil
+}
+
+// NewSource inspects the domain: which gfns hold RAM (those are sent),
+// which are the toolstack's special pages (never sent).
+func NewSource(opt SourceOptions) (*Source, error) {
+	if opt.SuspendTimeout <= 0 {
+		opt.SuspendTimeout = 30 * time.Second
+	}
+	if opt.Logf == nil {
+		opt.Logf = func(string, ...any) {}
+	}
+	info, err := opt.HV.Domain(opt.Dom)
+	if err != nil {
+		return nil, fmt.Errorf("domain %d: %w", opt.Dom, err)
+	}
+	if err := RefusePostcopy(info); err != nil {
+		return nil, err
+	}
+	if info.Shutdown || info.Dying {
+		return nil, fmt.Errorf("domain %d is shut down or dying, not running", opt.Dom)
+	}
+	s := &Source{opt: opt, info: info}
+	kind := "hvm"
+	if info.PVH {
+		kind = "pvh"
+	}
+	special := map[string]uint64{}
+	skip := map[uint64]bool{}
+	for _, sp := range specialParams {
+		v, err := opt.HV.HVMParam(opt.Dom, sp.param)
+		if err != nil {
+			return nil, fmt.Errorf("read HVM param %s: %w", sp.name, err)
+		}
+		if v != 0 {
+			special[sp.name] = v
+			skip[v] = true
+		}
+	}
+	max, err := opt.HV.MaxGPFN(opt.Dom)
+	if err != nil {
+		return nil, fmt.Errorf("max gpfn: %w", err)
+	}
+	s.maxGFN = max
+	// The gfn where the guest mapped its shared_info page holds Xen's
+	// page, not RAM. The resumed guest maps the new domain's shared_info
+	// there again (XENMAPSPACE_shared_info), and Linux BUG()s if that
+	// fails — which it does on a paged-out gfn. So the destination keeps
+	// that gfn resident and nothing is sent for it.
+	if g := info.SharedInfoFrame; g <= max {
+		special["shared_info"] = g
+		skip[g] = true
+	}
+	const batch = 1024
+	probe := make([]uint64, 0, batch)
+	for base := uint64(0); base <= max; base += batch {
+		probe = probe[:0]
+		for g := base; g <= max && g < base+batch; g++ {
+			probe = append(probe, g)
+		}
+		types, err := opt.HV.PageTypes(opt.Dom, probe)
+		if err != nil {
+			return nil, fmt.Errorf("page types of gfns %#x..%#x: %w", probe[0], probe[len(probe)-1], err)
+		}
+		for i, t := range types {
+			g := probe[i]
+			if skip[g] || t == xenctrl.PageInvalid || t == xenctrl.PageXAlloc || t == xenctrl.PageBroken {
+				s.stats.SkippedGFNs++
+				continue
+			}
+			s.gfns = append(s.gfns, g)
+		}
+	}
+	if len(s.gfns) == 0 {
+		return nil, fmt.Errorf("domain %d has no RAM pages below gfn %#x", opt.Dom, max)
+	}
+	s.stats.RAMPages = uint64(len(s.gfns))
+	s.stats.GuestHints = "none (no guest-balloon page classes): core pages from the CR3 walk only"
+	s.cfg = DomainConfig{Name: opt.Name, Kind: kind, VCPUs: info.MaxVCPUID + 1, XLConfig: string(opt.XLConfig),
+		GFNs: toRanges(s.gfns), Special: special}
+	return s, nil
+}
+
+// Stats returns the backend's figures so far.
+func (s *Source) Stats() SourceStats {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stats
+}
+
+// Info implements engine.Source.
+func (s *Source) Info() engine.Info {
+	cfg, _ := json.Marshal(s.cfg)
+	return engine.Info{Name: s.opt.Name, NumPages: uint64(len(s.gfns)), PageSize: PageSize,
+		VCPUs: s.cfg.VCPUs, Backend: Backend, Config: cfg}
+}
+
+// ReadPages implements engine.Source.
+func (s *Source) ReadPages(pfns []uint64, buf []byte) error {
+	gfns := make([]uint64, len(pfns))
+	for i, p := range pfns {
+		if p >= uint64(len(s.gfns)) {
+			return fmt.Errorf("page index %d beyond the domain's %d pages", p, len(s.gfns))
+		}
+		gfns[i] = s.gfns[p]
+	}
+	t0 := time.Now()
+	failed, err := s.opt.HV.ReadPages(s.opt.Dom, gfns, buf)
+	s.mu.Lock()
+	s.stats.ReadMs += float64(time.Since(t0).Microseconds()) / 1000
+	s.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if len(failed) > 0 {
+		// A page the guest gave back to Xen (a balloon driver) or turned
+		// into a grant/shared-info mapping since the start: its content
+		// means nothing to the guest. It goes as zeroes, and the checksum
+		// of the same read says zeroes too.
+		s.mu.Lock()
+		s.stats.UnmappablePages += uint64(len(failed))
+		s.mu.Unlock()
+		var why error
+		if x, ok := s.opt.HV.(*Xen); ok {
+			why = x.LastMapError
+		}
+		s.opt.Logf("%d of %d pages not mappable (first gfn %#x: %v), sent as zeroes", len(failed), len(gfns), gfns[failed[0]], why)
+	}
+	return nil
+}
+
+// index returns the page index of gfn.
+func (s *Source) index(gfn uint64) (uint64, bool) {
+	i, ok := slices.BinarySearch(s.gfns, gfn)
+	return uint64(i), ok
+}
+
+// StartDirtyLog implements engine.Source (HAP log-dirty).
+func (s *Source) StartDirtyLog() error {
+	if err := s.opt.HV.EnableLogDirty(s.opt.Dom); err != nil {
+		return err
+	}
+	s.logDirty = true
+	// Start from a clean log: the first DirtyPages reports writes after now.
+	_, err := s.opt.HV.CleanDirty(s.opt.Dom, s.maxGFN+1, nil)
+	return err
+}
+
+// DirtyPages implements engine.Source.
+func (s *Source) DirtyPages(dst []uint64) ([]uint64, error) {
+	var err error
+	s.scratch, err = s.opt.HV.CleanDirty(s.opt.Dom, s.maxGFN+1, s.scratch[:0])
+	if err != nil {
+		return dst, err
+	}
+	for _, g := range s.scratch {
+		if i, ok := s.index(g); ok {
+			dst = append(dst, i)
+		}
+	}
+	return dst, nil
+}
+
+// StopDirtyLog implements engine.Source.
+func (s *Source) StopDirtyLog() error {
+	if !s.logDirty {
+		return nil
+	}
+	s.logDirty = false
+	return s.opt.HV.DisableLogDirty(s.opt.Dom)
+}
+
+func (s *Source) controlPath() string {
+	return "/local/domain/" + strconv.FormatUint(uint64(s.opt.Dom), 10) + "/control/shutdown"
+}
+
+// Pause implements engine.Source: the guest is asked to suspend, as xl
+// does, and the domain stops once the guest has quiesced its devices and
+// made its suspend hypercall. Post-copy cannot stop the guest behind its
+// back: its event channels, grant table and vCPU info registrations live
+// in the hypervisor and are rebuilt by the guest's resume path only.
+func (s *Source) Pause() error {
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	err := s.opt.XS.Write(ctx, s.controlPath(), "suspend")
+	cancel()
+	if err != nil {
+		return fmt.Errorf("ask the guest to suspend (write %s): %w", s.controlPath(), err)
+	}
+	deadline := start.Add(s.opt.SuspendTimeout)
+	for {
+		info, err := s.opt.HV.Domain(s.opt.Dom)
+		if err != nil {
+			return fmt.Errorf("wait for the guest to suspend: %w", err)
+		}
+		if info.Shutdown {
+			if info.ShutdownReason != xenctrl.ShutdownSuspend {
+				return fmt.Errorf("the guest shut down with reason %d instead of suspending", info.ShutdownReason)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the guest did not suspend within %v (does its kernel run the xenbus control driver?)", s.opt.SuspendTimeout)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	s.mu.Lock()
+	s.suspended = true
+	s.stats.SuspendMs = float64(time.Since(start).Microseconds()) / 1000
+	s.mu.Unlock()
+	s.opt.Logf("guest suspended in %v", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// checkNoNewRAM fails when the guest gained RAM gfns since NewSource (its
+// balloon driver took memory back): those pages are outside the page
+// space the destination was built for and would be lost. Cheap unless
+// the domain's page count grew.
+func (s *Source) checkNoNewRAM() error {
+	info, err := s.opt.HV.Domain(s.opt.Dom)
+	if err != nil {
+		return err
+	}
+	if info.TotPages <= s.info.TotPages {
+		return nil
+	}
+	max, err := s.opt.HV.MaxGPFN(s.opt.Dom)
+	if err != nil {
+		return err
+	}
+	var fresh int
+	for g := uint64(0); g <= max; g += 1024 {
+		probe := make([]uint64, 0, 1024)
+		for x := g; x <= max && x < g+1024; x++ {
+			probe = append(probe, x)
+		}
+		types, err := s.opt.HV.PageTypes(s.opt.Dom, probe)
+		if err != nil {
+			return err
+		}
+		for i, t := range types {
+			if t == xenctrl.PageInvalid || t == xenctrl.PageXAlloc || t == xenctrl.PageBroken {
+				continue
+			}
+			if _, ok := s.index(probe[i]); !ok && !s.isSpecial(probe[i]) {
+				fresh++
+			}
+		}
+	}
+	if fresh > 0 {
+		return fmt.Errorf("the guest populated %d new gfns during the migration (its balloon grew back); nothing was lost, retry the migration", fresh)
+	}
+	return nil
+}
+
+func (s *Source) isSpecial(gfn uint64) bool {
+	for _, v := range s.cfg.Special {
+		if v == gfn {
+			return true
+		}
+	}
+	return false
+}
+
+// CoreState implements engine.Source.
+func (s *Source) CoreState() ([]byte, error) {
+	if err := s.checkNoNewRAM(); err != nil {
+		return nil, err
+	}
+	tsc, err := s.opt.HV.TSCInfo(s.opt.Dom)
+	if err != nil {
+		return nil, fmt.Errorf("TSC info: %w", err)
+	}
+	hvm, err := s.opt.HV.HVMContext(s.opt.Dom)
+	if err != nil {
+		return nil, fmt.Errorf("HVM context: %w", err)
+	}
+	s.hvmContext = hvm
+	return json.Marshal(coreState{TSC: tsc, HVM: hvm})
+}
+
+// CorePFNs implements engine.Source: the page-table pages of every vCPU,
+// found by walking from its CR3. The guest's own accesses fault their
+// page tables in like any page, but the hypervisor walks them in software
+// (hypercall arguments, instruction emulation) and a paged-out table there
+// makes the hypercall fail instead of waiting.
+func (s *Source) CorePFNs() ([]uint64, error) {
+	if s.hvmContext == nil {
+		return nil, errors.New("core pages asked before the core state")
+	}
+	cpus, err := ParseCPUs(s.hvmContext)
+	if err != nil {
+		return nil, err
+	}
+	page := make([]byte, PageSize)
+	read := func(gfn uint64) ([]byte, error) {
+		if _, ok := s.index(gfn); !ok {
+			return nil, fmt.Errorf("gfn %#x is not RAM", gfn)
+		}
+		failed, err := s.opt.HV.ReadPages(s.opt.Dom, []uint64{gfn}, page)
+		if err != nil {
+			return nil, err
+		}
+		if len(failed) > 0 {
+			return nil, fmt.Errorf("gfn %#x not mappable", gfn)
+		}
+		return page, nil
+	}
+	var tables, percpu []uint64
+	var skipped uint64
+	for _, c := range cpus {
+		mode, ok := ptwalk.ModeOf(c.CR0, c.CR4, c.EFER)
+		if !ok {
+			s.opt.Logf("vcpu %d: paging off or unsupported (cr0=%#x cr4=%#x efer=%#x): no page tables", c.VCPU, c.CR0, c.CR4, c.EFER)
+			continue
+		}
+		res, err := ptwalk.Walk(mode, c.CR3, s.maxGFN, read, 1<<16)
+		if err != nil {
+			return nil, fmt.Errorf("walk the page tables of vcpu %d (cr3 %#x): %w", c.VCPU, c.CR3, err)
+		}
+		tables = append(tables, res.Tables...)
+		skipped += uint64(res.Skipped)
+		if mode == ptwalk.LongMode4 {
+			percpu = append(percpu, s.perCPUPages(c, read)...)
+		}
+	}
+	tables = slices.Compact(slices.Sorted(slices.Values(tables)))
+	out := make([]uint64, 0, len(tables)+len(percpu))
+	for _, g := range tables {
+		if i, ok := s.index(g); ok {
+			out = append(out, i)
+		}
+	}
+	nTables := len(out)
+	for _, g := range slices.Compact(slices.Sorted(slices.Values(percpu))) {
+		if i, ok := s.index(g); ok {
+			out = append(out, i)
+		}
+	}
+	s.mu.Lock()
+	s.stats.PageTablePages = uint64(nTables)
+	s.stats.PerCPUPages = uint64(len(out) - nTables)
+	s.stats.WalkSkipped = skipped
+	s.mu.Unlock()
+	s.opt.Logf("core pages: %d page-table pages and %d per-CPU pages of %d vCPUs", nTables, len(out)-nTables, len(cpus))
+	return out, nil
+}
+
+// PerCPUSpan is how much of each vCPU's per-CPU area goes with the core
+// state. The resumed guest registers its vcpu_info again (Linux:
+// VCPUOP_register_vcpu_info on a per-CPU variable), and Xen maps that
+// page itself: if it is paged out the hypercall fails and Linux panics
+// ("register_vcpu_info failed"). Without the guest's symbols the exact
+// page is unknown; the static per-CPU variables sit at the start of the
+// area, within its first 256 KiB on Debian's kernels.
+const PerCPUSpan = 256 << 10
+
+// perCPUPages returns the gfns of the first PerCPUSpan bytes of the
+// per-CPU area of a 64-bit kernel vCPU (its kernel GS base).
+func (s *Source) perCPUPages(c CPURegs, read func(uint64) ([]byte, error)) []uint64 {
+	const kernelHalf = 0xffff_8000_0000_0000
+	base := c.GSBase
+	if base < kernelHalf {
+		base = c.ShadowGS
+	}
+	if base < kernelHalf {
+		s.opt.Logf("vcpu %d: no kernel GS base (gs %#x, shadow %#x): no per-CPU pages", c.VCPU, c.GSBase, c.ShadowGS)
+		return nil
+	}
+	var out []uint64
+	for off := uint64(0); off < PerCPUSpan; off += PageSize {
+		g, err := ptwalk.Translate(c.CR3, base+off, read)
+		if err != nil {
+			continue
+		}
+		out = append(out, g)
+	}
+	return out
+}
+
+// Relinquish implements engine.Relinquisher: the source copy is renamed
+// NAME--migratedaway before the destination may run the guest.
+//
+// The rename runs in the background: it is bookkeeping (the paused
+// source cannot run either way) and xl takes half a second, which would
+// all be downtime. Resume and Destroy wait for it.
+func (s *Source) Relinquish() error {
+	done := make(chan error, 1)
+	s.mu.Lock()
+	s.renaming = done
+	s.mu.Unlock()
+	go func() {
+		err := s.opt.XL.Rename(s.opt.Dom, s.opt.Name+"--migratedaway")
+		if err == nil {
+			s.mu.Lock()
+			s.renamed = true
+			s.mu.Unlock()
+		} else {
+			s.opt.Logf("rename the source copy: %v", err)
+		}
+		done <- err
+	}()
+	return nil
+}
+
+// waitRename waits for Relinquish's rename, if one was started.
+func (s *Source) waitRename() {
+	s.mu.Lock()
+	ch := s.renaming
+	s.renaming = nil
+	s.mu.Unlock()
+	if ch != nil {
+		<-ch
+	}
+}
+
+// Resume implements engine.Source: the migration failed before the
+// destination ran the guest; the guest sees its suspend cancelled.
+func (s *Source) Resume() error {
+	var errs []error
+	s.waitRename()
+	s.mu.Lock()
+	renamed, suspended := s.renamed, s.suspended
+	s.mu.Unlock()
+	if renamed {
+		if err := s.opt.XL.Rename(s.opt.Dom, s.opt.Name); err != nil {
+			errs = append(errs, fmt.Errorf("rename back to %s: %w", s.opt.Name, err))
+		} else {
+			s.mu.Lock()
+			s.renamed = false
+			s.mu.Unlock()
+		}
+	}
+	if err := s.StopDirtyLog(); err != nil {
+		errs = append(errs, fmt.Errorf("log-dirty off: %w", err))
+	}
+	if suspended {
+		if err := s.opt.HV.ResumeDomain(s.opt.Dom, true); err != nil {
+			errs = append(errs, fmt.Errorf("resume the suspended guest: %w", err))
+		} else {
+			s.mu.Lock()
+			s.suspended = false
+			s.mu.Unlock()
+		}
+	} else {
+		// The request may still be pending: take it back.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		if err := s.opt.XS.Write(ctx, s.controlPath(), ""); err != nil {
+			errs = append(errs, fmt.Errorf("withdraw the suspend request: %w", err))
+		}
+		cancel()
+	}
+	return errors.Join(errs...)
+}
+
+// Destroy implements engine.Source: the destination holds every page.
+func (s *Source) Destroy() error {
+	s.waitRename()
+	_ = s.StopDirtyLog()
+	return s.opt.XL.Destroy(s.opt.Dom)
+}
