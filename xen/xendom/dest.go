@@ -7,7 +7,6 @@ import (
 	"os"
 	"slices"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
@@ -30,6 +29,7 @@ type DestOptions struct {
 const (
 	stEvicted = iota // paged out: a touch pauses the vCPU and asks us
 	stLoaded         // holds the source's content
+	stDropped        // Xen dropped the paged-out page (the guest mapped something else there)
 )
 
 // DestStats are the destination backend's figures.
@@ -44,7 +44,9 @@ type DestStats struct {
 	Loaded         uint64  `json:"loaded"`
 	Overwritten    uint64  `json:"overwritten"` // pre-copy re-sends written over a loaded page
 	PlainResponses uint64  `json:"plain_responses"`
-	LoadMs         float64 `json:"load_ms"` // time spent in page loads and writes (hypercalls)
+	LoadMs         float64 `json:"load_ms"`        // time spent in page loads and writes (hypercalls)
+	Dropped        uint64  `json:"dropped"`        // paged-out gfns the guest replaced (DROP_PAGE requests)
+	DroppedPlaced  uint64  `json:"dropped_placed"` // pages that arrived for such gfns, not loaded
 }
 
 // Dest is the domain being received.
@@ -175,6 +177,11 @@ func (d *Dest) create() error {
 // pages, the source's RAM gfns populated, gfns the source gave back (a
 // balloon) released.
 func (d *Dest) reconcile() error {
+	// Special pages of either domain stay as the new domain has them.
+	special := map[uint64]bool{}
+	for _, v := range d.cfg.Special {
+		special[v] = true
+	}
 	for _, sp := range specialParams {
 		v, err := d.opt.HV.HVMParam(d.dom, sp.param)
 		if err != nil {
@@ -183,10 +190,9 @@ func (d *Dest) reconcile() error {
 		if (sp.name == "store" || sp.name == "console") && v != d.cfg.Special[sp.name] {
 			return fmt.Errorf("the new domain's %s page is gfn %#x, the source's %#x: the configurations differ", sp.name, v, d.cfg.Special[sp.name])
 		}
-	}
-	special := map[uint64]bool{}
-	for _, v := range d.cfg.Special {
-		special[v] = true
+		if v != 0 {
+			special[v] = true
+		}
 	}
 	max, err := d.opt.HV.MaxGPFN(d.dom)
 	if err != nil {
@@ -302,14 +308,18 @@ func (d *Dest) Place(pages []engine.Page) error {
 		d.mu.Lock()
 		st := d.state[p.PFN]
 		d.mu.Unlock()
+		if st == stDropped {
+			// The guest put something else at this gfn (Xen dropped the
+			// paged-out page): the page is not its memory any more.
+			d.mu.Lock()
+			d.stats.DroppedPlaced++
+			d.mu.Unlock()
+			continue
+		}
 		var err error
 		t0 := time.Now()
 		if st == stEvicted {
 			err = d.opt.HV.PagingLoad(d.dom, g, data)
-			if errors.Is(err, syscall.ENOENT) {
-				// Not paged out (nor in) any more: it is resident; write it.
-				err = d.opt.HV.WritePage(d.dom, g, data)
-			}
 		} else {
 			err = d.opt.HV.WritePage(d.dom, g, data)
 		}
@@ -413,9 +423,19 @@ func (d *Dest) ringLoop() {
 			}
 			idx, ours := slices.BinarySearch(d.gfns, req.GFN)
 			switch {
-			case req.Reason != xenctrl.ReasonMemPaging, req.PagingFlags&xenctrl.PagingDropPage != 0, !ours:
+			case req.Reason != xenctrl.ReasonMemPaging, !ours:
 				answer = append(answer, req)
 				d.stats.PlainResponses++
+			case req.PagingFlags&xenctrl.PagingDropPage != 0:
+				// The guest mapped something over a paged-out gfn (its
+				// grant table, shared info): the page is gone for good.
+				answer = append(answer, req)
+				d.stats.PlainResponses++
+				d.stats.Dropped++
+				if d.state[idx] == stEvicted {
+					d.state[idx] = stDropped
+				}
+				d.opt.Logf("gfn %#x dropped by Xen (the guest mapped something over it)", req.GFN)
 			case d.state[idx] == stLoaded:
 				answer = append(answer, req)
 				d.stats.PlainResponses++
@@ -502,7 +522,7 @@ func (d *Dest) Close() error {
 	d.mu.Lock()
 	complete := len(d.pending) == 0
 	for _, s := range d.state {
-		if s != stLoaded {
+		if s == stEvicted {
 			complete = false
 			break
 		}

@@ -112,6 +112,7 @@ type SourceOptions struct {
 type SourceStats struct {
 	RAMPages        uint64  `json:"ram_pages"`        // pages transferred (the engine's page space)
 	SkippedGFNs     uint64  `json:"skipped_gfns"`     // gfns below max_gpfn not RAM (holes, ballooned, special)
+	NotGuestRAM     uint64  `json:"not_guest_ram"`    // RAM-typed gfns that cannot be mapped (grant frames): not sent
 	UnmappablePages uint64  `json:"unmappable_pages"` // pages that could not be mapped at send time (sent as zeroes)
 	PageTablePages  uint64  `json:"page_table_pages"` // found by the CR3 walk of every vCPU
 	PerCPUPages     uint64  `json:"per_cpu_pages"`    // start of each vCPU per-CPU area (vcpu_info)
@@ -223,11 +224,46 @@ func NewSource(opt SourceOptions) (*Source, error) {
 	if len(s.gfns) == 0 {
 		return nil, fmt.Errorf("domain %d has no RAM pages below gfn %#x", opt.Dom, max)
 	}
+	// Gfns the guest covered with Xen's pages (grant-table frames placed
+	// over ballooned gfns, ...) have a RAM type but cannot be mapped: they
+	// are not the guest's memory. The guest maps them again after resume,
+	// which needs the gfn empty (not paged out) at the destination, so
+	// they leave the page space and the destination releases them.
+	if err := s.dropUnmappable(); err != nil {
+		return nil, err
+	}
 	s.stats.RAMPages = uint64(len(s.gfns))
 	s.stats.GuestHints = "none (no guest-balloon page classes): core pages from the CR3 walk only"
 	s.cfg = DomainConfig{Name: opt.Name, Kind: kind, VCPUs: info.MaxVCPUID + 1, XLConfig: string(opt.XLConfig),
 		GFNs: toRanges(s.gfns), Special: special}
 	return s, nil
+}
+
+func (s *Source) dropUnmappable() error {
+	const batch = 256
+	buf := make([]byte, batch*PageSize)
+	keep := s.gfns[:0:0]
+	for i := 0; i < len(s.gfns); i += batch {
+		part := s.gfns[i:min(i+batch, len(s.gfns))]
+		failed, err := s.opt.HV.ReadPages(s.opt.Dom, part, buf[:len(part)*PageSize])
+		if err != nil {
+			return fmt.Errorf("probe gfns %#x..%#x: %w", part[0], part[len(part)-1], err)
+		}
+		f := 0
+		for j, g := range part {
+			if f < len(failed) && failed[f] == j {
+				f++
+				s.stats.NotGuestRAM++
+				continue
+			}
+			keep = append(keep, g)
+		}
+	}
+	if s.stats.NotGuestRAM > 0 {
+		s.opt.Logf("%d gfns hold Xen's pages, not guest RAM (grant frames): not sent", s.stats.NotGuestRAM)
+	}
+	s.gfns = keep
+	return nil
 }
 
 // Stats returns the backend's figures so far.
@@ -441,11 +477,17 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 	if err != nil {
 		return nil, err
 	}
-	page := make([]byte, PageSize)
+	// Tables are read once each: the walk and the per-CPU translations
+	// share most of them, and every read is a foreign mapping.
+	cache := map[uint64][]byte{}
 	read := func(gfn uint64) ([]byte, error) {
+		if p, ok := cache[gfn]; ok {
+			return p, nil
+		}
 		if _, ok := s.index(gfn); !ok {
 			return nil, fmt.Errorf("gfn %#x is not RAM", gfn)
 		}
+		page := make([]byte, PageSize)
 		failed, err := s.opt.HV.ReadPages(s.opt.Dom, []uint64{gfn}, page)
 		if err != nil {
 			return nil, err
@@ -453,6 +495,7 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 		if len(failed) > 0 {
 			return nil, fmt.Errorf("gfn %#x not mappable", gfn)
 		}
+		cache[gfn] = page
 		return page, nil
 	}
 	var tables, percpu []uint64
@@ -592,12 +635,26 @@ func (s *Source) Resume() error {
 			s.mu.Unlock()
 		}
 	} else {
-		// The request may still be pending: take it back.
+		// The request may still be pending: take it back. A guest that
+		// had already taken it may suspend a moment later: give it a few
+		// seconds and cancel that suspend too, never leave it stopped.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		if err := s.opt.XS.Write(ctx, s.controlPath(), ""); err != nil {
 			errs = append(errs, fmt.Errorf("withdraw the suspend request: %w", err))
 		}
 		cancel()
+		for end := time.Now().Add(5 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+			info, err := s.opt.HV.Domain(s.opt.Dom)
+			if err != nil {
+				break
+			}
+			if info.Shutdown && info.ShutdownReason == xenctrl.ShutdownSuspend {
+				if err := s.opt.HV.ResumeDomain(s.opt.Dom, true); err != nil {
+					errs = append(errs, fmt.Errorf("resume the guest that suspended late: %w", err))
+				}
+				break
+			}
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -1,0 +1,526 @@
+package xendom
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"math/rand"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
+	"github.com/xl-postcopy/xl-postcopy/xen/engine"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+)
+
+const testXLConfig = "name = 'vm1'\ntype = 'pvh'\nmemory = 4\nhap = 1\n"
+
+// rig is one source domain, the fakes, and what a migration left behind.
+type rig struct {
+	hv    *fakeHV
+	xs    *fakeStore
+	xl    *fakeXL
+	src   *fdom
+	dest  *Dest
+	st    *engine.Stats
+	ds    *engine.DestStats
+	serr  error
+	derr  error
+	srcBE *Source
+	pipes bool // net.Pipe instead of loopback TCP
+
+	touchMu  sync.Mutex
+	touched  map[uint64][]byte
+	touchErr []error
+	vcpuDone chan struct{}
+}
+
+func newRig(t *testing.T, holes ...uint64) *rig {
+	t.Helper()
+	hv := newFakeHV()
+	r := &rig{hv: hv, xs: &fakeStore{h: hv}, xl: &fakeXL{h: hv}, touched: map[uint64][]byte{}, vcpuDone: make(chan struct{})}
+	r.src = hv.newGuestDomain("src", holes...)
+	return r
+}
+
+// startDestGuest makes the destination's vCPUs run once unpaused: they
+// read random gfns, faulting through the paging ring.
+func (r *rig) startDestGuest(touches int, seed int64) {
+	r.hv.onUnpause = func(dom uint32) {
+		if dom == r.src.id {
+			return
+		}
+		go func() {
+			defer close(r.vcpuDone)
+			rng := rand.New(rand.NewSource(seed))
+			deadline := time.Now().Add(10 * time.Second)
+			for i := 0; i < touches; i++ {
+				g := uint64(rng.Intn(fRAMPages))
+				p, err := r.hv.touch(dom, uint32(i%2), g, deadline)
+				r.touchMu.Lock()
+				if err != nil && len(r.touchErr) < 5 {
+					r.touchErr = append(r.touchErr, err)
+				} else if p != nil {
+					r.touched[g] = p
+				}
+				r.touchMu.Unlock()
+				if err != nil && strings.Contains(err.Error(), "no pager") {
+					return
+				}
+			}
+		}()
+	}
+}
+
+func (r *rig) migrate(t *testing.T, mode wire.Mode) {
+	t.Helper()
+	s, err := NewSource(SourceOptions{HV: r.hv, XS: r.xs, XL: r.xl, Dom: r.src.id, Name: "vm1",
+		XLConfig: []byte(testXLConfig), SuspendTimeout: 3 * time.Second, Logf: t.Logf})
+	require.NoError(t, err)
+	r.srcBE = s
+	factory := NewFactory(DestOptions{HV: r.hv, XL: r.xl, Poll: 2 * time.Millisecond, Logf: t.Logf})
+	var dmu sync.Mutex
+	wrapped := func(h *wire.DomainHeader) (engine.Dest, error) {
+		d, err := factory(h)
+		if err != nil {
+			return nil, err
+		}
+		dmu.Lock()
+		r.dest = d.(*Dest)
+		dmu.Unlock()
+		return d, nil
+	}
+	var a1, a2, b1, b2 net.Conn
+	if r.pipes {
+		// In order: RunDest reads the first stream header from its first
+		// argument, and a pipe has no buffer to hold the other one.
+		a1, b1 = net.Pipe()
+		a2, b2 = net.Pipe()
+	} else {
+		a1, a2, b2, b1 = tcpPairs(t) // swapped: RunDest must sort them
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		r.ds, r.derr = engine.RunDest(ctx, b1, b2, wrapped, engine.DestOptions{})
+	}()
+	r.st, r.serr = engine.RunSource(ctx, s, a1, a2, engine.Options{Mode: mode, Prepaging: "dual", BatchPages: 16,
+		WindowBytes: 128 << 10, MaxRounds: 3})
+	<-done
+}
+
+// tcpPairs returns two loopback TCP connections (a1-b1, a2-b2). net.Pipe
+// alone cannot test RunDest's sorting of the streams: it has no buffer,
+// and RunDest reads the two stream headers in its argument order while
+// RunSource writes bulk's first, so swapped pipes deadlock.
+func tcpPairs(t *testing.T) (a1, a2, b1, b2 net.Conn) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	pair := func() (net.Conn, net.Conn) {
+		a, err := net.Dial("tcp", l.Addr().String())
+		require.NoError(t, err)
+		b, err := l.Accept()
+		require.NoError(t, err)
+		return a, b
+	}
+	a1, b1 = pair()
+	a2, b2 = pair()
+	return
+}
+
+func (r *rig) destDom(t *testing.T) *fdom {
+	t.Helper()
+	r.xl.mu.Lock()
+	id := r.xl.lastDom
+	r.xl.mu.Unlock()
+	require.NotZero(t, id, "no destination domain created")
+	r.hv.mu.Lock()
+	defer r.hv.mu.Unlock()
+	return r.hv.doms[id]
+}
+
+// srcRAM lists the gfns the source sends: RAM at suspend, not special.
+func (r *rig) srcRAM() []uint64 {
+	var out []uint64
+	for g := range r.src.snapshot {
+		if !slices.Contains(special, g) {
+			out = append(out, g)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// checkSameMemory holds every RAM gfn at the destination against the
+// source's content at suspend time, and the special gfns against the
+// destination's own.
+func (r *rig) checkSameMemory(t *testing.T, dst *fdom) {
+	t.Helper()
+	r.hv.mu.Lock()
+	defer r.hv.mu.Unlock()
+	ram := r.srcRAM()
+	require.Len(t, ram, len(r.src.snapshot)-len(special))
+	for _, g := range ram {
+		require.Equal(t, gsRAM, dst.state[g], "gfn %#x not resident at the destination", g)
+		require.True(t, bytes.Equal(r.src.snapshot[g], dst.mem[g]), "gfn %#x differs from the source at suspend", g)
+	}
+	for _, g := range special {
+		require.False(t, dst.loaded[g], "special gfn %#x was written at the destination", g)
+		require.Zero(t, dst.evictions[g], "special gfn %#x was paged out", g)
+		require.Equal(t, pageOf("kernel special", g), dst.mem[g], "special gfn %#x lost the destination's own content", g)
+	}
+	require.Empty(t, r.hv.errs, "protocol violations seen by the fake hypervisor")
+}
+
+func TestPostcopyMigrationEndToEnd(t *testing.T) {
+	r := newRig(t)
+	r.pipes = true
+	writes := r.hv.runGuest(r.src, 1, 20*time.Microsecond)
+	r.startDestGuest(300, 7)
+	time.Sleep(20 * time.Millisecond) // the guest dirties memory before the migration starts
+	r.migrate(t, wire.ModePostcopy)
+	require.NoError(t, r.serr)
+	require.NoError(t, r.derr)
+	select {
+	case <-r.vcpuDone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("destination vCPU did not finish its touches")
+	}
+	require.Greater(t, writes(), 0, "the source guest wrote nothing before suspending")
+
+	require.True(t, r.st.Verified)
+	require.Zero(t, r.st.DuplicatePages)
+	require.Equal(t, uint64(len(r.srcRAM())), r.st.PagesSent, "every RAM page exactly once")
+	require.NotNil(t, r.src.snapshot, "the source guest never suspended")
+
+	dst := r.destDom(t)
+	r.checkSameMemory(t, dst)
+
+	// The destination guest's reads saw the source's memory, and some of
+	// them went through the paging ring.
+	r.touchMu.Lock()
+	require.Empty(t, r.touchErr)
+	require.NotEmpty(t, r.touched)
+	for g, p := range r.touched {
+		require.Equal(t, r.src.snapshot[g], p, "vCPU read of gfn %#x", g)
+	}
+	r.touchMu.Unlock()
+	r.hv.mu.Lock()
+	requests := dst.ring.requests
+	r.hv.mu.Unlock()
+	require.Greater(t, requests, 0, "no touch faulted through the ring")
+	require.Equal(t, uint64(requests), r.dest.Stats().Requests)
+
+	// Page tables were in before the guest ran; the registers and TSC
+	// are the source's.
+	r.hv.mu.Lock()
+	for _, g := range ptGFNs {
+		require.True(t, dst.loadedAtUnpause[g], "page-table gfn %#x not loaded before unpause", g)
+	}
+	// Both vCPUs' per-CPU areas: 2 x 64 pages from gfn 0x200.
+	for g := uint64(0x200); g < 0x200+2*PerCPUSpan/PageSize; g++ {
+		require.True(t, dst.loadedAtUnpause[g], "per-CPU gfn %#x not loaded before unpause", g)
+	}
+	require.Equal(t, r.src.hvm, dst.setHVM)
+	require.NotNil(t, dst.setTSC)
+	require.Equal(t, r.src.tsc, *dst.setTSC)
+	require.Empty(t, r.src.resumes, "the source was resumed after a successful migration")
+	r.hv.mu.Unlock()
+	require.Equal(t, uint64(len(ptGFNs)), r.srcBE.Stats().PageTablePages)
+	require.Equal(t, uint64(2*PerCPUSpan/PageSize), r.srcBE.Stats().PerCPUPages)
+	// PD 102's entry beyond max gpfn, met once by each vCPU's walk.
+	require.Equal(t, uint64(2), r.srcBE.Stats().WalkSkipped)
+
+	// Toolstack: NAME--incoming created from the source's config, the
+	// source renamed away and destroyed, the destination kept.
+	r.xl.mu.Lock()
+	defer r.xl.mu.Unlock()
+	require.Equal(t, []string{"vm1--incoming"}, r.xl.created)
+	require.Equal(t, []string{testXLConfig}, r.xl.configs)
+	require.Equal(t, []string{fmt.Sprintf("%d:vm1--migratedaway", r.src.id)}, r.xl.renames)
+	require.Equal(t, []uint32{r.src.id}, r.xl.destroyed)
+}
+
+// A gfn ballooned out at the source is released at the destination and
+// never sent; a gfn the fresh destination lacks is populated.
+func TestBallooningReconciled(t *testing.T) {
+	const ballooned, missing = 500, 600
+	r := newRig(t, ballooned)
+	r.hv.destShape = func(d *fdom) {
+		delete(d.state, missing)
+		delete(d.mem, missing)
+	}
+	r.startDestGuest(50, 3)
+	r.migrate(t, wire.ModePostcopy)
+	require.NoError(t, r.serr)
+	require.NoError(t, r.derr)
+	require.True(t, r.st.Verified)
+	require.Equal(t, uint64(fRAMPages-1), r.st.PagesSent)
+	dst := r.destDom(t)
+	r.checkSameMemory(t, dst)
+	r.hv.mu.Lock()
+	defer r.hv.mu.Unlock()
+	require.Equal(t, []uint64{ballooned}, dst.decreased)
+	require.Equal(t, []uint64{missing}, dst.populated)
+	require.Equal(t, gsAbsent, dst.state[ballooned])
+	require.False(t, dst.loaded[ballooned])
+	require.Zero(t, dst.evictions[ballooned])
+	require.Equal(t, r.src.snapshot[missing], dst.mem[missing])
+	st := r.dest.Stats()
+	require.Equal(t, uint64(1), st.Released)
+	require.Equal(t, uint64(1), st.Populated)
+}
+
+// A destination that cannot enable paging fails the migration before the
+// guest is even asked to suspend: the source runs on, the half-made
+// destination is destroyed.
+func TestFailureBeforeSuspendKeepsSourceRunning(t *testing.T) {
+	r := newRig(t)
+	r.hv.enablePagingErr = errors.New("vm_event ring busy")
+	r.migrate(t, wire.ModePostcopy)
+	require.Error(t, r.serr)
+	require.Contains(t, r.serr.Error(), "vm_event ring busy")
+	require.Contains(t, r.serr.Error(), "enable vm_event paging")
+	r.hv.mu.Lock()
+	require.False(t, r.src.info.Shutdown, "source left suspended")
+	require.False(t, r.src.info.Dying)
+	r.hv.mu.Unlock()
+	dst := r.destDom(t)
+	r.xl.mu.Lock()
+	defer r.xl.mu.Unlock()
+	require.Equal(t, []uint32{dst.id}, r.xl.destroyed, "only the destination is destroyed")
+	require.Empty(t, r.xl.renames)
+	r.xs.mu.Lock()
+	defer r.xs.mu.Unlock()
+	require.NotContains(t, r.xs.writes, fmt.Sprintf("/local/domain/%d/control/shutdown=suspend", r.src.id))
+}
+
+// A failure after the guest suspended but before GO (a page-table page
+// cannot be loaded) resumes the suspended guest with a fast resume.
+func TestFailureAfterSuspendResumesSource(t *testing.T) {
+	r := newRig(t)
+	r.hv.loadErrGFN[101] = true
+	r.startDestGuest(10, 1)
+	r.migrate(t, wire.ModePostcopy)
+	require.Error(t, r.serr)
+	require.Contains(t, r.serr.Error(), "injected")
+	r.hv.mu.Lock()
+	require.NotNil(t, r.src.snapshot, "the guest never suspended: the failure came too early for this test")
+	require.Equal(t, []bool{true}, r.src.resumes, "want one fast resume")
+	require.False(t, r.src.info.Shutdown, "source left suspended")
+	require.False(t, r.src.info.Dying)
+	r.hv.mu.Unlock()
+	dst := r.destDom(t)
+	r.hv.mu.Lock()
+	require.False(t, dst.unpaused, "destination ran")
+	r.hv.mu.Unlock()
+	r.xl.mu.Lock()
+	defer r.xl.mu.Unlock()
+	require.Equal(t, []uint32{dst.id}, r.xl.destroyed, "only the destination is destroyed")
+	// Either never renamed, or renamed back.
+	if len(r.xl.renames) > 0 {
+		require.Equal(t, fmt.Sprintf("%d:vm1", r.src.id), r.xl.renames[len(r.xl.renames)-1])
+	}
+}
+
+// A guest that never suspends: the source times out and withdraws the
+// request; the domain keeps running.
+func TestSuspendTimeoutWithdrawsRequest(t *testing.T) {
+	r := newRig(t)
+	r.xs.ignore = true
+	s, err := NewSource(SourceOptions{HV: r.hv, XS: r.xs, XL: r.xl, Dom: r.src.id, Name: "vm1",
+		XLConfig: []byte(testXLConfig), SuspendTimeout: 50 * time.Millisecond})
+	require.NoError(t, err)
+	err = s.Pause()
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "did not suspend")
+	require.NoError(t, s.Resume())
+	path := fmt.Sprintf("/local/domain/%d/control/shutdown", r.src.id)
+	require.Equal(t, []string{path + "=suspend", path + "="}, r.xs.writes)
+	require.Empty(t, r.src.resumes)
+}
+
+func TestRefusePostcopy(t *testing.T) {
+	err := RefusePostcopy(xenctrl.DomainInfo{HVM: false})
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "PV domain")
+	require.Contains(t, err.Error(), "--mode precopy")
+	err = RefusePostcopy(xenctrl.DomainInfo{HVM: true, HAP: false})
+	require.Error(t, err)
+	require.Contains(t, err.Error(), "HAP")
+	require.Contains(t, err.Error(), "--mode precopy")
+	require.NoError(t, RefusePostcopy(xenctrl.DomainInfo{HVM: true, PVH: true, HAP: true}))
+
+	// NewSource refuses too, before touching the guest.
+	hv := newFakeHV()
+	d := hv.newGuestDomain("pv")
+	d.info.HVM, d.info.PVH = false, false
+	_, err = NewSource(SourceOptions{HV: hv, XS: &fakeStore{h: hv}, XL: &fakeXL{h: hv}, Dom: d.id, Name: "pv"})
+	require.ErrorContains(t, err, "--mode precopy")
+}
+
+func TestParseCPUs(t *testing.T) {
+	ctx := hvmContext(0x42, 0x77)
+	cpus, err := ParseCPUs(ctx)
+	require.NoError(t, err)
+	require.Len(t, cpus, 2)
+	for i, want := range []uint64{0x42, 0x77} {
+		require.Equal(t, uint16(i), cpus[i].VCPU)
+		require.Equal(t, want<<12, cpus[i].CR3)
+		require.Equal(t, uint64(1<<31|1), cpus[i].CR0)
+		require.Equal(t, uint64(1<<5), cpus[i].CR4)
+		require.Equal(t, uint64(1<<8|1<<10), cpus[i].EFER)
+		require.Equal(t, 0x1000+uint64(i), cpus[i].RIP)
+	}
+
+	t.Run("truncated", func(t *testing.T) {
+		for _, n := range []int{0, 5, len(ctx) - 4} { // mid-descriptor, mid-END
+			_, err := ParseCPUs(ctx[:n])
+			require.Error(t, err, "length %d", n)
+		}
+		// Cut inside the second CPU record's body.
+		_, err := ParseCPUs(ctx[:len(ctx)-8-100])
+		require.ErrorContains(t, err, "overruns")
+	})
+	t.Run("overrun", func(t *testing.T) {
+		bad := slices.Clone(ctx)
+		off := 8 + 24 // the first CPU record's descriptor
+		require.Equal(t, uint16(2), binary.LittleEndian.Uint16(bad[off:]))
+		binary.LittleEndian.PutUint32(bad[off+4:], 0xffffffff)
+		_, err := ParseCPUs(bad)
+		require.ErrorContains(t, err, "overruns")
+	})
+	t.Run("short CPU record", func(t *testing.T) {
+		var b []byte
+		b = binary.LittleEndian.AppendUint16(b, 2)
+		b = binary.LittleEndian.AppendUint16(b, 0)
+		b = binary.LittleEndian.AppendUint32(b, 600)
+		b = append(b, make([]byte, 600)...)
+		b = append(b, make([]byte, 8)...) // END
+		_, err := ParseCPUs(b)
+		require.ErrorContains(t, err, "want at least")
+	})
+	t.Run("no CPU", func(t *testing.T) {
+		_, err := ParseCPUs(make([]byte, 8))
+		require.ErrorContains(t, err, "no CPU record")
+	})
+}
+
+// Hybrid: one pre-copy round while the guest writes, then post-copy; the
+// pages re-dirtied after the round are paged out again at the destination
+// and still end up with the source's final content.
+func TestHybridDiscardsRedirtiedPages(t *testing.T) {
+	r := newRig(t)
+	r.hv.runGuest(r.src, 2, 5*time.Microsecond)
+	r.startDestGuest(200, 9)
+	r.migrate(t, wire.ModeHybrid)
+	require.NoError(t, r.serr)
+	require.NoError(t, r.derr)
+	<-r.vcpuDone
+	require.True(t, r.st.Verified)
+	require.Zero(t, r.st.DuplicatePages)
+	require.Equal(t, 1, r.st.PrecopyRounds)
+	require.Greater(t, r.st.DiscardedPages, uint64(0), "the guest re-dirtied nothing after the pre-copy round")
+	dst := r.destDom(t)
+	r.checkSameMemory(t, dst)
+	r.hv.mu.Lock()
+	var reEvicted uint64
+	for _, n := range dst.evictions {
+		if n >= 2 {
+			reEvicted++
+		}
+	}
+	r.hv.mu.Unlock()
+	require.Greater(t, reEvicted, uint64(0), "no page paged out again after the pre-copy round")
+	require.LessOrEqual(t, reEvicted, r.st.DiscardedPages)
+	r.touchMu.Lock()
+	defer r.touchMu.Unlock()
+	require.Empty(t, r.touchErr)
+	for g, p := range r.touched {
+		require.Equal(t, r.src.snapshot[g], p, "vCPU read of gfn %#x", g)
+	}
+}
+
+// The destination's ring loop: requests it cannot serve from the stream
+// (not its gfn, a dropped page, not a paging request) are answered at
+// once; a request for a paged-out gfn of the domain becomes a fault and is
+// answered only once the page is placed, and by then the page is in.
+func TestDestRingLoop(t *testing.T) {
+	hv := newFakeHV()
+	src := hv.newGuestDomain("src")
+	xl := &fakeXL{h: hv}
+	s, err := NewSource(SourceOptions{HV: hv, XS: &fakeStore{h: hv}, XL: xl, Dom: src.id, Name: "vm1", XLConfig: []byte(testXLConfig)})
+	require.NoError(t, err)
+	info := s.Info()
+	d, err := newDest(DestOptions{HV: hv, XL: xl, Poll: time.Millisecond, Logf: t.Logf,
+		Progress: func(string, int, int) {}}, &wire.DomainHeader{Mode: wire.ModePostcopy, PageSize: info.PageSize,
+		NumPages: info.NumPages, VCPUs: info.VCPUs, Name: info.Name, Backend: info.Backend, Config: info.Config})
+	require.NoError(t, err)
+	defer d.Destroy()
+	dom := hv.doms[d.DomID()]
+	require.Equal(t, fRAMPages, int(d.Stats().Evicted))
+
+	push := func(q xenctrl.Request) {
+		hv.mu.Lock()
+		dom.ring.reqs = append(dom.ring.reqs, q)
+		hv.mu.Unlock()
+		select {
+		case dom.ring.sig <- struct{}{}:
+		default:
+		}
+	}
+	answered := func(g uint64) int {
+		hv.mu.Lock()
+		defer hv.mu.Unlock()
+		return dom.ring.answered[g]
+	}
+	plain := xenctrl.Request{Flags: xenctrl.FlagVCPUPaused, Reason: xenctrl.ReasonMemPaging}
+	notOurs := plain
+	notOurs.GFN = fStorePFN
+	drop := plain
+	drop.GFN, drop.PagingFlags = 5, xenctrl.PagingDropPage
+	push(notOurs)
+	push(drop)
+	require.Eventually(t, func() bool { return answered(fStorePFN) == 1 && answered(5) == 1 }, 2*time.Second, time.Millisecond)
+
+	// A vCPU faults on gfn 42 (page index 42: gfns 0..1023 are RAM).
+	got := make(chan []byte, 1)
+	go func() {
+		p, err := hv.touch(dom.id, 0, 42, time.Now().Add(3*time.Second))
+		if err != nil {
+			p = []byte(err.Error())
+		}
+		got <- p
+	}()
+	faults, err := d.ReadFaults(nil)
+	require.NoError(t, err)
+	require.Equal(t, []uint64{42}, faults)
+	time.Sleep(10 * time.Millisecond)
+	require.Zero(t, answered(42), "answered before the page arrived")
+	page := pageOf("sent", 42)
+	require.NoError(t, d.Place([]engine.Page{{PFN: 42, Data: page}}))
+	select {
+	case p := <-got:
+		require.Equal(t, page, p)
+	case <-time.After(3 * time.Second):
+		t.Fatal("vCPU never resumed")
+	}
+	require.Equal(t, 1, answered(42))
+	st := d.Stats()
+	require.Equal(t, uint64(3), st.Requests)
+	require.Equal(t, uint64(2), st.PlainResponses)
+	require.Equal(t, uint64(1), st.Loaded)
+	require.Empty(t, hv.errs)
+}
