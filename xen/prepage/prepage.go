@@ -46,7 +46,9 @@ type Options struct {
 	// interleaves its bubble with the priority list for FaultBurst pages,
 	// because such a fault means the plan missed a page the guest needs
 	// now, and its neighbours are likely next. A fault on a page already
-	// pushed (still in flight) changes nothing: the plan had it.
+	// pushed (still in flight) changes nothing, the plan had it, unless
+	// it is part of a walk: the guest is right behind the push front (see
+	// prioritized).
 	Priority []uint64
 	// FaultBurst is how many pages after each fault alternate between the
 	// fault's bubble and the priority list (default 64).
@@ -57,7 +59,10 @@ type Options struct {
 	// the guest went where the plan predicted nothing (a new job, a
 	// process that did not run while recording), so the plan's next pages
 	// say nothing about what it needs now, and the bubble gets the link,
-	// as plain dual pre-paging would give it.
+	// as plain dual pre-paging would give it. A blind fault just past the
+	// edge of the previous blind bubble doubles the burst (the guest
+	// consumed that bubble as fast as it came), and so does each further
+	// fault of a walk (see prioritized).
 	BlindBurst int
 }
 
@@ -201,11 +206,28 @@ func (p *bubbles) nextBubble() (uint64, bool) {
 	return 0, false
 }
 
-// prioritized serves a fixed priority list first, interleaving the bubble
-// of a recent fault for a burst of pages, or giving the bubble the link for
-// a longer burst after a blind fault. A fault within 4·FaultBurst pages
-// above the previous one gets a forward-only bubble; two such in a row get
-// it for a blind burst.
+// prioritized serves a fixed priority list first and lets faults move
+// bubbles as dual pre-paging does, sharing the link according to what each
+// fault says about the plan:
+//
+//   - a fault near the plan (an unsent page with listed pages close by)
+//     interleaves its bubble with the list for FaultBurst pages: the plan
+//     covers the area, the fault only says which part is needed now;
+//   - a blind fault (nothing listed close by: a new job, a process that did
+//     not run while recording) gives the bubble the link for a blind burst;
+//     a blind fault at the edge of the previous blind bubble means the guest
+//     consumed that bubble as fast as it came, so the next burst is twice
+//     as long (a walk into memory the plan knows nothing about keeps the
+//     link until it stops faulting);
+//   - a walk (faults in a row, each a little above the previous: see
+//     walkFaults and walkFaultsInFlight) gets a forward-only bubble for a
+//     blind burst, growing like the blind one while the walk goes on. A
+//     walker faulting on pages still in flight is right behind the push
+//     front: the forward bubble moves the front ahead of it at the full
+//     link rate.
+//
+// Any other fault on a page already pushed (still in flight) changes
+// nothing: the plan had the page.
 type prioritized struct {
 	inner      *bubbles
 	list       []uint64
@@ -216,9 +238,29 @@ type prioritized struct {
 	left       int   // pages of the current fault burst still to interleave
 	bubble     bool  // whose turn in the burst
 	blind      int   // pages of the current blind burst still to serve
-	lastFault  int64 // the previous fault on an unsent page; -1: none
+	blindLen   int   // length of the latest blind burst
+	lastBlind  bool  // the latest fault armed a blind burst
+	lastFault  int64 // the previous fault; -1: none
 	walk       int   // faults in a row each a little above the previous
 }
+
+// walkFaults is how many faults in a row, each a little above the previous,
+// make a walk: three faults (two steps up). Random accesses within a
+// region of R pages step up by at most s = 4·FaultBurst with probability
+// s/R·(1−s/2R) each (a fifth for a 4 MiB job region and the default
+// FaultBurst), so two steps in a row happen by chance on 1 fault in 20:
+// a single step up would take every fifth fault of a random-access job
+// for a walker and turn its bubble forward-only.
+const walkFaults = 2
+
+// walkFaultsInFlight is walkFaults for a fault on a page still in flight,
+// whose step up must also be at most 2·FaultBurst. Pages in flight are the
+// latest pushed, so while the plan pushes a region in ascending order, a
+// guest accessing that region at random faults on them a little above one
+// another far more often than at random: a walk of in-flight faults needs
+// three steps up in a row. A walker right behind the push front makes one
+// such step per batch it waits for.
+const walkFaultsInFlight = 3
 
 // nearPlan reports whether a listed page lies within burst/2 of pfn.
 func (p *prioritized) nearPlan(pfn uint64) bool {
@@ -228,60 +270,67 @@ func (p *prioritized) nearPlan(pfn uint64) bool {
 	return i < len(p.planned) && p.planned[i]-lo <= 2*h
 }
 
+// atBubbleEdge reports whether pfn lies just past a side of the newest
+// bubble: the next page that side would have sent, or a few above/below.
+func (p *prioritized) atBubbleEdge(pfn uint64) bool {
+	k := len(p.inner.live)
+	if k == 0 {
+		return false
+	}
+	const slack = 8
+	b, q := p.inner.live[k-1], int64(pfn)
+	return (b.fwd < int64(p.inner.sent.Len()) && q >= b.fwd && q-b.fwd <= slack) ||
+		(b.back >= 0 && q <= b.back && b.back-q <= slack)
+}
+
 func (p *prioritized) Fault(pfn uint64) {
-	if pfn < p.inner.sent.Len() && p.inner.sent.Test(pfn) {
-		// Already pushed, still in flight: the plan had the page and the
-		// guest is just close behind the push. A bubble here would spend
-		// half the link behind a guest that streams forward.
+	if pfn >= p.inner.sent.Len() {
 		return
 	}
-	// A fault a little above the previous one: the guest walks up through
-	// memory, and the pages below the fault are behind it. The bubble then
-	// goes forward only, so none of the link is spent behind the walker.
-	ahead := p.lastFault >= 0 && pfn > uint64(p.lastFault) && pfn-uint64(p.lastFault) <= uint64(4*p.burst)
+	inFlight := p.inner.sent.Test(pfn)
+	edge := !inFlight && p.lastBlind && p.atBubbleEdge(pfn)
+	step, need := uint64(4*p.burst), walkFaults
+	if inFlight {
+		step, need = uint64(2*p.burst), walkFaultsInFlight
+	}
+	up := p.lastFault >= 0 && pfn > uint64(p.lastFault) && pfn-uint64(p.lastFault) <= step
 	p.lastFault = int64(pfn)
-	p.inner.fault(pfn, ahead || p.inner.forwardOnly)
-	if !ahead {
-		p.walk = 0
-	} else {
+	if up {
 		p.walk++
-		p.skipWalked(pfn)
+	} else {
+		p.walk = 0
 	}
-	if p.walk >= 2 {
-		// Three faults in a row, each a little above the last: the guest
-		// walks faster than the plan's pages reach it. Shared with the
-		// list, the forward bubble would get half the link and fall
-		// behind again; it gets all of it for a blind burst.
-		p.left, p.blind = 0, p.blindBurst
+	walking := p.walk >= need
+	if inFlight && !walking {
+		// The plan (or a bubble) had the page and the guest is just
+		// close behind the push: a bubble here would only take the link
+		// from the plan.
 		return
 	}
-	if p.nearPlan(pfn) {
+	grow := p.lastBlind && (walking || edge)
+	if grow {
+		p.blindLen = min(2*p.blindLen, int(p.inner.sent.Len()))
+	} else {
+		p.blindLen = p.blindBurst
+	}
+	p.inner.fault(pfn, walking || p.inner.forwardOnly)
+	p.lastBlind = true
+	if walking {
+		// The pages below the fault are behind the walker: the bubble
+		// goes forward only and gets the link, so that none of it is
+		// spent behind the walker and the front stays ahead of it. The
+		// listed pages below the fault stay listed: a guest accessing a
+		// listed region at random makes such a walk now and then, and
+		// skipping them would leave it the region's pages to fault on.
+		p.left, p.blind = 0, p.blindLen
+		return
+	}
+	if !edge && p.nearPlan(pfn) {
+		p.lastBlind = false
 		p.left, p.bubble, p.blind = p.burst, true, 0
 		return
 	}
-	p.left, p.blind = 0, p.blindBurst
-}
-
-// maxSkip bounds how far skipWalked looks down the list.
-const maxSkip = 1 << 16
-
-// skipWalked skips the list's next pages when they are an ascending run
-// (steps of at most FaultBurst) that reaches pfn: a guest walking up
-// through memory has passed them already (the plan was built a moment
-// before the switchover, and the walk went on meanwhile), so sending them
-// now would only delay the pages ahead of it. They stay unsent, for the
-// bubbles and the final scan: every page is still sent once.
-func (p *prioritized) skipWalked(pfn uint64) {
-	j, limit := p.pos, min(len(p.list), p.pos+maxSkip)
-	for j < limit && p.list[j] < pfn {
-		if j+1 < len(p.list) && (p.list[j+1] <= p.list[j] || p.list[j+1]-p.list[j] > uint64(p.burst)) {
-			return // the run ends below pfn: the guest is not walking it
-		}
-		j++
-	}
-	if j < limit {
-		p.pos = j
-	}
+	p.left, p.blind = 0, p.blindLen
 }
 
 func (p *prioritized) nextListed() (uint64, bool) {
