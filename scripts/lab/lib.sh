@@ -163,6 +163,43 @@ lab_build_guestprog() {
 	fi
 }
 
+# lab_build_project_bins builds this project's binaries the built-in scenarios use:
+# $LAB_CACHE/bin/xl-postcopy for dom0 (cgo with libxen-dev, so dynamically linked: the
+# dom0 image gets its ldd libraries like the Xen tools) and $LAB_CACHE/bin/guest-balloon
+# for the guests (pure Go, static). -trimpath makes the output depend only on the
+# sources, and a file is replaced only when it changed, so the image stamps stay valid.
+lab_build_project_bins() {
+	mkdir -p "$LAB_CACHE/bin"
+	local go
+	go=$(lab_go)
+	(cd "$LAB_REPO" && "$go" build -trimpath -o "$LAB_CACHE/bin/xl-postcopy.tmp" ./cmd/xl-postcopy) ||
+		die "building cmd/xl-postcopy failed (cgo: needs gcc and libxen-dev)"
+	(cd "$LAB_REPO" && CGO_ENABLED=0 "$go" build -trimpath -ldflags='-s -w' \
+		-o "$LAB_CACHE/bin/guest-balloon.tmp" ./guest-balloon) ||
+		die "building guest-balloon failed"
+	local b
+	for b in xl-postcopy guest-balloon; do
+		if cmp -s "$LAB_CACHE/bin/$b.tmp" "$LAB_CACHE/bin/$b"; then
+			rm -f "$LAB_CACHE/bin/$b.tmp"
+		else
+			mv "$LAB_CACHE/bin/$b.tmp" "$LAB_CACHE/bin/$b"
+		fi
+	done
+}
+
+# The guest-balloon arguments when LAB_GUEST_BALLOON_ARGS is unset. The built-in
+# balloon-migrate scenario compares a migration without DSB against one after an
+# explicit `xl-postcopy balloon`, so the daemon must not give memory back on its own:
+# one period per hour leaves only the step at start-up, which --step-mb 1 bounds to
+# 2 % of the guest (2.6 MiB of 128). The reserve (20 MiB of MemAvailable kept) is what
+# keeps guestprog alive: with 4 MiB a balloon request left the guest so tight that the
+# kernel OOM-killed guestprog during the request (seen at loglevel 6), which looked like
+# a guest gone silent after its migration. The floor (80 MiB) is no protection by itself.
+LAB_GUEST_BALLOON_DEFAULT_ARGS='--period 1h --step-mb 1 --reserve-mb 20 --reserve-fraction 0.1'
+
+# lab_guest_balloon_args prints the guest-balloon arguments packed into the guest image.
+lab_guest_balloon_args() { printf '%s\n' "${LAB_GUEST_BALLOON_ARGS-$LAB_GUEST_BALLOON_DEFAULT_ARGS}"; }
+
 # rootfs_dest PATH maps a host path into the merged-/usr layout of the images.
 rootfs_dest() {
 	case $1 in
@@ -223,17 +260,22 @@ files_hash() {
 	done | hash_of
 }
 
-# lab_build_guest_initrd packs the domU initramfs: busybox, guestprog, $LAB_GUEST_BINS.
+# lab_build_guest_initrd packs the domU initramfs: busybox, guestprog, guest-balloon
+# (started by the guest's init with lab_guest_balloon_args), $LAB_GUEST_BINS (a
+# guest-balloon among them replaces the built one).
 lab_build_guest_initrd() {
-	local out=$LAB_CACHE/guest-initrd.gz key b
-	local bins=()
-	read -r -a bins <<<"${LAB_GUEST_BINS:-}"
-	for b in "${bins[@]}"; do
+	local out=$LAB_CACHE/guest-initrd.gz key b balloon_args
+	local bins=() user_bins=()
+	[[ ${LAB_GUEST_BALLOON:-1} == 0 ]] || bins+=("$LAB_CACHE/bin/guest-balloon")
+	read -r -a user_bins <<<"${LAB_GUEST_BINS:-}"
+	for b in "${user_bins[@]}"; do
 		[[ -f $b && -x $b ]] || die "LAB_GUEST_BINS: $b is not an executable file"
 	done
+	bins+=("${user_bins[@]}")
+	balloon_args=$(lab_guest_balloon_args)
 	key=$( {
 		files_hash /bin/busybox "$LAB_CACHE/bin/guestprog" "$LAB_DIR/guest/init" "${bins[@]}"
-		echo "${LAB_GUEST_BALLOON_ARGS:-}"
+		echo "$balloon_args"
 	} | hash_of)
 	if [[ -f $out ]] && stamp_ok guest-initrd "$key"; then
 		log "guest initrd: cached $out"
@@ -248,7 +290,7 @@ lab_build_guest_initrd() {
 		cp -L "$b" "$root/usr/local/bin/$(basename "$b")"
 		rootfs_libs "$root" "$b"
 	done
-	[[ -z ${LAB_GUEST_BALLOON_ARGS:-} ]] || printf '%s\n' "$LAB_GUEST_BALLOON_ARGS" >"$root/etc/guest-balloon.args"
+	[[ -z $balloon_args ]] || printf '%s\n' "$balloon_args" >"$root/etc/guest-balloon.args"
 	rootfs_pack "$root" "$out"
 	stamp_set guest-initrd "$key"
 	log "guest initrd: built $out ($(du -h "$out" | cut -f1))"
@@ -266,6 +308,9 @@ lab_build_dom0_initrd() {
 	kver=${kernel#/boot/vmlinuz-}
 	local extra_bins=() extra_sc=()
 	read -r -a extra_bins <<<"${LAB_EXTRA_BINS:-}"
+	# The built-in scenarios run xl-postcopy: ship ours first, so an xl-postcopy in
+	# $LAB_EXTRA_BINS (copied later) replaces it.
+	extra_bins=("$LAB_CACHE/bin/xl-postcopy" "${extra_bins[@]}")
 	read -r -a extra_sc <<<"${LAB_EXTRA_SCENARIOS:-}"
 	for f in "${extra_bins[@]}"; do
 		[[ -f $f && -x $f ]] || die "LAB_EXTRA_BINS: $f is not an executable file"
@@ -347,6 +392,7 @@ lab_build_all() {
 	lab_install_packages
 	lab_build_xen
 	lab_build_guestprog
+	lab_build_project_bins
 	lab_build_guest_initrd
 	lab_build_dom0_initrd
 }
@@ -367,13 +413,19 @@ lab_qemu_args() {
 	# helper, cgo binaries) aborted with heap corruption and xl migrate read garbage pfn types
 	# (0x3fe999999999a1c4 is the double 0.8): suspected AVX/XSAVE emulation bugs, so the guest CPU
 	# offers no AVX and glibc takes its SSE2 paths. LAB_CPU overrides.
+	# spec-ctrl=eager-fpu (Xen): on this AMD CPU model Xen switches FPU state lazily (CR0.TS
+	# and #NM), and under TCG's SVM emulation guest FPU/XMM state leaked into dom0 processes
+	# whenever an HVM/PVH guest ran: busybox and glibc died of GPFs, xc read doubles as pfn
+	# types. Eager switching ended it (first clean post-copy run). asid=0 makes Xen flush
+	# the TLB on every VMRUN instead of trusting TCG with ASID-tagged entries. LAB_XEN_ARGS
+	# replaces both.
 	# shellcheck disable=SC2034,SC2054 # used by the callers; commas belong to QEMU options
 	LAB_QEMU=(
 		qemu-system-x86_64 -machine pc -accel "tcg,thread=${LAB_TCG_THREAD:-multi}"
 		-cpu "${LAB_CPU:-EPYC,+svm,+npt,-monitor,-rdtscp,-avx,-avx2}" -smp "${LAB_SMP:-2}" -m "${LAB_QEMU_MEM:-2048}"
 		-display none -vga none -net none -no-reboot -monitor none
 		-kernel "$LAB_CACHE/xen.elf"
-		-append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all smap=0"
+		-append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all smap=0 ${LAB_XEN_ARGS-spec-ctrl=eager-fpu asid=0}"
 		-initrd "$kernel console=hvc0 earlyprintk=xen rdinit=/init lab.mode=$mode lab.builtin=${LAB_BUILTIN:-1} lab.scenario_timeout=${LAB_SCENARIO_TIMEOUT:-480},$LAB_CACHE/dom0-initrd.gz"
 	)
 }

@@ -21,9 +21,21 @@ pc_dump() {
 	xl list
 	_lab_dump "$n"
 	_f=$LAB_CONSOLE_DIR/guest-$n--incoming.log
+	[ -f "$_f" ] && { echo "--- head $_f"; tr -d '\r' <"$_f" | grep -v '^progress ' | head -n 60; }
 	if [ -f "$_f" ] && grep -q -E 'BUG|Oops|panic|WARNING|general protection' "$_f"; then
 		echo "--- first oops in $_f"
 		tr -d '\r' <"$_f" | grep -v '^progress ' | grep -n -E -A45 -B12 'BUG|Oops|panic|WARNING|general protection' | head -n 90
+	fi
+	_id=$(lab_domid "$n")
+	if [ -n "$_id" ]; then
+		# Is the guest alive without its console? guestprog dirties pages all the time.
+		xl-postcopy trace "$_id" --interval 100ms --duration 3s -o /tmp/pc-alive.trace 2>&1 | tail -n 2 | sed 's/^/alive-trace: /'
+		for _x in /usr/lib/xen-4.17/bin/xenctx xenctx; do
+			[ -x "$_x" ] || command -v "$_x" >/dev/null 2>&1 || continue
+			"$_x" -a "$_id" 0 2>&1 | head -n 30 | sed 's/^/xenctx: /'
+			break
+		done
+		xenstore-ls "/local/domain/$_id" 2>&1 | head -n 40 | sed 's/^/xenstore: /'
 	fi
 	xl dmesg | grep -v 'HVM.*save:\|HVM.*restore:' | tail -n 25
 }
@@ -64,7 +76,7 @@ pc_migrate() {
 	_seq0=$(lab_last_progress "$(lab_console_log "$n")")
 	watch_start "$_id" "$_l"
 	_t0=$(lab_now)
-	xl-postcopy migrate -s '' -C "/tmp/$n.cfg" --json --debug "$@" "$n" localhost >"/tmp/pc-$_l.json" 2>"/tmp/pc-$_l.err"
+	xl-postcopy migrate -s '' -C "/tmp/$n.cfg" --json --debug $PC_MIGRATE_OPTS "$@" "$n" localhost >"/tmp/pc-$_l.json" 2>"/tmp/pc-$_l.err"
 	_rc=$?
 	_wall=$(lab_since "$_t0")
 	_dt=$(watch_end "$_l")
@@ -92,8 +104,13 @@ pc_migrate() {
 	return 0
 }
 
+# Extra options for every xl-postcopy migrate (debugging).
+PC_MIGRATE_OPTS=${PC_MIGRATE_OPTS:---balloon=false}
 st=0
-lab_create_guest "$n" pvh 'tsc_mode="native"' 'on_reboot="preserve"' || {
+# The guest kernel logs at loglevel 6 here: its resume messages are the evidence when a
+# resumed guest does not go on.
+lab_create_guest "$n" pvh 'tsc_mode="native"' 'on_reboot="preserve"' \
+	"extra = \"console=hvc0 loglevel=6 lab.mib=16 lab.rate=256\"" || {
 	lab_result postcopy-dual FAIL reason=create
 	exit 1
 }
