@@ -343,6 +343,9 @@ func (s stdioConn) Close() error                { return errors.Join(s.r.Close()
 
 func runMigrateReceive(urgentFD int, listenTok string, debug bool) error {
 	logf := debugf(debug, "migrate-receive")
+	if urgentFD < 0 && listenTok == "" {
+		return usagef("migrate-receive needs --urgent-fd or --urgent-listen (it is started by `xl-postcopy migrate`)")
+	}
 	var bulk io.ReadWriteCloser = stdioConn{r: os.Stdin, w: os.Stdout}
 	// Nothing else may write to stdout: it is the stream.
 	os.Stdout = os.Stderr

@@ -14,6 +14,8 @@ pv=lab-pcpv
 
 # jget FILE KEY prints a top-level number/bool of xl-postcopy's JSON (two-space indent).
 jget() { sed -n "s/^  \"$2\": \([^,{]*\),*\$/\1/p" "$1" | head -n 1 | tr -d '"'; }
+# jget2 FILE KEY prints a key of a nested object ("xen", "dsb": four-space indent).
+jget2() { sed -n "s/^    \"$2\": \([^,{]*\),*\$/\1/p" "$1" | head -n 1 | tr -d '"'; }
 
 pc_dump() {
 	echo "--- xl-postcopy stderr ($1)"
@@ -85,6 +87,8 @@ pc_migrate() {
 	_kv="$_kv bytes=$(jget "$_j" total_bytes) pages=$(jget "$_j" pages) pages_sent=$(jget "$_j" pages_sent)"
 	_kv="$_kv core_pages=$(jget "$_j" core_pages) network_faults=$(jget "$_j" network_faults) faults=$(jget "$_j" faults)"
 	_kv="$_kv duplicate_pages=$(jget "$_j" duplicate_pages) verified=$(jget "$_j" verified) seq_before=$_seq0"
+	_kv="$_kv ram_pages=$(jget2 "$_j" ram_pages) page_table_pages=$(jget2 "$_j" page_table_pages) per_cpu_pages=$(jget2 "$_j" per_cpu_pages)"
+	_kv="$_kv suspend_ms=$(jget2 "$_j" suspend_ms) balloon_released_kb=$(jget2 "$_j" released_kb)"
 	if [ "$_rc" != 0 ]; then
 		lab_result "postcopy-$_l" FAIL reason=exit-$_rc $_kv
 		pc_dump "$_l"
@@ -104,8 +108,8 @@ pc_migrate() {
 	return 0
 }
 
-# Extra options for every xl-postcopy migrate (debugging).
-PC_MIGRATE_OPTS=${PC_MIGRATE_OPTS:---balloon=false}
+# Extra options for every xl-postcopy migrate (e.g. --balloon=false).
+PC_MIGRATE_OPTS=${PC_MIGRATE_OPTS:-}
 st=0
 # The guest kernel logs at loglevel 6 here: its resume messages are the evidence when a
 # resumed guest does not go on.
