@@ -173,6 +173,34 @@ func formatOf(m Mode) (format, bool) {
 // On error the Result holds the tables found so far (sorted), so a caller
 // may still use a partial walk.
 func Walk(mode Mode, cr3, maxGFN uint64, read func(gfn uint64) ([]byte, error), limit int) (Result, error) {
+	batch := func(gfns []uint64) ([][]byte, error) {
+		out := make([][]byte, len(gfns))
+		for i, g := range gfns {
+			p, err := read(g)
+			if err != nil {
+				return out[:i], err
+			}
+			out[i] = p
+		}
+		return out, nil
+	}
+	return walk(mode, cr3, maxGFN, batch, limit, false)
+}
+
+// BatchReader returns the contents of several guest pages (each at least
+// PageSize bytes); on error, the pages read before the failing one.
+type BatchReader func(gfns []uint64) ([][]byte, error)
+
+// WalkKernel walks only the kernel half of a 4-level long-mode address
+// space (PML4 entries 256–511, shared by every process of a 64-bit
+// kernel), reading each level's tables with one call of read. The tables
+// of user processes are left out: the hypervisor walks guest page tables
+// for the guest kernel's hypercall arguments, which live in kernel space.
+func WalkKernel(cr3, maxGFN uint64, read BatchReader, limit int) (Result, error) {
+	return walk(LongMode4, cr3, maxGFN, read, limit, true)
+}
+
+func walk(mode Mode, cr3, maxGFN uint64, read BatchReader, limit int, kernelOnly bool) (Result, error) {
 	f, ok := formatOf(mode)
 	if !ok {
 		return Result{}, fmt.Errorf("ptwalk: %v: %w", mode, ErrUnsupportedMode)
@@ -190,11 +218,14 @@ func Walk(mode Mode, cr3, maxGFN uint64, read func(gfn uint64) ([]byte, error), 
 	frontier := []uint64{root}
 	for lvl := f.levels; lvl >= 2 && len(frontier) > 0; lvl-- {
 		var next []uint64
-		for _, gfn := range frontier {
-			page, err := read(gfn)
-			if err != nil {
-				return w.done(), fmt.Errorf("ptwalk: %v: reading level-%d table at gfn %#x: %w", mode, lvl, gfn, err)
+		pages, readErr := read(frontier)
+		for k, gfn := range frontier {
+			if k >= len(pages) {
+				// The pages before the failed one still count: a caller
+				// may use a partial walk.
+				return w.done(), fmt.Errorf("ptwalk: %v: reading level-%d table at gfn %#x: %w", mode, lvl, gfn, readErr)
 			}
+			page := pages[k]
 			if len(page) < PageSize {
 				return w.done(), fmt.Errorf("ptwalk: %v: level-%d table at gfn %#x: read %d bytes, want %d", mode, lvl, gfn, len(page), PageSize)
 			}
@@ -204,9 +235,16 @@ func Walk(mode Mode, cr3, maxGFN uint64, read func(gfn uint64) ([]byte, error), 
 				// its page; the rest of the page is unrelated data.
 				off, n = int(cr3&paeCR3&(PageSize-1)), 4
 			}
+			if kernelOnly && lvl == f.levels {
+				off, n = PageSize/2, 256 // PML4 entries 256..511
+			}
+			var err error
 			if next, err = w.entries(page[off:], n, lvl, gfn, next); err != nil {
 				return w.done(), err
 			}
+		}
+		if readErr != nil {
+			return w.done(), fmt.Errorf("ptwalk: %v: reading level-%d tables: %w", mode, lvl, readErr)
 		}
 		frontier = next
 	}

@@ -55,3 +55,45 @@ func TestTranslate(t *testing.T) {
 	_, err = Translate(1<<12, base|510<<30|0<<21|5<<12, read)
 	require.ErrorContains(t, err, "level-1 table at gfn 0x4")
 }
+
+func TestWalkKernelSkipsUserHalfAndBatches(t *testing.T) {
+	mem := map[uint64][]byte{}
+	set := func(g uint64, idx int, v uint64) {
+		if mem[g] == nil {
+			mem[g] = make([]byte, PageSize)
+		}
+		binary.LittleEndian.PutUint64(mem[g][idx*8:], v)
+	}
+	set(1, 5, 2<<12|7)   // user half -> PDPT 2
+	set(2, 0, 6<<12|7)   // -> PD 6 (user)
+	set(1, 300, 3<<12|3) // kernel half -> PDPT 3
+	set(3, 0, 4<<12|3)   // -> PD 4
+	set(4, 0, 5<<12|3)   // -> PT 5
+	set(6, 0, 7<<12|7)   // -> PT 7 (user)
+	var calls [][]uint64
+	batch := func(gfns []uint64) ([][]byte, error) {
+		calls = append(calls, append([]uint64(nil), gfns...))
+		out := make([][]byte, len(gfns))
+		for i, g := range gfns {
+			out[i] = mem[g]
+			if out[i] == nil {
+				return out[:i], fmt.Errorf("gfn %#x missing", g)
+			}
+		}
+		return out, nil
+	}
+	res, err := WalkKernel(1<<12, 0, batch, 0)
+	require.NoError(t, err)
+	require.Equal(t, []uint64{1, 3, 4, 5}, res.Tables)
+	require.Equal(t, [][]uint64{{1}, {3}, {4}}, calls, "one batch per level, L1 tables never read")
+
+	read := func(g uint64) ([]byte, error) {
+		if b := mem[g]; b != nil {
+			return b, nil
+		}
+		return nil, fmt.Errorf("gfn %#x missing", g)
+	}
+	all, err := Walk(LongMode4, 1<<12, 0, read, 0)
+	require.NoError(t, err)
+	require.Equal(t, []uint64{1, 2, 3, 4, 5, 6, 7}, all.Tables, "Walk still covers both halves")
+}

@@ -39,10 +39,13 @@ const (
 
 // Page-table gfns: vCPU 0's tree and vCPU 1's tree (which shares a PDPT).
 var (
-	ptCR3a  = uint64(100)
-	ptCR3b  = uint64(110)
-	ptGFNs  = []uint64{100, 101, 102, 103, 104, 110, 111, 112}
-	special = []uint64{fStorePFN, fConsPFN, fSharedPFN}
+	ptCR3a = uint64(100)
+	ptCR3b = uint64(110)
+	ptGFNs = []uint64{100, 101, 102, 103, 104, 110, 111, 112}
+	// kernelPTGFNs are the tables reachable from the kernel half (PML4
+	// entries 256..511): the only ones the source sends with the core.
+	kernelPTGFNs = []uint64{100, 104, 110, 111, 112}
+	special      = []uint64{fStorePFN, fConsPFN, fSharedPFN}
 )
 
 // perCPUVA is vCPU 0's per-CPU area, mapped by PD 112's 2 MiB leaf at

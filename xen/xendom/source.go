@@ -498,6 +498,35 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 		cache[gfn] = page
 		return page, nil
 	}
+	readBatch := func(gfns []uint64) ([][]byte, error) {
+		var miss []uint64
+		for _, g := range gfns {
+			if _, ok := cache[g]; !ok {
+				if _, ram := s.index(g); !ram {
+					return nil, fmt.Errorf("gfn %#x is not RAM", g)
+				}
+				miss = append(miss, g)
+			}
+		}
+		if len(miss) > 0 {
+			buf := make([]byte, len(miss)*PageSize)
+			failed, err := s.opt.HV.ReadPages(s.opt.Dom, miss, buf)
+			if err != nil {
+				return nil, err
+			}
+			if len(failed) > 0 {
+				return nil, fmt.Errorf("gfn %#x not mappable", miss[failed[0]])
+			}
+			for i, g := range miss {
+				cache[g] = buf[i*PageSize : (i+1)*PageSize]
+			}
+		}
+		out := make([][]byte, len(gfns))
+		for i, g := range gfns {
+			out[i] = cache[g]
+		}
+		return out, nil
+	}
 	var tables, percpu []uint64
 	var skipped uint64
 	for _, c := range cpus {
@@ -506,7 +535,13 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 			s.opt.Logf("vcpu %d: paging off or unsupported (cr0=%#x cr4=%#x efer=%#x): no page tables", c.VCPU, c.CR0, c.CR4, c.EFER)
 			continue
 		}
-		res, err := ptwalk.Walk(mode, c.CR3, s.maxGFN, read, 1<<16)
+		var res ptwalk.Result
+		if mode == ptwalk.LongMode4 {
+			// A 64-bit kernel: only the kernel half, a level per mapping.
+			res, err = ptwalk.WalkKernel(c.CR3, s.maxGFN, readBatch, 1<<16)
+		} else {
+			res, err = ptwalk.Walk(mode, c.CR3, s.maxGFN, read, 1<<16)
+		}
 		if err != nil {
 			return nil, fmt.Errorf("walk the page tables of vcpu %d (cr3 %#x): %w", c.VCPU, c.CR3, err)
 		}

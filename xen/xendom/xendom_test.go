@@ -226,8 +226,8 @@ func TestPostcopyMigrationEndToEnd(t *testing.T) {
 	// Page tables were in before the guest ran; the registers and TSC
 	// are the source's.
 	r.hv.mu.Lock()
-	for _, g := range ptGFNs {
-		require.True(t, dst.loadedAtUnpause[g], "page-table gfn %#x not loaded before unpause", g)
+	for _, g := range kernelPTGFNs {
+		require.True(t, dst.loadedAtUnpause[g], "kernel page-table gfn %#x not loaded before unpause", g)
 	}
 	// Both vCPUs' per-CPU areas: 2 x 64 pages from gfn 0x200.
 	for g := uint64(0x200); g < 0x200+2*PerCPUSpan/PageSize; g++ {
@@ -238,10 +238,10 @@ func TestPostcopyMigrationEndToEnd(t *testing.T) {
 	require.Equal(t, r.src.tsc, *dst.setTSC)
 	require.Empty(t, r.src.resumes, "the source was resumed after a successful migration")
 	r.hv.mu.Unlock()
-	require.Equal(t, uint64(len(ptGFNs)), r.srcBE.Stats().PageTablePages)
+	require.Equal(t, uint64(len(kernelPTGFNs)), r.srcBE.Stats().PageTablePages)
 	require.Equal(t, uint64(2*PerCPUSpan/PageSize), r.srcBE.Stats().PerCPUPages)
-	// PD 102's entry beyond max gpfn, met once by each vCPU's walk.
-	require.Equal(t, uint64(2), r.srcBE.Stats().WalkSkipped)
+	// PD 102's entry beyond max gpfn is in the user half: not walked.
+	require.Equal(t, uint64(0), r.srcBE.Stats().WalkSkipped)
 
 	// Toolstack: NAME--incoming created from the source's config, the
 	// source renamed away and destroyed, the destination kept.
@@ -311,7 +311,7 @@ func TestFailureBeforeSuspendKeepsSourceRunning(t *testing.T) {
 // cannot be loaded) resumes the suspended guest with a fast resume.
 func TestFailureAfterSuspendResumesSource(t *testing.T) {
 	r := newRig(t)
-	r.hv.loadErrGFN[101] = true
+	r.hv.loadErrGFN[111] = true // a kernel PDPT: a core page, loaded before GO
 	r.startDestGuest(10, 1)
 	r.migrate(t, wire.ModePostcopy)
 	require.Error(t, r.serr)
