@@ -209,9 +209,7 @@ func init() {
 			}{st, workload, res.OpsAtStart, res.OpsAtEnd, res.Continued}
 			if asJSON {
 				out.Stats.FaultTimeline = nil
-				enc := json.NewEncoder(os.Stdout)
-				enc.SetIndent("", "  ")
-				if err := enc.Encode(out); err != nil {
+				if err := printJSON(out); err != nil {
 					return err
 				}
 			} else {
@@ -223,6 +221,13 @@ func init() {
 			return nil
 		},
 	})
+}
+
+// printJSON writes v on stdout as indented JSON (the --json outputs).
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 func printStats(st *engine.Stats, res *lab.Result) {

@@ -268,9 +268,7 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	}{st, host, src.Stats(), dsb}
 	if f.asJSON {
 		out.Stats.FaultTimeline = nil
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(out); err != nil {
+		if err := printJSON(out); err != nil {
 			return err
 		}
 	} else {
