@@ -422,7 +422,7 @@ lab_qemu_args() {
 	# shellcheck disable=SC2034,SC2054 # used by the callers; commas belong to QEMU options
 	LAB_QEMU=(
 		qemu-system-x86_64 -machine pc -accel "tcg,thread=${LAB_TCG_THREAD:-multi}"
-		-cpu "${LAB_CPU:-EPYC,+svm,+npt,-monitor,-rdtscp,-avx,-avx2}" -smp "${LAB_SMP:-2}" -m "${LAB_QEMU_MEM:-2048}"
+		-cpu "${LAB_CPU:-EPYC,+svm,+npt,-monitor,-rdtscp,-avx,-avx2}" -smp "${LAB_SMP:-1}" -m "${LAB_QEMU_MEM:-2048}"
 		-display none -vga none -net none -no-reboot -monitor none
 		-kernel "$LAB_CACHE/xen.elf"
 		-append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all smap=0 ${LAB_XEN_ARGS-spec-ctrl=eager-fpu asid=0}"
