@@ -555,7 +555,17 @@ func (d *Dest) destroy() error {
 	return d.opt.XL.Destroy(d.dom)
 }
 
-// Rename gives the domain its own name once the source copy is gone.
-func (d *Dest) Rename() error { return d.opt.XL.Rename(d.dom, d.cfg.Name) }
+// Rename gives the domain its own name. The source renames its copy
+// NAME--migratedaway in the background from GO on; in the rare case that
+// has not finished yet (a short migration), the name is still taken, so
+// the rename is retried for a while.
+func (d *Dest) Rename() error {
+	var err error
+	for end := time.Now().Add(15 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		if err = d.opt.XL.Rename(d.dom, d.cfg.Name); err == nil || time.Now().After(end) {
+			return err
+		}
+	}
+}
 
 func msSince(t time.Time) float64 { return float64(time.Since(t).Microseconds()) / 1000 }

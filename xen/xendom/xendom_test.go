@@ -524,3 +524,26 @@ func TestDestRingLoop(t *testing.T) {
 	require.Equal(t, uint64(1), st.Loaded)
 	require.Empty(t, hv.errs)
 }
+
+// busyXL refuses a rename while the name is still taken, like xl does.
+type busyXL struct {
+	fakeXL
+	busy  int // renames refused before one succeeds
+	tries int
+}
+
+func (b *busyXL) Rename(dom uint32, name string) error {
+	b.tries++
+	if b.tries <= b.busy {
+		return fmt.Errorf("xl rename %d %s: domain with name %q already exists", dom, name, name)
+	}
+	return b.fakeXL.Rename(dom, name)
+}
+
+func TestDestRenameWaitsForTheName(t *testing.T) {
+	xl := &busyXL{busy: 2}
+	d := &Dest{opt: DestOptions{XL: xl}, dom: 7, cfg: DomainConfig{Name: "vm1"}}
+	require.NoError(t, d.Rename())
+	require.Equal(t, 3, xl.tries, "retried until the source's copy gave the name up")
+	require.Equal(t, []string{"7:vm1"}, xl.renames)
+}
