@@ -46,7 +46,7 @@ func init() {
 		setup: func(fs *pflag.FlagSet) {
 			fs.StringVarP(&f.ssh, "ssh", "s", "ssh", "command that reaches host (the receiver runs as `CMD HOST xl-postcopy migrate-receive`); '' runs the receiver locally, host is then only a label")
 			fs.StringVarP(&f.config, "config", "C", "", "xl config file the destination creates the domain from (default /etc/xen/NAME.cfg or /etc/xen/NAME)")
-			fs.StringVar(&f.mode, "mode", "postcopy", "postcopy, hybrid or precopy (PV domains: precopy only, done by `xl migrate`)")
+			fs.StringVar(&f.mode, "mode", "postcopy", "postcopy, hybrid or precopy (PV and non-HAP HVM domains: precopy only, done by `xl migrate`)")
 			fs.StringVar(&f.prepaging, "prepaging", "dual", "post-copy push order: "+strings.Join(engine.PolicyNames, ", "))
 			fs.BoolVar(&f.balloon, "balloon", true, "if guest-balloon runs in the guest, ask it to give its free memory back first (those pages are then not sent)")
 			fs.DurationVar(&f.record, "record", time.Second, "pre-record policies: longest recording of the trajectory before the switchover")
@@ -182,16 +182,13 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	if err != nil {
 		return fmt.Errorf("name of domain %d: %w", dom, err)
 	}
-	if !info.HVM {
+	if refuse := xendom.RefusePostcopy(info); refuse != nil {
+		// No vm_event paging for this domain (PV, or HVM on shadow
+		// paging): post-copy and hybrid are impossible, pre-copy is xl's.
 		if mode != wire.ModePrecopy {
-			return fmt.Errorf("domain %s: %w", name, xendom.RefusePostcopy(info))
+			return fmt.Errorf("domain %s: %w", name, refuse)
 		}
-		return migratePV(f, xs, dom, name, host, logf)
-	}
-	if mode != wire.ModePrecopy {
-		if err := xendom.RefusePostcopy(info); err != nil {
-			return fmt.Errorf("domain %s: %w", name, err)
-		}
+		return migrateByXL(f, xs, dom, name, host, info.Kind(), logf)
 	}
 	cfgText, cfgPath, err := findConfig(f.config, name)
 	if err != nil {
@@ -292,9 +289,9 @@ func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {
 	}
 }
 
-// migratePV hands a PV domain to `xl migrate` (pre-copy; PV has no
-// vm_event paging), after ballooning.
-func migratePV(f migrateFlags, xs *xenstore.Client, dom uint32, name, host string, logf func(string, ...any)) error {
+// migrateByXL hands a domain without vm_event paging (PV, or HVM without
+// HAP) to `xl migrate` for pre-copy, after ballooning.
+func migrateByXL(f migrateFlags, xs *xenstore.Client, dom uint32, name, host, kind string, logf func(string, ...any)) error {
 	var dsb dsbReport
 	if f.balloon {
 		dsb = balloonFirst(xs, dom, logf)
@@ -310,7 +307,7 @@ func migratePV(f migrateFlags, xs *xenstore.Client, dom uint32, name, host strin
 	}
 	args = append(args, "-s", f.ssh, name, target)
 	if !f.asJSON {
-		fmt.Fprintf(os.Stderr, "%s is a PV domain: pre-copy by xl %s\n", name, strings.Join(args, " "))
+		fmt.Fprintf(os.Stderr, "%s (%s) has no vm_event paging: pre-copy by xl %s\n", name, kind, strings.Join(args, " "))
 	}
 	start := time.Now()
 	cmd := exec.Command("xl", args...)
