@@ -205,28 +205,19 @@ func (d *Dest) reconcile() error {
 	if g := d.gfns[len(d.gfns)-1]; g > top {
 		top = g
 	}
+	ram, err := ramGFNs(d.opt.HV, d.dom, top)
+	if err != nil {
+		return fmt.Errorf("the new domain: %w", err)
+	}
 	var populate, release []uint64
-	const batch = 1024
-	probe := make([]uint64, 0, batch)
-	for base := uint64(0); base <= top; base += batch {
-		probe = probe[:0]
-		for g := base; g <= top && g < base+batch; g++ {
-			probe = append(probe, g)
+	for _, g := range d.gfns {
+		if _, ok := slices.BinarySearch(ram, g); !ok {
+			populate = append(populate, g)
 		}
-		types, err := d.opt.HV.PageTypes(d.dom, probe)
-		if err != nil {
-			return fmt.Errorf("page types of the new domain: %w", err)
-		}
-		for i, t := range types {
-			g := probe[i]
-			ram := t != xenctrl.PageInvalid && t != xenctrl.PageXAlloc && t != xenctrl.PageBroken
-			_, want := slices.BinarySearch(d.gfns, g)
-			switch {
-			case want && !ram:
-				populate = append(populate, g)
-			case !want && ram && !special[g]:
-				release = append(release, g)
-			}
+	}
+	for _, g := range ram {
+		if _, want := slices.BinarySearch(d.gfns, g); !want && !special[g] {
+			release = append(release, g)
 		}
 	}
 	if len(release) > 0 {

@@ -65,6 +65,31 @@ type Ring interface {
 // PageSize is the x86 page size, the only one this backend handles.
 const PageSize = 4096
 
+// ramGFNs returns, ascending, the gfns in [0, top] that hold RAM in dom
+// (a page type other than invalid, xalloc or broken), asking Xen for the
+// types 1024 gfns at a time.
+func ramGFNs(hv Hypervisor, dom uint32, top uint64) ([]uint64, error) {
+	const batch = 1024
+	var ram []uint64
+	probe := make([]uint64, 0, batch)
+	for base := uint64(0); base <= top; base += batch {
+		probe = probe[:0]
+		for g := base; g <= top && g < base+batch; g++ {
+			probe = append(probe, g)
+		}
+		types, err := hv.PageTypes(dom, probe)
+		if err != nil {
+			return nil, fmt.Errorf("page types of gfns %#x..%#x: %w", probe[0], probe[len(probe)-1], err)
+		}
+		for i, t := range types {
+			if t != xenctrl.PageInvalid && t != xenctrl.PageXAlloc && t != xenctrl.PageBroken {
+				ram = append(ram, probe[i])
+			}
+		}
+	}
+	return ram, nil
+}
+
 // Xen is the Hypervisor of a real dom0.
 type Xen struct {
 	*xenctrl.Handle

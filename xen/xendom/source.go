@@ -201,26 +201,16 @@ func NewSource(opt SourceOptions) (*Source, error) {
 		special["shared_info"] = g
 		skip[g] = true
 	}
-	const batch = 1024
-	probe := make([]uint64, 0, batch)
-	for base := uint64(0); base <= max; base += batch {
-		probe = probe[:0]
-		for g := base; g <= max && g < base+batch; g++ {
-			probe = append(probe, g)
-		}
-		types, err := opt.HV.PageTypes(opt.Dom, probe)
-		if err != nil {
-			return nil, fmt.Errorf("page types of gfns %#x..%#x: %w", probe[0], probe[len(probe)-1], err)
-		}
-		for i, t := range types {
-			g := probe[i]
-			if skip[g] || t == xenctrl.PageInvalid || t == xenctrl.PageXAlloc || t == xenctrl.PageBroken {
-				s.stats.SkippedGFNs++
-				continue
-			}
+	ram, err := ramGFNs(opt.HV, opt.Dom, max)
+	if err != nil {
+		return nil, err
+	}
+	for _, g := range ram {
+		if !skip[g] {
 			s.gfns = append(s.gfns, g)
 		}
 	}
+	s.stats.SkippedGFNs = max + 1 - uint64(len(s.gfns))
 	if len(s.gfns) == 0 {
 		return nil, fmt.Errorf("domain %d has no RAM pages below gfn %#x", opt.Dom, max)
 	}
@@ -413,23 +403,14 @@ func (s *Source) checkNoNewRAM() error {
 	if err != nil {
 		return err
 	}
+	ram, err := ramGFNs(s.opt.HV, s.opt.Dom, max)
+	if err != nil {
+		return err
+	}
 	var fresh int
-	for g := uint64(0); g <= max; g += 1024 {
-		probe := make([]uint64, 0, 1024)
-		for x := g; x <= max && x < g+1024; x++ {
-			probe = append(probe, x)
-		}
-		types, err := s.opt.HV.PageTypes(s.opt.Dom, probe)
-		if err != nil {
-			return err
-		}
-		for i, t := range types {
-			if t == xenctrl.PageInvalid || t == xenctrl.PageXAlloc || t == xenctrl.PageBroken {
-				continue
-			}
-			if _, ok := s.index(probe[i]); !ok && !s.isSpecial(probe[i]) {
-				fresh++
-			}
+	for _, g := range ram {
+		if _, ok := s.index(g); !ok && !s.isSpecial(g) {
+			fresh++
 		}
 	}
 	if fresh > 0 {
@@ -480,24 +461,6 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 	// Tables are read once each: the walk and the per-CPU translations
 	// share most of them, and every read is a foreign mapping.
 	cache := map[uint64][]byte{}
-	read := func(gfn uint64) ([]byte, error) {
-		if p, ok := cache[gfn]; ok {
-			return p, nil
-		}
-		if _, ok := s.index(gfn); !ok {
-			return nil, fmt.Errorf("gfn %#x is not RAM", gfn)
-		}
-		page := make([]byte, PageSize)
-		failed, err := s.opt.HV.ReadPages(s.opt.Dom, []uint64{gfn}, page)
-		if err != nil {
-			return nil, err
-		}
-		if len(failed) > 0 {
-			return nil, fmt.Errorf("gfn %#x not mappable", gfn)
-		}
-		cache[gfn] = page
-		return page, nil
-	}
 	readBatch := func(gfns []uint64) ([][]byte, error) {
 		var miss []uint64
 		for _, g := range gfns {
@@ -526,6 +489,13 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 			out[i] = cache[g]
 		}
 		return out, nil
+	}
+	read := func(gfn uint64) ([]byte, error) {
+		p, err := readBatch([]uint64{gfn})
+		if err != nil {
+			return nil, err
+		}
+		return p[0], nil
 	}
 	var tables, percpu []uint64
 	var skipped uint64

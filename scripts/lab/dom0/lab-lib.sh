@@ -96,6 +96,18 @@ lab_console_log() {
 	if [ -f "$_b" ] && { ! [ -f "$_a" ] || [ "$_b" -nt "$_a" ]; }; then echo "$_b"; else echo "$_a"; fi
 }
 
+# lab_check_errors ERRS REASON succeeds when guestprog's errors= value ERRS is 0. Else it
+# sets _reason: REASON for pages the workload found wrong, progress-line-unreadable when ERRS
+# is not a number (a dom0 process died or read garbage while reading the log: not the guest).
+lab_check_errors() {
+	case $1 in
+	0) return 0 ;;
+	'' | *[!0-9]*) _reason=progress-line-unreadable ;;
+	*) _reason=$2 ;;
+	esac
+	return 1
+}
+
 # lab_last_progress LOG prints the last guestprog progress line's seq in LOG (0: none).
 lab_last_progress() {
 	[ -f "$1" ] || {
@@ -199,18 +211,7 @@ _lab_migrate_once() {
 	fi
 	_errs=$(lab_last_progress_line "$_log2" | sed -n 's/.*errors=\([0-9]*\).*/\1/p')
 	_kv="$_kv seq_last=$_seq2 guest_errors=${_errs:-unknown}"
-	case $_errs in
-	0) ;;
-	'' | *[!0-9]*)
-		# Seen once: a dom0 busybox process died of a GPF while reading the log.
-		_reason=progress-line-unreadable
-		return 1
-		;;
-	*)
-		_reason=corrupted-pages
-		return 1
-		;;
-	esac
+	lab_check_errors "$_errs" corrupted-pages || return 1
 	if [ "$_first" -le "$_seq0" ]; then
 		# The counter restarted: the guest rebooted or its memory was not carried over.
 		_reason=progress-counter-restarted
@@ -354,18 +355,7 @@ _lab_trace_once() {
 		_reason=no-dirty-pages
 		return 1
 	fi
-	case $_errs in
-	0) ;;
-	'' | *[!0-9]*)
-		# A dom0 busybox process died or read garbage (Known problems): not the guest.
-		_reason=progress-line-unreadable
-		return 1
-		;;
-	*)
-		_reason=guest-errors
-		return 1
-		;;
-	esac
+	lab_check_errors "$_errs" guest-errors || return 1
 	if ! awk -v r="$_ratio" -v lo="$LAB_TRACE_RATIO_MIN" -v hi="$LAB_TRACE_RATIO_MAX" \
 		'BEGIN { exit !(r != "inf" && r + 0 >= lo + 0 && r + 0 <= hi + 0) }'; then
 		_reason=dirtied-region-off-by-more-than-factor
@@ -460,17 +450,10 @@ _lab_bm_migrate() {
 		_reason=progress-counter-restarted$_n
 		return 1
 	fi
-	case $_e in
-	0) ;;
-	'' | *[!0-9]*)
-		_reason=progress-line-unreadable$_n
+	lab_check_errors "$_e" guest-errors || {
+		_reason=$_reason$_n
 		return 1
-		;;
-	*)
-		_reason=guest-errors$_n
-		return 1
-		;;
-	esac
+	}
 	return 0
 }
 
