@@ -406,6 +406,8 @@ lab_qemu_args() {
 	kernel=$(lab_kernel)
 	[[ ${LAB_BUILTIN:-1} =~ ^[01]$ ]] || die "LAB_BUILTIN must be 0 or 1, not '$LAB_BUILTIN'"
 	[[ ${LAB_SCENARIO_TIMEOUT:-480} =~ ^[0-9]+$ ]] || die "LAB_SCENARIO_TIMEOUT must be seconds, not '$LAB_SCENARIO_TIMEOUT'"
+	local pol=${LAB_PC_POLICIES:-dual}
+	[[ $pol =~ ^[a-z+]+(:[a-z+]+)*$ ]] || die "LAB_PC_POLICIES must be --prepaging policies joined by ':' (e.g. dual:record+lr+dbscan), not '$pol'"
 	case "$kernel $LAB_CACHE" in
 	*,* | *' '*' '*) die "QEMU splits -initrd at commas and spaces: use a LAB_CACHE path without them ($LAB_CACHE)" ;;
 	esac
@@ -426,6 +428,6 @@ lab_qemu_args() {
 		-display none -vga none -net none -no-reboot -monitor none
 		-kernel "$LAB_CACHE/xen.elf"
 		-append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all smap=0 ${LAB_XEN_ARGS-spec-ctrl=eager-fpu asid=0}"
-		-initrd "$kernel console=hvc0 earlyprintk=xen rdinit=/init lab.mode=$mode lab.builtin=${LAB_BUILTIN:-1} lab.scenario_timeout=${LAB_SCENARIO_TIMEOUT:-480},$LAB_CACHE/dom0-initrd.gz"
+		-initrd "$kernel console=hvc0 earlyprintk=xen rdinit=/init lab.mode=$mode lab.builtin=${LAB_BUILTIN:-1} lab.scenario_timeout=${LAB_SCENARIO_TIMEOUT:-480} lab.pc_policies=$pol,$LAB_CACHE/dom0-initrd.gz"
 	)
 }
