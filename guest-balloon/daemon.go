@@ -23,6 +23,7 @@ type options struct {
 	period        time.Duration
 	heartbeat     time.Duration
 	settleTimeout time.Duration
+	reassertDelay time.Duration // after memory/target is re-announced
 	procRoot      string
 	sysRoot       string
 	xenstorePath  string // "" picks like xenstore.Open
@@ -58,7 +59,17 @@ type daemon struct {
 	lastPub    time.Time
 	pubTarget  uint64
 	psiWarned  bool
+	// ownTarget is the target this daemon last wrote (0: none yet, or an
+	// administrator's memory/target change has taken over since).
+	ownTarget uint64
+	// domTarget is the domain's memory/target as last read from xenstore.
+	domTarget     string
+	domTargetSeen bool
 }
+
+// domainTargetKey is the toolstack's balloon target for the domain (kB),
+// relative to the domain's xenstore home.
+const domainTargetKey = "memory/target"
 
 func readKB(path string) (uint64, error) {
 	b, err := os.ReadFile(path)
@@ -180,6 +191,60 @@ func (d *daemon) setTarget(kb uint64) error {
 	if err != nil {
 		return fmt.Errorf("setting the balloon target to %d kB: %w", kb, err)
 	}
+	d.ownTarget = kb
+	return nil
+}
+
+// domainTargetEvent reads memory/target after its watch fired and reports
+// whether the daemon should put its own target back. The watch fires once
+// when it is set up, again whenever the toolstack writes the key, and again
+// when the guest resumes after a save/restore or a migration (the kernel
+// re-registers every watch). On resume the kernel's balloon driver also
+// re-reads memory/target — on the destination `xl create` wrote the
+// domain's configured size there — and grows the guest back to it, undoing
+// what this daemon gave back. The same value re-announced is that case; a
+// new value is an administrator's `xl mem-set`, which wins.
+func (d *daemon) domainTargetEvent(ctx context.Context) bool {
+	v, err := d.xs.Read(ctx, domainTargetKey)
+	if err != nil {
+		if !errors.Is(err, xenstore.ErrNotFound) {
+			d.log.Printf("reading %s: %v", domainTargetKey, err)
+		}
+		return false
+	}
+	v = strings.TrimSpace(v)
+	first, prev := !d.domTargetSeen, d.domTarget
+	d.domTarget, d.domTargetSeen = v, true
+	switch {
+	case first:
+		return false
+	case v != prev:
+		d.log.Printf("the domain's %s changed from %s to %s kB (xl mem-set?): following it", domainTargetKey, prev, v)
+		d.ownTarget = 0
+		return false
+	default:
+		return d.ownTarget != 0
+	}
+}
+
+// reassert puts back the target this daemon had set if something else
+// (the balloon driver, after a resume) replaced it.
+func (d *daemon) reassert() error {
+	if d.ownTarget == 0 {
+		return nil
+	}
+	cur, err := readKB(d.opt.targetPath())
+	if err != nil {
+		return fmt.Errorf("reading the balloon target: %w", err)
+	}
+	if cur == d.ownTarget {
+		return nil
+	}
+	own := d.ownTarget
+	if err := d.setTarget(own); err != nil {
+		return err
+	}
+	d.log.Printf("%s was re-announced (a restore or migration) and the balloon went to %d kB: back to %d kB", domainTargetKey, cur, own)
 	return nil
 }
 
@@ -397,7 +462,8 @@ func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) er
 		return d.tick(ctx)
 	}
 
-	var events <-chan xenstore.WatchEvent
+	var events, targetEvents <-chan xenstore.WatchEvent
+	var reassertAt <-chan time.Time
 	if d.xs != nil {
 		if a, err := d.xs.Read(ctx, control.Key(control.KeyAck)); err == nil {
 			if ack, err := control.ParseAck(a); err == nil {
@@ -410,6 +476,12 @@ func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) er
 		}
 		defer w.Close()
 		events = w.Events()
+		tw, err := d.xs.Watch(ctx, domainTargetKey)
+		if err != nil {
+			return fmt.Errorf("watching %s: %w", domainTargetKey, err)
+		}
+		defer tw.Close()
+		targetEvents = tw.Events()
 	}
 	tk := time.NewTicker(opt.period)
 	defer tk.Stop()
@@ -426,6 +498,20 @@ func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) er
 				return errors.Join(fmt.Errorf("xenstore connection lost: %w", d.xs.Err()), serr)
 			}
 			if err := d.handleRequest(ctx); err != nil {
+				d.log.Print(err)
+			}
+		case _, ok := <-targetEvents:
+			if !ok {
+				serr := d.shutdown()
+				return errors.Join(fmt.Errorf("xenstore connection lost: %w", d.xs.Err()), serr)
+			}
+			if d.domainTargetEvent(ctx) {
+				// Let the kernel's own watch apply memory/target first.
+				reassertAt = time.After(d.opt.reassertDelay)
+			}
+		case <-reassertAt:
+			reassertAt = nil
+			if err := d.reassert(); err != nil {
 				d.log.Print(err)
 			}
 		case <-tk.C:

@@ -285,3 +285,42 @@ func TestFlags(t *testing.T) {
 	assert.Equal(t, 2, realMain([]string{"extra"}))
 	assert.Equal(t, 0, realMain([]string{"--help"}))
 }
+
+// A resume (save/restore or migration) re-fires the memory/target watch
+// with the value it had, and the kernel's balloon driver goes back to that
+// size: the daemon puts its own target back. A changed value is an
+// administrator's, and the daemon leaves it alone from then on.
+func TestDaemonReassertsTargetAfterResume(t *testing.T) {
+	const maxKB = 131072
+	g := newGuestTree(t, maxKB, 61000, 81500)
+	g.opt.period = time.Hour // only the first step at start
+	xs, sock := newXenstore(t)
+	g.opt.xenstorePath = sock
+	domTarget := control.HomePath(domid) + "/" + domainTargetKey
+	xs.Set(domTarget, strconv.Itoa(maxKB))
+
+	var logs syncBuf
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, g.opt, log.New(&logs, "", 0), &logs) }()
+	waitFor(t, "a shrink step", func() bool { return g.target() < maxKB })
+	own := g.target()
+	waitFor(t, "published state", func() bool { v, _ := xs.Get(control.Path(domid, control.KeyState)); return v == "running" })
+
+	// The guest resumed on a new host: the driver re-read memory/target.
+	g.write(g.opt.targetPath(), strconv.Itoa(maxKB)+"\n")
+	xs.Set(domTarget, strconv.Itoa(maxKB))
+	waitFor(t, "the daemon's target back", func() bool { return g.target() == own })
+	assert.Contains(t, logs.String(), "re-announced")
+
+	// xl mem-set: a new value, which the driver applies and the daemon keeps.
+	g.write(g.opt.targetPath(), "100000\n")
+	xs.Set(domTarget, "100000")
+	waitFor(t, "the change logged", func() bool { return strings.Contains(logs.String(), "changed from 131072 to 100000") })
+	xs.Set(domTarget, "100000") // and a later re-announcement of it
+	time.Sleep(100 * time.Millisecond)
+	assert.Equal(t, uint64(100000), g.target(), "the administrator's target stays")
+
+	cancel()
+	require.NoError(t, <-done)
+}

@@ -46,6 +46,7 @@ func realMain(argv []string) int {
 	fs.DurationVar(&opt.period, "period", time.Second, "sampling period")
 	fs.DurationVar(&opt.heartbeat, "heartbeat", 10*time.Second, "republish the state in xenstore at least this often (also recreates it after a migration)")
 	fs.DurationVar(&opt.settleTimeout, "settle-timeout", 5*time.Second, "on balloon-now, wait this long for the driver to reach the target before acknowledging")
+	fs.DurationVar(&opt.reassertDelay, "reassert-delay", 2*time.Second, "when the domain's memory/target is re-announced unchanged (a restore or migration), wait this long, then put back the target this daemon had set")
 	fs.StringVar(&opt.procRoot, "proc", "/proc", "procfs mount (for tests)")
 	fs.StringVar(&opt.sysRoot, "sys", "/sys", "sysfs mount (for tests)")
 	fs.StringVar(&opt.xenstorePath, "xenstore", "", "xenstore device or socket (default: $XENSTORED_PATH, the xenstored socket, or /dev/xen/xenbus)")

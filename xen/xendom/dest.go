@@ -27,26 +27,30 @@ type DestOptions struct {
 
 // gfn states at the destination.
 const (
-	stEvicted = iota // paged out: a touch pauses the vCPU and asks us
-	stLoaded         // holds the source's content
-	stDropped        // Xen dropped the paged-out page (the guest mapped something else there)
+	stEvicted  = iota // paged out: a touch pauses the vCPU and asks us
+	stLoaded          // holds the source's content
+	stDropped         // Xen dropped the paged-out page (the guest mapped something else there)
+	stResident        // never paged out (the source's resident hint): its content comes with the core pages
 )
 
 // DestStats are the destination backend's figures.
 type DestStats struct {
-	CreateMs       float64 `json:"create_ms"`
-	EvictMs        float64 `json:"evict_ms"`
-	Evicted        uint64  `json:"evicted"`
-	Populated      uint64  `json:"populated"`       // gfns RAM at the source, not here after xl create
-	Released       uint64  `json:"released"`        // gfns RAM here, not at the source (ballooned there)
-	Requests       uint64  `json:"paging_requests"` // vm_event requests taken off the ring
-	ForeignReq     uint64  `json:"foreign_requests"`
-	Loaded         uint64  `json:"loaded"`
-	Overwritten    uint64  `json:"overwritten"` // pre-copy re-sends written over a loaded page
-	PlainResponses uint64  `json:"plain_responses"`
-	LoadMs         float64 `json:"load_ms"`        // time spent in page loads and writes (hypercalls)
-	Dropped        uint64  `json:"dropped"`        // paged-out gfns the guest replaced (DROP_PAGE requests)
-	DroppedPlaced  uint64  `json:"dropped_placed"` // pages that arrived for such gfns, not loaded
+	CreateMs        float64 `json:"create_ms"`
+	EvictMs         float64 `json:"evict_ms"`
+	Evicted         uint64  `json:"evicted"`
+	Resident        uint64  `json:"resident"`         // gfns of the source's hint, kept resident and written in the pause
+	ResidentWritten uint64  `json:"resident_written"` // of those, written before the resume
+	ResidentLate    uint64  `json:"resident_late"`    // of those, not sent before the resume: paged out then
+	Populated       uint64  `json:"populated"`        // gfns RAM at the source, not here after xl create
+	Released        uint64  `json:"released"`         // gfns RAM here, not at the source (ballooned there)
+	Requests        uint64  `json:"paging_requests"`  // vm_event requests taken off the ring
+	ForeignReq      uint64  `json:"foreign_requests"`
+	Loaded          uint64  `json:"loaded"`
+	Overwritten     uint64  `json:"overwritten"` // pre-copy re-sends written over a loaded page
+	PlainResponses  uint64  `json:"plain_responses"`
+	LoadMs          float64 `json:"load_ms"`        // time spent in page loads and writes (hypercalls)
+	Dropped         uint64  `json:"dropped"`        // paged-out gfns the guest replaced (DROP_PAGE requests)
+	DroppedPlaced   uint64  `json:"dropped_placed"` // pages that arrived for such gfns, not loaded
 }
 
 // Dest is the domain being received.
@@ -109,6 +113,18 @@ func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
 	d := &Dest{opt: opt, cfg: cfg, gfns: gfns, zero: make([]byte, PageSize), state: make([]uint8, len(gfns)),
 		pending: map[uint64][]xenctrl.Request{}, faults: make(chan []uint64, 64), closed: make(chan struct{}),
 		loopDone: make(chan struct{})}
+	resident, err := fromRanges(cfg.Resident, h.NumPages)
+	if err != nil {
+		return nil, fmt.Errorf("resident gfns in the stream: %w", err)
+	}
+	for _, g := range resident {
+		i, ok := slices.BinarySearch(gfns, g)
+		if !ok {
+			return nil, fmt.Errorf("resident gfn %#x in the stream is not one of the domain's pages", g)
+		}
+		d.state[i] = stResident
+	}
+	d.stats.Resident = uint64(len(resident))
 	if err := d.create(); err != nil {
 		if d.dom != 0 {
 			if derr := d.destroy(); derr != nil {
@@ -241,7 +257,12 @@ func (d *Dest) evictAll() error {
 	start := time.Now()
 	var failed []uint64
 	var firstErr error
+	n := 0
 	for i, g := range d.gfns {
+		if d.state[i] == stResident {
+			continue
+		}
+		n++
 		err := d.opt.HV.PagingNominate(d.dom, g)
 		if err == nil {
 			err = d.opt.HV.PagingEvict(d.dom, g)
@@ -277,16 +298,20 @@ func (d *Dest) evictAll() error {
 	}
 	d.opt.Progress("evict", len(d.gfns), len(d.gfns))
 	d.mu.Lock()
-	d.stats.Evicted = uint64(len(d.gfns))
+	d.stats.Evicted = uint64(n)
 	d.stats.EvictMs = msSince(start)
 	d.mu.Unlock()
-	d.opt.Logf("paged out %d gfns in %v", len(d.gfns), time.Since(start).Round(time.Millisecond))
+	d.opt.Logf("paged out %d gfns in %v (%d kept resident for the core pages)", n, time.Since(start).Round(time.Millisecond), len(d.gfns)-n)
 	return nil
 }
 
-// Place implements engine.Dest.
+// Place implements engine.Dest. A paged-out page goes in with one paging
+// hypercall; pages the domain holds (resident, or placed before in a
+// pre-copy round) are written through one foreign mapping per call.
 func (d *Dest) Place(pages []engine.Page) error {
 	var wake []xenctrl.Request
+	var wIdx, wGFN []uint64
+	var wBuf []byte
 	for _, p := range pages {
 		if p.PFN >= uint64(len(d.gfns)) {
 			return fmt.Errorf("page index %d beyond the domain's %d pages", p.PFN, len(d.gfns))
@@ -299,34 +324,53 @@ func (d *Dest) Place(pages []engine.Page) error {
 		d.mu.Lock()
 		st := d.state[p.PFN]
 		d.mu.Unlock()
-		if st == stDropped {
+		switch st {
+		case stDropped:
 			// The guest put something else at this gfn (Xen dropped the
 			// paged-out page): the page is not its memory any more.
 			d.mu.Lock()
 			d.stats.DroppedPlaced++
 			d.mu.Unlock()
 			continue
+		case stEvicted:
+		default:
+			wIdx, wGFN = append(wIdx, p.PFN), append(wGFN, g)
+			wBuf = append(wBuf, data...)
+			continue
 		}
-		var err error
 		t0 := time.Now()
-		if st == stEvicted {
-			err = d.opt.HV.PagingLoad(d.dom, g, data)
-		} else {
-			err = d.opt.HV.WritePage(d.dom, g, data)
-		}
-		if err != nil {
+		if err := d.opt.HV.PagingLoad(d.dom, g, data); err != nil {
 			return fmt.Errorf("load gfn %#x: %w", g, err)
 		}
 		d.mu.Lock()
 		d.stats.LoadMs += msSince(t0)
-		if st == stEvicted {
-			d.stats.Loaded++
-		} else {
-			d.stats.Overwritten++
-		}
+		d.stats.Loaded++
 		d.state[p.PFN] = stLoaded
 		wake = append(wake, d.pending[p.PFN]...)
 		delete(d.pending, p.PFN)
+		d.mu.Unlock()
+	}
+	if len(wGFN) > 0 {
+		t0 := time.Now()
+		failed, err := d.opt.HV.WritePages(d.dom, wGFN, wBuf)
+		if err == nil && len(failed) > 0 {
+			err = fmt.Errorf("gfn %#x cannot be mapped", wGFN[failed[0]])
+		}
+		if err != nil {
+			return fmt.Errorf("write %d resident gfns: %w", len(wGFN), err)
+		}
+		d.mu.Lock()
+		d.stats.LoadMs += msSince(t0)
+		for _, i := range wIdx {
+			if d.state[i] == stResident {
+				d.stats.ResidentWritten++
+			} else {
+				d.stats.Overwritten++
+			}
+			d.state[i] = stLoaded
+			wake = append(wake, d.pending[i]...)
+			delete(d.pending, i)
+		}
 		d.mu.Unlock()
 	}
 	if len(wake) > 0 {
@@ -492,6 +536,9 @@ func (d *Dest) Resume(core []byte) error {
 	if err := json.Unmarshal(core, &cs); err != nil {
 		return fmt.Errorf("core state: %w", err)
 	}
+	if err := d.evictLateResident(); err != nil {
+		return err
+	}
 	if err := d.opt.HV.SetTSCInfo(d.dom, cs.TSC); err != nil {
 		return fmt.Errorf("set TSC info: %w", err)
 	}
@@ -500,6 +547,39 @@ func (d *Dest) Resume(core []byte) error {
 	}
 	if err := d.opt.HV.Unpause(d.dom); err != nil {
 		return fmt.Errorf("unpause domain %d: %w", d.dom, err)
+	}
+	return nil
+}
+
+// evictLateResident pages out resident gfns nothing was written to: the
+// source sends every gfn of its hint with the core pages, so this is a
+// guard, but a resident gfn left as the domain builder wrote it would be
+// read by the guest as its memory without a fault.
+func (d *Dest) evictLateResident() error {
+	d.mu.Lock()
+	var late []uint64
+	for i, s := range d.state {
+		if s == stResident {
+			late = append(late, uint64(i))
+		}
+	}
+	d.mu.Unlock()
+	for _, i := range late {
+		g := d.gfns[i]
+		err := d.opt.HV.PagingNominate(d.dom, g)
+		if err == nil {
+			err = d.opt.HV.PagingEvict(d.dom, g)
+		}
+		if err != nil {
+			return fmt.Errorf("page out resident gfn %#x that the source did not send: %w", g, err)
+		}
+		d.mu.Lock()
+		d.state[i] = stEvicted
+		d.stats.ResidentLate++
+		d.mu.Unlock()
+	}
+	if len(late) > 0 {
+		d.opt.Logf("%d resident gfns were not sent before the resume: paged out", len(late))
 	}
 	return nil
 }

@@ -91,12 +91,15 @@ type fakeHV struct {
 
 	// Failure injection.
 	enablePagingErr error
-	loadErrGFN      map[uint64]bool
+	loadErrGFN      map[uint64]bool // PagingLoad and WritePages of these fail
 	// onUnpause runs (without the lock) when a domain is unpaused.
 	onUnpause func(dom uint32)
 	// destShape builds a new destination domain's memory (CreatePaused).
 	destShape func(d *fdom)
 	errs      []error // protocol violations seen by the fake
+
+	hvmReads     int // HVM context saves (running or paused domains)
+	writeBatches int // WritePages calls
 }
 
 func newFakeHV() *fakeHV {
@@ -305,9 +308,8 @@ func (h *fakeHV) HVMContext(id uint32) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !d.info.Shutdown && !d.info.Paused {
-		h.violation("HVM context of running domain %d", id)
-	}
+	// Xen pauses a running domain for the save itself: allowed.
+	h.hvmReads++
 	return slices.Clone(d.hvm), nil
 }
 
@@ -394,6 +396,35 @@ func (h *fakeHV) WritePage(id uint32, g uint64, src []byte) error {
 	d.loaded[g] = true
 	h.cond.Broadcast()
 	return nil
+}
+
+func (h *fakeHV) WritePages(id uint32, gfns []uint64, src []byte) ([]int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	d, err := h.dom(id)
+	if err != nil {
+		return nil, err
+	}
+	if len(src) < len(gfns)*PageSize {
+		return nil, errors.New("short buffer")
+	}
+	h.writeBatches++
+	for _, g := range gfns {
+		if h.loadErrGFN[g] {
+			return nil, fmt.Errorf("map gfn %#x for writing: injected: %w", g, syscall.EIO)
+		}
+	}
+	var failed []int
+	for i, g := range gfns {
+		if d.state[g] != gsRAM {
+			failed = append(failed, i) // a paged-out or absent gfn does not map
+			continue
+		}
+		d.mem[g] = slices.Clone(src[i*PageSize : (i+1)*PageSize])
+		d.loaded[g] = true
+	}
+	h.cond.Broadcast()
+	return failed, nil
 }
 
 func (h *fakeHV) PopulatePhysmap(id uint32, gfns []uint64) error {

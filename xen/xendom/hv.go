@@ -39,6 +39,10 @@ type Hypervisor interface {
 	// nominated for paging.
 	ReadPages(dom uint32, gfns []uint64, buf []byte) (failed []int, err error)
 	WritePage(dom uint32, gfn uint64, src []byte) error
+	// WritePages writes src (4096 bytes a gfn) to gfns through one
+	// mapping and returns the indexes of the gfns that could not be
+	// mapped (not written).
+	WritePages(dom uint32, gfns []uint64, src []byte) (failed []int, err error)
 	PopulatePhysmap(dom uint32, gfns []uint64) error
 	DecreaseReservation(dom uint32, gfns []uint64) error
 	EnableLogDirty(dom uint32) error
@@ -116,6 +120,33 @@ func (x *Xen) Close() error {
 		b.Close()
 	}
 	return x.Handle.Close()
+}
+
+// WritePages implements Hypervisor.
+func (x *Xen) WritePages(dom uint32, gfns []uint64, src []byte) ([]int, error) {
+	if len(src) < len(gfns)*PageSize {
+		return nil, fmt.Errorf("write %d pages from a %d-byte buffer", len(gfns), len(src))
+	}
+	if len(gfns) == 0 {
+		return nil, nil
+	}
+	m, err := x.MapBatch(dom, xenctrl.ProtReadWrite, gfns)
+	if err != nil {
+		return nil, fmt.Errorf("map %d gfns from %#x for writing: %w", len(gfns), gfns[0], err)
+	}
+	var failed []int
+	for i := range gfns {
+		pg, perr := m.Page(i)
+		if perr != nil {
+			failed = append(failed, i)
+			continue
+		}
+		copy(pg, src[i*PageSize:(i+1)*PageSize])
+	}
+	if err := m.Unmap(); err != nil {
+		return nil, fmt.Errorf("unmap %d gfns: %w", len(gfns), err)
+	}
+	return failed, nil
 }
 
 // ReadPages implements Hypervisor.

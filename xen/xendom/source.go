@@ -38,7 +38,18 @@ type DomainConfig struct {
 	XLConfig string            `json:"xl_config"`
 	GFNs     []Range           `json:"gfns"` // page index i is the i-th gfn of these ranges
 	Special  map[string]uint64 `json:"special"`
+	// Resident lists gfns the destination keeps resident instead of
+	// paging them out: the core pages found by a walk while the domain was
+	// still running. They are all sent with the core pages during the
+	// pause (whatever the walk at the pause finds besides), where a write
+	// through a foreign mapping costs far less than one paging hypercall
+	// per page — that is most of the downtime otherwise.
+	Resident []Range `json:"resident,omitempty"`
 }
+
+// maxResidentHint bounds the hint: a walk racing the running guest's
+// page-table updates could wander; a hint that large is dropped.
+const maxResidentHint = 8192
 
 // Range is a run of consecutive gfns.
 type Range struct {
@@ -117,6 +128,9 @@ type SourceStats struct {
 	PageTablePages  uint64  `json:"page_table_pages"` // found by the CR3 walk of every vCPU
 	PerCPUPages     uint64  `json:"per_cpu_pages"`    // start of each vCPU per-CPU area (vcpu_info)
 	WalkSkipped     uint64  `json:"walk_skipped"`     // page-table entries pointing outside RAM
+	ResidentHint    uint64  `json:"resident_hint"`    // core pages found at setup, kept resident at the destination
+	HintStale       uint64  `json:"hint_stale"`       // of those, no longer core at the pause (sent with the core anyway)
+	HintMissed      uint64  `json:"hint_missed"`      // core pages at the pause the hint lacked (paged in at the destination)
 	GuestHints      string  `json:"guest_hints"`      // where core pages came from
 	SuspendMs       float64 `json:"suspend_ms"`       // guest's suspend, part of the downtime
 	ReadMs          float64 `json:"read_ms"`          // time spent mapping and copying pages
@@ -138,6 +152,7 @@ type Source struct {
 	scratch    []uint64
 	stats      SourceStats
 	hvmContext []byte
+	hint       []uint64 // page indexes the destination keeps resident, ascending
 }
 
 // RefusePostcopy says why dom cannot be a post-copy source, or nil.
@@ -226,7 +241,37 @@ func NewSource(opt SourceOptions) (*Source, error) {
 	s.stats.GuestHints = "none (no guest-balloon page classes): core pages from the CR3 walk only"
 	s.cfg = DomainConfig{Name: opt.Name, Kind: kind, VCPUs: info.MaxVCPUID + 1, XLConfig: string(opt.XLConfig),
 		GFNs: toRanges(s.gfns), Special: special}
+	s.residentHint()
 	return s, nil
+}
+
+// residentHint walks the running domain's core pages (Xen pauses it for
+// the moment it takes to save the HVM context) so that the destination
+// can keep them resident. Without a hint every core page is paged in one
+// hypercall at a time during the downtime; a failed walk only costs that.
+func (s *Source) residentHint() {
+	ctx, err := s.opt.HV.HVMContext(s.opt.Dom)
+	if err != nil {
+		s.opt.Logf("no resident hint (HVM context of the running domain: %v): core pages will be paged in", err)
+		return
+	}
+	tables, percpu, _, err := s.walkCore(ctx)
+	if err != nil {
+		s.opt.Logf("no resident hint (walk of the running domain: %v): core pages will be paged in", err)
+		return
+	}
+	hint := slices.Compact(slices.Sorted(slices.Values(append(tables, percpu...))))
+	if len(hint) > maxResidentHint {
+		s.opt.Logf("no resident hint: the walk of the running domain found %d pages (more than %d)", len(hint), maxResidentHint)
+		return
+	}
+	gfns := make([]uint64, len(hint))
+	for i, p := range hint {
+		gfns[i] = s.gfns[p]
+	}
+	s.hint = hint
+	s.cfg.Resident = toRanges(gfns)
+	s.stats.ResidentHint = uint64(len(hint))
 }
 
 func (s *Source) dropUnmappable() error {
@@ -454,9 +499,49 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 	if s.hvmContext == nil {
 		return nil, errors.New("core pages asked before the core state")
 	}
-	cpus, err := ParseCPUs(s.hvmContext)
+	tables, percpu, skipped, err := s.walkCore(s.hvmContext)
 	if err != nil {
 		return nil, err
+	}
+	out := make([]uint64, 0, len(tables)+len(percpu)+len(s.hint))
+	out = append(out, tables...)
+	out = append(out, percpu...)
+	found := slices.Sorted(slices.Values(out))
+	// The destination kept the hint's pages resident with the content its
+	// domain builder left there: every one must come now, core or not.
+	var stale, missed uint64
+	for _, p := range s.hint {
+		if _, ok := slices.BinarySearch(found, p); !ok {
+			out = append(out, p)
+			stale++
+		}
+	}
+	if s.hint != nil {
+		for _, p := range slices.Compact(found) {
+			if _, ok := slices.BinarySearch(s.hint, p); !ok {
+				missed++
+			}
+		}
+	}
+	s.mu.Lock()
+	s.stats.PageTablePages = uint64(len(tables))
+	s.stats.PerCPUPages = uint64(len(percpu))
+	s.stats.WalkSkipped = skipped
+	s.stats.HintStale, s.stats.HintMissed = stale, missed
+	s.mu.Unlock()
+	s.opt.Logf("core pages: %d page-table pages and %d per-CPU pages; resident hint %d pages (%d no longer core, %d core pages it lacked)",
+		len(tables), len(percpu), len(s.hint), stale, missed)
+	return out, nil
+}
+
+// walkCore finds the core pages of the domain whose HVM context is
+// hvmCtx: the kernel-half page tables of every vCPU and the start of each
+// vCPU's per-CPU area. It returns page indexes, each list ascending and
+// without repeats (a per-CPU page may also be a table).
+func (s *Source) walkCore(hvmCtx []byte) (tables, percpu []uint64, skipped uint64, err error) {
+	cpus, err := ParseCPUs(hvmCtx)
+	if err != nil {
+		return nil, nil, 0, err
 	}
 	// Tables are read once each: the walk and the per-CPU translations
 	// share most of them, and every read is a foreign mapping.
@@ -497,8 +582,7 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 		}
 		return p[0], nil
 	}
-	var tables, percpu []uint64
-	var skipped uint64
+	var tgfns, pgfns []uint64
 	for _, c := range cpus {
 		mode, ok := ptwalk.ModeOf(c.CR0, c.CR4, c.EFER)
 		if !ok {
@@ -513,34 +597,25 @@ func (s *Source) CorePFNs() ([]uint64, error) {
 			res, err = ptwalk.Walk(mode, c.CR3, s.maxGFN, read, 1<<16)
 		}
 		if err != nil {
-			return nil, fmt.Errorf("walk the page tables of vcpu %d (cr3 %#x): %w", c.VCPU, c.CR3, err)
+			return nil, nil, 0, fmt.Errorf("walk the page tables of vcpu %d (cr3 %#x): %w", c.VCPU, c.CR3, err)
 		}
-		tables = append(tables, res.Tables...)
+		tgfns = append(tgfns, res.Tables...)
 		skipped += uint64(res.Skipped)
 		if mode == ptwalk.LongMode4 {
-			percpu = append(percpu, s.perCPUPages(c, read)...)
+			pgfns = append(pgfns, s.perCPUPages(c, read)...)
 		}
 	}
-	tables = slices.Compact(slices.Sorted(slices.Values(tables)))
-	out := make([]uint64, 0, len(tables)+len(percpu))
-	for _, g := range tables {
+	for _, g := range slices.Compact(slices.Sorted(slices.Values(tgfns))) {
 		if i, ok := s.index(g); ok {
-			out = append(out, i)
+			tables = append(tables, i)
 		}
 	}
-	nTables := len(out)
-	for _, g := range slices.Compact(slices.Sorted(slices.Values(percpu))) {
+	for _, g := range slices.Compact(slices.Sorted(slices.Values(pgfns))) {
 		if i, ok := s.index(g); ok {
-			out = append(out, i)
+			percpu = append(percpu, i)
 		}
 	}
-	s.mu.Lock()
-	s.stats.PageTablePages = uint64(nTables)
-	s.stats.PerCPUPages = uint64(len(out) - nTables)
-	s.stats.WalkSkipped = skipped
-	s.mu.Unlock()
-	s.opt.Logf("core pages: %d page-table pages and %d per-CPU pages of %d vCPUs", nTables, len(out)-nTables, len(cpus))
-	return out, nil
+	return tables, percpu, skipped, nil
 }
 
 // PerCPUSpan is how much of each vCPU's per-CPU area goes with the core

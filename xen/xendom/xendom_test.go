@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math/rand"
@@ -36,6 +37,9 @@ type rig struct {
 	derr  error
 	srcBE *Source
 	pipes bool // net.Pipe instead of loopback TCP
+	// beforeRun runs between NewSource and the migration (the source's
+	// setup is done, the guest still runs).
+	beforeRun func()
 
 	touchMu  sync.Mutex
 	touched  map[uint64][]byte
@@ -86,6 +90,9 @@ func (r *rig) migrate(t *testing.T, mode wire.Mode) {
 		XLConfig: []byte(testXLConfig), SuspendTimeout: 3 * time.Second, Logf: t.Logf})
 	require.NoError(t, err)
 	r.srcBE = s
+	if r.beforeRun != nil {
+		r.beforeRun()
+	}
 	factory := NewFactory(DestOptions{HV: r.hv, XL: r.xl, Poll: 2 * time.Millisecond, Logf: t.Logf})
 	var dmu sync.Mutex
 	wrapped := func(h *wire.DomainHeader) (engine.Dest, error) {
@@ -240,6 +247,24 @@ func TestPostcopyMigrationEndToEnd(t *testing.T) {
 	r.hv.mu.Unlock()
 	require.Equal(t, uint64(len(kernelPTGFNs)), r.srcBE.Stats().PageTablePages)
 	require.Equal(t, uint64(2*PerCPUSpan/PageSize), r.srcBE.Stats().PerCPUPages)
+	// The core pages were found at setup too: kept resident at the
+	// destination (never paged out) and written in a few batches.
+	core := uint64(len(kernelPTGFNs) + 2*PerCPUSpan/PageSize)
+	ss, ds := r.srcBE.Stats(), r.dest.Stats()
+	require.Equal(t, core, ss.ResidentHint)
+	require.Zero(t, ss.HintStale)
+	require.Zero(t, ss.HintMissed)
+	require.Equal(t, core, ds.Resident)
+	require.Equal(t, core, ds.ResidentWritten)
+	require.Zero(t, ds.ResidentLate)
+	require.Equal(t, uint64(fRAMPages)-core, ds.Evicted)
+	r.hv.mu.Lock()
+	for _, g := range kernelPTGFNs {
+		require.Zero(t, dst.evictions[g], "kernel page-table gfn %#x was paged out", g)
+	}
+	require.Positive(t, r.hv.writeBatches)
+	require.Less(t, r.hv.writeBatches, int(core)/4, "resident pages written one by one")
+	r.hv.mu.Unlock()
 	// PD 102's entry beyond max gpfn is in the user half: not walked.
 	require.Equal(t, uint64(0), r.srcBE.Stats().WalkSkipped)
 
@@ -470,7 +495,9 @@ func TestDestRingLoop(t *testing.T) {
 	require.NoError(t, err)
 	defer d.Destroy()
 	dom := hv.doms[d.DomID()]
-	require.Equal(t, fRAMPages, int(d.Stats().Evicted))
+	// The core pages of the source's hint stay resident; the rest is paged out.
+	require.Equal(t, fRAMPages, int(d.Stats().Evicted+d.Stats().Resident))
+	require.Equal(t, len(kernelPTGFNs)+2*PerCPUSpan/PageSize, int(d.Stats().Resident))
 
 	push := func(q xenctrl.Request) {
 		hv.mu.Lock()
@@ -546,4 +573,76 @@ func TestDestRenameWaitsForTheName(t *testing.T) {
 	require.NoError(t, d.Rename())
 	require.Equal(t, 3, xl.tries, "retried until the source's copy gave the name up")
 	require.Equal(t, []string{"7:vm1"}, xl.renames)
+}
+
+// The guest changes its kernel page tables between the setup walk and the
+// pause: a table the hint named is no longer one (still sent with the core
+// pages, since the destination kept it resident), and a new table the hint
+// lacked was paged out there and is paged in before the guest runs.
+func TestResidentHintGoesStale(t *testing.T) {
+	r := newRig(t)
+	const newPDPT = 120
+	r.beforeRun = func() {
+		r.hv.mu.Lock()
+		defer r.hv.mu.Unlock()
+		m := r.src.mem
+		m[newPDPT] = make([]byte, PageSize)
+		binary.LittleEndian.PutUint64(m[newPDPT][3*8:], pte(112)) // the same PD as PDPT 111 had
+		binary.LittleEndian.PutUint64(m[100][511*8:], pte(newPDPT))
+		binary.LittleEndian.PutUint64(m[110][511*8:], pte(newPDPT))
+	}
+	r.startDestGuest(100, 3)
+	r.migrate(t, wire.ModePostcopy)
+	require.NoError(t, r.serr)
+	require.NoError(t, r.derr)
+	<-r.vcpuDone
+	require.True(t, r.st.Verified)
+	require.Zero(t, r.st.DuplicatePages)
+	dst := r.destDom(t)
+	r.checkSameMemory(t, dst)
+
+	ss, ds := r.srcBE.Stats(), r.dest.Stats()
+	require.Equal(t, uint64(1), ss.HintStale, "PDPT 111 is no longer a table")
+	require.Equal(t, uint64(1), ss.HintMissed, "PDPT 120 is a new one")
+	require.Equal(t, ss.ResidentHint, ds.ResidentWritten)
+	require.Zero(t, ds.ResidentLate)
+	r.hv.mu.Lock()
+	defer r.hv.mu.Unlock()
+	require.True(t, dst.loadedAtUnpause[newPDPT], "the new table was not in before the guest ran")
+	require.Equal(t, 1, dst.evictions[newPDPT], "the new table was not paged out at setup")
+	require.True(t, dst.loadedAtUnpause[111], "the stale hint page was not written before the guest ran")
+	require.Zero(t, dst.evictions[111])
+}
+
+// A resident gfn the stream never filled is paged out before the guest
+// runs, so that the guest faults instead of reading the domain builder's
+// content.
+func TestResidentNotSentIsPagedOutAtResume(t *testing.T) {
+	hv := newFakeHV()
+	src := hv.newGuestDomain("src")
+	xl := &fakeXL{h: hv}
+	s, err := NewSource(SourceOptions{HV: hv, XS: &fakeStore{h: hv}, XL: xl, Dom: src.id, Name: "vm1", XLConfig: []byte(testXLConfig)})
+	require.NoError(t, err)
+	info := s.Info()
+	d, err := newDest(DestOptions{HV: hv, XL: xl, Poll: time.Millisecond, Logf: t.Logf,
+		Progress: func(string, int, int) {}}, &wire.DomainHeader{Mode: wire.ModePostcopy, PageSize: info.PageSize,
+		NumPages: info.NumPages, VCPUs: info.VCPUs, Name: info.Name, Backend: info.Backend, Config: info.Config})
+	require.NoError(t, err)
+	defer d.Destroy()
+	require.Positive(t, d.Stats().Resident)
+	// Only the first kernel table comes; the rest of the hint never does.
+	require.NoError(t, d.Place([]engine.Page{{PFN: 100, Data: pageOf("sent", 100)}}))
+	core, err := json.Marshal(coreState{HVM: src.hvm, TSC: src.tsc})
+	require.NoError(t, err)
+	require.NoError(t, d.Resume(core))
+	st := d.Stats()
+	require.Equal(t, st.Resident-1, st.ResidentLate)
+	hv.mu.Lock()
+	defer hv.mu.Unlock()
+	dom := hv.doms[d.DomID()]
+	require.Equal(t, gsRAM, dom.state[100])
+	for _, g := range kernelPTGFNs[1:] {
+		require.Equal(t, gsPaged, dom.state[g], "resident gfn %#x left as the builder wrote it", g)
+	}
+	require.Empty(t, hv.errs)
 }

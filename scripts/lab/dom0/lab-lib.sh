@@ -567,6 +567,18 @@ _lab_bm_once() {
 	_lab_bm_migrate "$_d" 2 || return 1
 	_saved=$(awk -v a="$_bytes1" -v b="$_bytes2" 'BEGIN { if (a > 0) printf "%.1f\n", 100 * (a - b) / a; else print "?" }')
 	_kv="$_kv bytes_saved_pct=$_saved"
+	# On resume the guest's balloon driver re-reads memory/target (the configured size on
+	# the new domain) and grows back; guest-balloon must put its own target back (after
+	# its --reassert-delay, 2 s). What the new domain holds a few seconds on:
+	sleep 6
+	_ma=$(lab_guest_mem "$_d")
+	_ra=no
+	tr -d '\r' <"$_cur_log" | grep -q 're-announced' && _ra=yes
+	_kv="$_kv mem_after2_mib=${_ma:-?} balloon_reasserted=$_ra"
+	if [ -z "$_ma" ] || [ "$_ma" -gt $((${_mem:-0} + 3)) ]; then
+		_reason=balloon-undone-after-migration
+		return 1
+	fi
 	if [ "$_bytes2" -ge "$_bytes1" ]; then
 		_reason=ballooned-migration-not-smaller
 		return 1

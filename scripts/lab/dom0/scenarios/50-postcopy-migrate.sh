@@ -93,6 +93,7 @@ pc_migrate() {
 	_kv="$_kv duplicate_pages=$(jget "$_j" duplicate_pages) verified=$(jget "$_j" verified) seq_before=$_seq0"
 	_kv="$_kv ram_pages=$(jget2 "$_j" ram_pages) page_table_pages=$(jget2 "$_j" page_table_pages) per_cpu_pages=$(jget2 "$_j" per_cpu_pages)"
 	_kv="$_kv suspend_ms=$(jget2 "$_j" suspend_ms) balloon_released_kb=$(jget2 "$_j" released_kb)"
+	_kv="$_kv resident_hint=$(jget2 "$_j" resident_hint) hint_stale=$(jget2 "$_j" hint_stale) hint_missed=$(jget2 "$_j" hint_missed)"
 	if [ "$_rc" != 0 ]; then
 		lab_result "postcopy-$_l" FAIL reason=exit-$_rc $_kv
 		pc_dump "$_l"
