@@ -263,10 +263,7 @@ func (d *Dest) evictAll() error {
 			continue
 		}
 		n++
-		err := d.opt.HV.PagingNominate(d.dom, g)
-		if err == nil {
-			err = d.opt.HV.PagingEvict(d.dom, g)
-		}
+		err := d.pageOut(g)
 		if err != nil {
 			failed = append(failed, uint64(i))
 			if firstErr == nil {
@@ -284,10 +281,7 @@ func (d *Dest) evictAll() error {
 		still := failed[:0]
 		for _, i := range failed {
 			g := d.gfns[i]
-			err := d.opt.HV.PagingNominate(d.dom, g)
-			if err == nil {
-				err = d.opt.HV.PagingEvict(d.dom, g)
-			}
+			err := d.pageOut(g)
 			if err != nil {
 				still = append(still, i)
 			}
@@ -303,6 +297,14 @@ func (d *Dest) evictAll() error {
 	d.mu.Unlock()
 	d.opt.Logf("paged out %d gfns in %v (%d kept resident for the core pages)", n, time.Since(start).Round(time.Millisecond), len(d.gfns)-n)
 	return nil
+}
+
+// pageOut nominates and evicts gfn g: a touch will then fault to us.
+func (d *Dest) pageOut(g uint64) error {
+	if err := d.opt.HV.PagingNominate(d.dom, g); err != nil {
+		return err
+	}
+	return d.opt.HV.PagingEvict(d.dom, g)
 }
 
 // Place implements engine.Dest. A paged-out page goes in with one paging
@@ -409,10 +411,7 @@ func (d *Dest) Discard(pfns []uint64) error {
 			continue
 		}
 		g := d.gfns[p]
-		err := d.opt.HV.PagingNominate(d.dom, g)
-		if err == nil {
-			err = d.opt.HV.PagingEvict(d.dom, g)
-		}
+		err := d.pageOut(g)
 		if err != nil {
 			return fmt.Errorf("page out re-dirtied gfn %#x: %w", g, err)
 		}
@@ -566,10 +565,7 @@ func (d *Dest) evictLateResident() error {
 	d.mu.Unlock()
 	for _, i := range late {
 		g := d.gfns[i]
-		err := d.opt.HV.PagingNominate(d.dom, g)
-		if err == nil {
-			err = d.opt.HV.PagingEvict(d.dom, g)
-		}
+		err := d.pageOut(g)
 		if err != nil {
 			return fmt.Errorf("page out resident gfn %#x that the source did not send: %w", g, err)
 		}

@@ -478,13 +478,10 @@ func TestHybridDiscardsRedirtiedPages(t *testing.T) {
 	}
 }
 
-// The destination's ring loop: requests it cannot serve from the stream
-// (not its gfn, a dropped page, not a paging request) are answered at
-// once; a request for a paged-out gfn of the domain becomes a fault and is
-// answered only once the page is placed, and by then the page is in.
-func TestDestRingLoop(t *testing.T) {
-	hv := newFakeHV()
-	src := hv.newGuestDomain("src")
+// newTestDest makes the destination of src's stream without an engine:
+// the tests then drive Place, Resume and the ring themselves.
+func newTestDest(t *testing.T, hv *fakeHV, src *fdom) *Dest {
+	t.Helper()
 	xl := &fakeXL{h: hv}
 	s, err := NewSource(SourceOptions{HV: hv, XS: &fakeStore{h: hv}, XL: xl, Dom: src.id, Name: "vm1", XLConfig: []byte(testXLConfig)})
 	require.NoError(t, err)
@@ -493,6 +490,17 @@ func TestDestRingLoop(t *testing.T) {
 		Progress: func(string, int, int) {}}, &wire.DomainHeader{Mode: wire.ModePostcopy, PageSize: info.PageSize,
 		NumPages: info.NumPages, VCPUs: info.VCPUs, Name: info.Name, Backend: info.Backend, Config: info.Config})
 	require.NoError(t, err)
+	return d
+}
+
+// The destination's ring loop: requests it cannot serve from the stream
+// (not its gfn, a dropped page, not a paging request) are answered at
+// once; a request for a paged-out gfn of the domain becomes a fault and is
+// answered only once the page is placed, and by then the page is in.
+func TestDestRingLoop(t *testing.T) {
+	hv := newFakeHV()
+	src := hv.newGuestDomain("src")
+	d := newTestDest(t, hv, src)
 	defer d.Destroy()
 	dom := hv.doms[d.DomID()]
 	// The core pages of the source's hint stay resident; the rest is paged out.
@@ -620,14 +628,7 @@ func TestResidentHintGoesStale(t *testing.T) {
 func TestResidentNotSentIsPagedOutAtResume(t *testing.T) {
 	hv := newFakeHV()
 	src := hv.newGuestDomain("src")
-	xl := &fakeXL{h: hv}
-	s, err := NewSource(SourceOptions{HV: hv, XS: &fakeStore{h: hv}, XL: xl, Dom: src.id, Name: "vm1", XLConfig: []byte(testXLConfig)})
-	require.NoError(t, err)
-	info := s.Info()
-	d, err := newDest(DestOptions{HV: hv, XL: xl, Poll: time.Millisecond, Logf: t.Logf,
-		Progress: func(string, int, int) {}}, &wire.DomainHeader{Mode: wire.ModePostcopy, PageSize: info.PageSize,
-		NumPages: info.NumPages, VCPUs: info.VCPUs, Name: info.Name, Backend: info.Backend, Config: info.Config})
-	require.NoError(t, err)
+	d := newTestDest(t, hv, src)
 	defer d.Destroy()
 	require.Positive(t, d.Stats().Resident)
 	// Only the first kernel table comes; the rest of the hint never does.
