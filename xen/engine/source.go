@@ -337,6 +337,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			s.opt.Logf("%s at +%v since pause", what, time.Since(pausedAt))
 		}
 	}
+	dbg("paused")
 	if s.opt.Mode != wire.ModePostcopy {
 		// The loop left the last round's dirty pages unsent; add the
 		// writes between that round and the pause.
@@ -391,10 +392,12 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	if err != nil {
 		return resumeHere(fmt.Errorf("read core state: %w", err))
 	}
+	dbg("core state read")
 	corePFNs, err := s.dom.CorePFNs()
 	if err != nil {
 		return resumeHere(fmt.Errorf("list core pages: %w", err))
 	}
+	dbg(fmt.Sprintf("%d core pages listed", len(corePFNs)))
 	if s.opt.Mode != wire.ModePrecopy && len(corePFNs) > 0 {
 		var need []uint64
 		s.mu.Lock()
@@ -408,6 +411,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			return resumeHere(fmt.Errorf("core pages: %w", err))
 		}
 		st.CorePages = uint64(len(need))
+		dbg("core pages sent")
 	}
 	s.bulkMu.Lock()
 	err = s.bw.WriteBlob(wire.TypeCoreState, core)
@@ -430,6 +434,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		if err := r.Relinquish(); err != nil {
 			return resumeHere(fmt.Errorf("mark the source copy as migrated away: %w", err))
 		}
+		dbg("relinquished")
 	}
 
 	// Point of no return: after GO the destination may run the domain.

@@ -109,6 +109,8 @@ pc_migrate() {
 		return 1
 	fi
 	lab_result "postcopy-$_l" PASS $_kv seq_after=$_after
+	# Where the downtime went (the engine's --debug timeline of the pause).
+	grep -E 'since pause' "/tmp/pc-$_l.err" | head -n 25 | sed "s/^/lab: pc-$_l: /"
 	eval "pc_dt_$(echo "$_l" | tr -c 'a-z0-9\n' _)=\${_dt:-none}"
 	return 0
 }
