@@ -407,7 +407,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			}
 		}
 		s.mu.Unlock()
-		if err := s.sendPagesBy(wire.PhaseStop, need, stopBatchPages); err != nil {
+		if err := s.sendPages(wire.PhaseStop, need); err != nil {
 			return resumeHere(fmt.Errorf("core pages: %w", err))
 		}
 		st.CorePages = uint64(len(need))
@@ -759,18 +759,7 @@ func (s *source) writeBulk(phase wire.Phase, entries []uint64, data []byte) erro
 
 // sendPages sends pfns in order on the bulk connection.
 func (s *source) sendPages(phase wire.Phase, pfns []uint64) error {
-	return s.sendPagesBy(phase, pfns, s.opt.BatchPages)
-}
-
-// stopBatchPages is the batch size of the core pages sent in the pause.
-// Every batch is one foreign mapping and unmapping at each end (tens of
-// milliseconds under nested Xen, all of it downtime), and a few hundred
-// core pages fit in one window: a larger batch than the push's.
-const stopBatchPages = 256
-
-// sendPagesBy sends pfns in PAGE_BATCH records of up to n pages.
-func (s *source) sendPagesBy(phase wire.Phase, pfns []uint64, n int) error {
-	n = max(1, min(n, wire.MaxBatchPages))
+	n := s.opt.BatchPages
 	buf := make([]byte, n*int(s.info.PageSize))
 	var entries []uint64
 	var data []byte

@@ -262,7 +262,8 @@ func TestPostcopyMigrationEndToEnd(t *testing.T) {
 	for _, g := range kernelPTGFNs {
 		require.Zero(t, dst.evictions[g], "kernel page-table gfn %#x was paged out", g)
 	}
-	require.Equal(t, 1, r.hv.writeBatches, "the core pages are one batch in the pause (one mapping)")
+	require.Positive(t, r.hv.writeBatches)
+	require.Less(t, r.hv.writeBatches, int(core)/4, "resident pages written one by one")
 	r.hv.mu.Unlock()
 	// PD 102's entry beyond max gpfn is in the user half: not walked.
 	require.Equal(t, uint64(0), r.srcBE.Stats().WalkSkipped)
