@@ -65,7 +65,7 @@ type fdom struct {
 	logDirt bool
 	dirty   map[uint64]bool
 	ring    *fakeRing
-	// loaded: gfns the pager wrote (PagingLoad or WritePage).
+	// loaded: gfns the pager wrote (PagingLoad or WritePages).
 	loaded map[uint64]bool
 	// loadedAtUnpause is loaded when the domain was first unpaused.
 	loadedAtUnpause map[uint64]bool
@@ -379,23 +379,6 @@ func (h *fakeHV) ReadPages(id uint32, gfns []uint64, buf []byte) ([]int, error) 
 		copy(dst, d.mem[g])
 	}
 	return failed, nil
-}
-
-func (h *fakeHV) WritePage(id uint32, g uint64, src []byte) error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	d, err := h.dom(id)
-	if err != nil {
-		return err
-	}
-	if d.state[g] != gsRAM {
-		// A foreign mapping of a paged-out or absent gfn fails.
-		return fmt.Errorf("map gfn %#x: %w", g, syscall.ENOENT)
-	}
-	d.mem[g] = slices.Clone(src)
-	d.loaded[g] = true
-	h.cond.Broadcast()
-	return nil
 }
 
 func (h *fakeHV) WritePages(id uint32, gfns []uint64, src []byte) ([]int, error) {

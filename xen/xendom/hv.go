@@ -38,7 +38,6 @@ type Hypervisor interface {
 	// zero). No mapping outlives the call: a mapped page cannot be
 	// nominated for paging.
 	ReadPages(dom uint32, gfns []uint64, buf []byte) (failed []int, err error)
-	WritePage(dom uint32, gfn uint64, src []byte) error
 	// WritePages writes src (4096 bytes a gfn) to gfns through one
 	// mapping and returns the indexes of the gfns that could not be
 	// mapped (not written).
