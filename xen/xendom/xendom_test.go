@@ -147,6 +147,18 @@ func tcpPairs(t *testing.T) (a1, a2, b1, b2 net.Conn) {
 	return
 }
 
+// requireSound checks a migration that must have succeeded: no error on
+// either side, the destination guest's touches done, every page verified
+// and sent once.
+func (r *rig) requireSound(t *testing.T) {
+	t.Helper()
+	require.NoError(t, r.serr)
+	require.NoError(t, r.derr)
+	<-r.vcpuDone
+	require.True(t, r.st.Verified)
+	require.Zero(t, r.st.DuplicatePages)
+}
+
 func (r *rig) destDom(t *testing.T) *fdom {
 	t.Helper()
 	r.xl.mu.Lock()
@@ -451,11 +463,7 @@ func TestHybridDiscardsRedirtiedPages(t *testing.T) {
 	r.hv.runGuest(r.src, 2, 5*time.Microsecond)
 	r.startDestGuest(200, 9)
 	r.migrate(t, wire.ModeHybrid)
-	require.NoError(t, r.serr)
-	require.NoError(t, r.derr)
-	<-r.vcpuDone
-	require.True(t, r.st.Verified)
-	require.Zero(t, r.st.DuplicatePages)
+	r.requireSound(t)
 	require.Equal(t, 1, r.st.PrecopyRounds)
 	require.Greater(t, r.st.DiscardedPages, uint64(0), "the guest re-dirtied nothing after the pre-copy round")
 	dst := r.destDom(t)
@@ -601,11 +609,7 @@ func TestResidentHintGoesStale(t *testing.T) {
 	}
 	r.startDestGuest(100, 3)
 	r.migrate(t, wire.ModePostcopy)
-	require.NoError(t, r.serr)
-	require.NoError(t, r.derr)
-	<-r.vcpuDone
-	require.True(t, r.st.Verified)
-	require.Zero(t, r.st.DuplicatePages)
+	r.requireSound(t)
 	dst := r.destDom(t)
 	r.checkSameMemory(t, dst)
 
