@@ -65,6 +65,18 @@ type daemon struct {
 	// domTarget is the domain's memory/target as last read from xenstore.
 	domTarget     string
 	domTargetSeen bool
+	// hold is the balloon-hold in force, nil when none; holdStatus is
+	// what data/balloon/hold says. Both live in memory only, so a hold
+	// survives a migration (new domid, fresh xenstore home).
+	hold       *hold
+	holdStatus control.HoldStatus
+}
+
+// hold is a granted balloon-hold.
+type hold struct {
+	nonce string
+	until time.Time
+	timer *time.Timer // fires at until
 }
 
 // domainTargetKey is the toolstack's balloon target for the domain (kB),
@@ -254,7 +266,23 @@ func (d *daemon) tick(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	dec := d.pol.Step(s)
+	dec := d.pol.Step(s) // also while holding: the policy keeps its view of the guest
+	if h := d.hold; h != nil {
+		switch {
+		case !time.Now().Before(h.until):
+			d.endHold(ctx, control.HoldEndedTimeout, "its time ran out")
+		case dec.Pressure && dec.TargetKB > s.TargetKB:
+			// The guest comes first: never OOM-kill it for a migration.
+			d.endHold(ctx, control.HoldEndedPressure, dec.Reason+": taking memory back")
+		default:
+			policy := dec.Reason
+			if dec.Action != dsb.Hold {
+				policy = fmt.Sprintf("%s to %d kB: %s", dec.Action, dec.TargetKB, dec.Reason)
+			}
+			dec = dsb.Decision{TargetKB: s.TargetKB, Action: dsb.Hold,
+				Reason: fmt.Sprintf("holding for dom0 (%s) until %s; the policy would %s", h.nonce, h.until.Format(time.TimeOnly), policy)}
+		}
+	}
 	if d.opt.dryRun || d.opt.once {
 		fmt.Fprintf(d.out, "%s target %d -> %d kB (free %d, available %d kB): %s\n",
 			dec.Action, s.TargetKB, dec.TargetKB, s.Mem.MemFree, s.Mem.MemAvailable, dec.Reason)
@@ -291,6 +319,7 @@ func (d *daemon) publish(ctx context.Context, s dsb.Sample, dec dsb.Decision, st
 		{control.KeyMax, strconv.FormatUint(cfg.MaxKB, 10)},
 		{control.KeyReason, dec.Reason},
 		{control.KeyUpdated, strconv.FormatInt(time.Now().Unix(), 10)},
+		{control.KeyHold, d.holdStatus.String()},
 	}
 	if d.opt.kpageflags {
 		if pc, err := d.classify(); err == nil {
@@ -342,7 +371,10 @@ func (d *daemon) classify() (dsb.PageClasses, error) {
 	}
 }
 
-// handleRequest answers a balloon-now request, if there is a new one.
+// handleRequest answers dom0's request, if there is a new one:
+// balloon-now and balloon-hold are answered once each (by nonce);
+// hold-end ends the hold of its nonce, whichever domain home it comes
+// from (after a migration, the new domain's).
 func (d *daemon) handleRequest(ctx context.Context) error {
 	v, err := d.xs.Read(ctx, control.Key(control.KeyRequest))
 	if errors.Is(err, xenstore.ErrNotFound) {
@@ -351,43 +383,113 @@ func (d *daemon) handleRequest(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("reading the balloon request: %w", err)
 	}
-	nonce, ok := control.ParseRequest(v)
-	if !ok || nonce == d.lastNonce {
-		return nil // spurious watch event, or already answered
+	req, perr := control.ParseAnyRequest(v)
+	if errors.Is(perr, control.ErrNotRequest) {
+		return nil // spurious watch event, or garbage: nothing to answer
 	}
-	d.lastNonce = nonce
-	ack := control.Ack{Nonce: nonce, OK: true}
+	if req.Kind == control.HoldEnd {
+		if d.hold != nil && d.hold.nonce == req.Nonce {
+			d.endHold(ctx, control.HoldEndedDom0, "dom0 ended it")
+		}
+		return nil // otherwise already ended, or not ours
+	}
+	if req.Nonce == d.lastNonce {
+		return nil // already answered
+	}
+	d.lastNonce = req.Nonce
+	ack := control.Ack{Nonce: req.Nonce, OK: true}
 	var released uint64
 	s, err := d.sample()
 	dec := dsb.Decision{TargetKB: s.TargetKB, Reason: "sampling failed"}
-	if err == nil {
+	switch {
+	case perr != nil:
+		err = perr
+		dec.Reason = "bad request"
+	case err == nil:
 		dec = d.pol.BalloonNow(s)
 		err = d.setTarget(dec.TargetKB)
-	}
-	if err == nil {
-		before := have(s.TargetKB, s.CurrentKB)
-		var after uint64
-		after, err = d.settle(ctx, dec.TargetKB)
-		if before > after {
-			released = before - after
+		if err == nil {
+			before := have(s.TargetKB, s.CurrentKB)
+			var after uint64
+			after, err = d.settle(ctx, dec.TargetKB)
+			if before > after {
+				released = before - after
+			}
 		}
 	}
 	ack.TargetKB = dec.TargetKB
 	if err != nil {
 		ack.OK, ack.Err = false, err.Error()
 	}
-	d.log.Printf("balloon-now %s: %s (target %d kB, released %d kB): %s", nonce, ack.String(), dec.TargetKB, released, dec.Reason)
-	if perr := d.publish(ctx, s, dec, "running"); perr != nil {
-		d.log.Print(perr)
+	if req.Kind == control.BalloonHold && perr == nil {
+		// Held from the ack on, even if ballooning failed: dom0 may
+		// migrate anyway, and a still balloon is what it needs.
+		d.startHold(req.Nonce, req.Hold)
+	}
+	d.log.Printf("%s %s: %s (target %d kB, released %d kB): %s", req.Kind, req.Nonce, ack.String(), dec.TargetKB, released, dec.Reason)
+	if perr == nil {
+		if err := d.publish(ctx, s, dec, "running"); err != nil {
+			d.log.Print(err)
+		}
 	}
 	err = d.xs.Update(ctx, func(tx *xenstore.Tx) error {
 		if err := tx.Write(ctx, control.Key(control.KeyReleased), strconv.FormatUint(released, 10)); err != nil {
+			return err
+		}
+		if err := tx.Write(ctx, control.Key(control.KeyHold), d.holdStatus.String()); err != nil {
 			return err
 		}
 		return tx.Write(ctx, control.Key(control.KeyAck), ack.String())
 	})
 	if err != nil {
 		return fmt.Errorf("writing the balloon ack: %w", err)
+	}
+	return nil
+}
+
+// startHold holds the balloon for dur from now, replacing a hold in
+// force.
+func (d *daemon) startHold(nonce string, dur time.Duration) {
+	if d.hold != nil {
+		d.hold.timer.Stop()
+		d.log.Printf("hold %s replaced by %s", d.hold.nonce, nonce)
+	}
+	until := time.Now().Add(dur)
+	d.hold = &hold{nonce: nonce, until: until, timer: time.NewTimer(dur)}
+	d.holdStatus = control.HoldStatus{Nonce: nonce, Held: true, Until: until}
+	d.log.Printf("holding the balloon for dom0 (%s) until %s, or until hold-end:%s", nonce, until.Format(time.TimeOnly), nonce)
+}
+
+// endHold ends the hold in force, if any, and says so in xenstore.
+func (d *daemon) endHold(ctx context.Context, why, msg string) {
+	if d.hold == nil {
+		return
+	}
+	d.hold.timer.Stop()
+	nonce := d.hold.nonce
+	d.hold = nil
+	d.holdStatus = control.HoldStatus{Nonce: nonce, Ended: why}
+	d.log.Printf("hold %s ended (%s): %s; following the policy again", nonce, why, msg)
+	if err := d.writeHold(ctx); err != nil {
+		d.log.Print(err)
+	}
+}
+
+// holdExpiry is the timer channel of the hold in force, nil when none.
+func (d *daemon) holdExpiry() <-chan time.Time {
+	if d.hold == nil {
+		return nil
+	}
+	return d.hold.timer.C
+}
+
+// writeHold publishes the hold status alone.
+func (d *daemon) writeHold(ctx context.Context) error {
+	if d.xs == nil || d.opt.dryRun {
+		return nil
+	}
+	if err := d.xs.Write(ctx, control.Key(control.KeyHold), d.holdStatus.String()); err != nil {
+		return fmt.Errorf("publishing the hold: %w", err)
 	}
 	return nil
 }
@@ -440,6 +542,12 @@ func (d *daemon) shutdown() error {
 		// The loop's context is gone; give the last words a few seconds.
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		defer cancel()
+		if d.hold != nil {
+			d.hold.timer.Stop()
+			d.log.Printf("hold %s ended: stopping", d.hold.nonce)
+			d.holdStatus = control.HoldStatus{Nonce: d.hold.nonce, Ended: control.HoldEndedStopped}
+			d.hold = nil
+		}
 		s, err := d.sample()
 		if err == nil {
 			err = d.publish(ctx, s, dsb.Decision{TargetKB: d.origTarget, Reason: "daemon stopped"}, "stopped")
@@ -506,9 +614,24 @@ func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) er
 				return errors.Join(fmt.Errorf("xenstore connection lost: %w", d.xs.Err()), serr)
 			}
 			if d.domainTargetEvent(ctx) {
-				// Let the kernel's own watch apply memory/target first.
+				if d.hold != nil {
+					// Holding for a migration: the balloon must not
+					// move, so put the target back at once, and
+					// recreate the hold in the (new) home.
+					if err := d.reassert(); err != nil {
+						d.log.Print(err)
+					}
+					if err := d.writeHold(ctx); err != nil {
+						d.log.Print(err)
+					}
+				}
+				// Let the kernel's own watch apply memory/target first
+				// (again, when holding: it may come after ours).
 				reassertAt = time.After(d.opt.reassertDelay)
+				d.lastPub = time.Time{} // republish soon: the home may be new
 			}
+		case <-d.holdExpiry():
+			d.endHold(ctx, control.HoldEndedTimeout, "its time ran out")
 		case <-reassertAt:
 			reassertAt = nil
 			if err := d.reassert(); err != nil {

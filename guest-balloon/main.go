@@ -9,6 +9,10 @@
 // data/balloon/ and answers dom0's "balloon-now" requests (written to
 // data/balloon/request by `xl-postcopy balloon` or a migration) by
 // ballooning down to its reserve and acknowledging in data/balloon/ack.
+// A "balloon-hold" request does the same and then holds the balloon still
+// (for a migration) until dom0's "hold-end", a timeout, or memory
+// pressure; data/balloon/hold says where the hold stands (see package
+// control for the protocol).
 //
 // It is built static (CGO_ENABLED=0) and talks to xenstore through
 // /dev/xen/xenbus with the pure-Go client, so it needs nothing installed
@@ -46,7 +50,7 @@ func realMain(argv []string) int {
 	fs.DurationVar(&opt.period, "period", time.Second, "sampling period")
 	fs.DurationVar(&opt.heartbeat, "heartbeat", 10*time.Second, "republish the state in xenstore at least this often (also recreates it after a migration)")
 	fs.DurationVar(&opt.settleTimeout, "settle-timeout", 5*time.Second, "on balloon-now, wait this long for the driver to reach the target before acknowledging")
-	fs.DurationVar(&opt.reassertDelay, "reassert-delay", 2*time.Second, "when the domain's memory/target is re-announced unchanged (a restore or migration), wait this long, then put back the target this daemon had set")
+	fs.DurationVar(&opt.reassertDelay, "reassert-delay", 2*time.Second, "when the domain's memory/target is re-announced unchanged (a restore or migration), wait this long, then put back the target this daemon had set (during a balloon-hold: at once, and again after this long)")
 	fs.StringVar(&opt.procRoot, "proc", "/proc", "procfs mount (for tests)")
 	fs.StringVar(&opt.sysRoot, "sys", "/sys", "sysfs mount (for tests)")
 	fs.StringVar(&opt.xenstorePath, "xenstore", "", "xenstore device or socket (default: $XENSTORED_PATH, the xenstored socket, or /dev/xen/xenbus)")

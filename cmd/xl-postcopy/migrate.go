@@ -8,7 +8,10 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"os/signal"
 	"strings"
+	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/spf13/pflag"
@@ -35,6 +38,9 @@ type migrateFlags struct {
 	recordInt  time.Duration
 	suspendTO  time.Duration
 	hybridRnds int
+	hold       time.Duration
+	xlTimeout  time.Duration
+	progressTO time.Duration
 }
 
 func init() {
@@ -53,6 +59,9 @@ func init() {
 			fs.DurationVar(&f.recordInt, "record-interval", 20*time.Millisecond, "pre-record policies: dirty-log sampling interval")
 			fs.IntVar(&f.hybridRnds, "hybrid-rounds", 1, "pre-copy rounds before a hybrid migration switches to post-copy")
 			fs.DurationVar(&f.suspendTO, "suspend-timeout", 30*time.Second, "how long the guest may take to suspend")
+			fs.DurationVar(&f.hold, "balloon-hold", 10*time.Minute, "with --balloon: guest-balloon keeps its target this long at most while the migration runs (the destination ends the hold when the domain is complete)")
+			fs.DurationVar(&f.progressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the other side after this long without a record from it (both sides send keepalives meanwhile); before the switchover the domain then runs on here")
+			fs.DurationVar(&f.xlTimeout, "xl-timeout", xendom.DefaultXLTimeout, "limit for each xl command here and at the destination (xl create of the destination domain, renames, destroy)")
 			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
 			fs.BoolVar(&f.asJSON, "json", false, "print the statistics as one JSON object on stdout")
 			fs.BoolVar(&f.debug, "debug", false, "print the backend's and the engine's steps to stderr")
@@ -61,12 +70,24 @@ func init() {
 			if len(args) != 2 {
 				return usagef("want <domain> <host>, got %d arguments", len(args))
 			}
+			for _, d := range []struct {
+				name string
+				v    time.Duration
+			}{{"record", f.record}, {"record-interval", f.recordInt}, {"suspend-timeout", f.suspendTO}, {"balloon-hold", f.hold}, {"xl-timeout", f.xlTimeout}, {"progress-timeout", f.progressTO}} {
+				if d.v <= 0 {
+					return usagef("--%s %v: must be a positive duration", d.name, d.v)
+				}
+			}
+			if f.hybridRnds < 1 {
+				return usagef("--hybrid-rounds %d: must be at least 1", f.hybridRnds)
+			}
 			return runMigrate(f, args[0], args[1])
 		},
 	})
 	var urgentFD int
 	var listenTok, attachTok string
 	var recvDebug bool
+	var recvXLTimeout, recvProgressTO time.Duration
 	register(&command{
 		name:    "migrate-receive",
 		args:    "[options]",
@@ -76,6 +97,8 @@ func init() {
 			fs.StringVar(&listenTok, "urgent-listen", "", "accept the urgent stream on the abstract socket @xl-postcopy-`TOKEN`")
 			fs.StringVar(&attachTok, "urgent-attach", "", "relay stdin/stdout to the receiver waiting with --urgent-listen `TOKEN`")
 			fs.BoolVar(&recvDebug, "debug", false, "print the backend's steps to stderr")
+			fs.DurationVar(&recvProgressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the source after this long without a record from it")
+			fs.DurationVar(&recvXLTimeout, "xl-timeout", xendom.DefaultXLTimeout, "limit for each xl command (xl create of the new domain, renames, destroy)")
 		},
 		run: func(fs *pflag.FlagSet, args []string) error {
 			if len(args) != 0 {
@@ -84,7 +107,10 @@ func init() {
 			if attachTok != "" {
 				return attachUrgent(attachTok, 30*time.Second)
 			}
-			return runMigrateReceive(urgentFD, listenTok, recvDebug)
+			if recvXLTimeout <= 0 || recvProgressTO <= 0 {
+				return usagef("--xl-timeout %v, --progress-timeout %v: must be positive durations", recvXLTimeout, recvProgressTO)
+			}
+			return runMigrateReceive(urgentFD, listenTok, recvDebug, recvXLTimeout, recvProgressTO)
 		},
 	})
 }
@@ -124,10 +150,15 @@ type dsbReport struct {
 	ReleasedKB uint64 `json:"released_kb"`
 	TargetKB   uint64 `json:"target_kb"`
 	Error      string `json:"error,omitempty"`
+	// Hold is the nonce of the hold: guest-balloon keeps its target until
+	// the destination ends it (or it times out).
+	Hold string `json:"hold,omitempty"`
 }
 
-// balloonFirst asks guest-balloon, if it runs, to release free memory now.
-func balloonFirst(xs *xenstore.Client, dom uint32, logf func(string, ...any)) dsbReport {
+// balloonFirst asks guest-balloon, if it runs, to release free memory now
+// and then to hold its target (hold > 0) until the migration ends, so that
+// the page set stays as the source lists it.
+func balloonFirst(xs *xenstore.Client, dom uint32, hold time.Duration, logf func(string, ...any)) dsbReport {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
 	var r dsbReport
@@ -137,7 +168,12 @@ func balloonFirst(xs *xenstore.Client, dom uint32, logf func(string, ...any)) ds
 		return r
 	}
 	r.Running, r.Asked = true, true
-	ack, err := control.RequestBalloon(ctx, xs, dom, 10*time.Second)
+	var ack control.Ack
+	if hold > 0 {
+		ack, err = control.RequestHold(ctx, xs, dom, 10*time.Second, hold)
+	} else {
+		ack, err = control.RequestBalloon(ctx, xs, dom, 10*time.Second)
+	}
 	if err != nil {
 		r.Error = err.Error()
 		return r
@@ -145,6 +181,8 @@ func balloonFirst(xs *xenstore.Client, dom uint32, logf func(string, ...any)) ds
 	r.OK, r.ReleasedKB, r.TargetKB = ack.OK, ack.ReleasedKB, ack.TargetKB
 	if !ack.OK {
 		r.Error = ack.Err
+	} else if hold > 0 {
+		r.Hold = ack.Nonce
 	}
 	return r
 }
@@ -176,8 +214,9 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		return err
 	}
 	defer xs.Close()
-	ctx, cancel := signalContext()
-	defer cancel()
+	sigs := newMigrateSignals(fmt.Sprintf("domain %d", dom), host)
+	defer sigs.stop()
+	ctx := sigs.ctx
 	name, err := xs.Read(ctx, fmt.Sprintf("/local/domain/%d/name", dom))
 	if err != nil {
 		return fmt.Errorf("name of domain %d: %w", dom, err)
@@ -197,7 +236,7 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	logf("domain %s (%d, %s), config %s, mode %s, pre-paging %s", name, dom, info.Kind(), cfgPath, mode, f.prepaging)
 	var dsb dsbReport
 	if f.balloon {
-		dsb = balloonFirst(xs, dom, logf)
+		dsb = balloonFirst(xs, dom, f.hold, logf)
 		if dsb.Asked && !f.asJSON {
 			if dsb.OK {
 				fmt.Fprintf(os.Stderr, "guest-balloon released %d kB before the migration (target %d kB)\n", dsb.ReleasedKB, dsb.TargetKB)
@@ -206,13 +245,26 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 			}
 		}
 	}
-	src, err := xendom.NewSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{}, Dom: dom, Name: name,
-		XLConfig: cfgText, SuspendTimeout: f.suspendTO, Logf: debugf(f.debug, "xen-source")})
+	// The hold ends with the migration: at the destination when it
+	// completes there, here when the domain stays here.
+	endHoldHere := func() {
+		if dsb.Hold == "" {
+			return
+		}
+		hctx, hcancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer hcancel()
+		if err := control.EndHold(hctx, xs, dom, dsb.Hold); err != nil {
+			logf("end guest-balloon's hold: %v", err)
+		}
+	}
+	src, err := xendom.NewSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{Timeout: f.xlTimeout}, Dom: dom, Name: name,
+		XLConfig: cfgText, BalloonHold: dsb.Hold, SuspendTimeout: f.suspendTO, Logf: debugf(f.debug, "xen-source")})
 	if err != nil {
+		endHoldHere()
 		return fmt.Errorf("domain %s: %w", name, err)
 	}
 	var recv *receiver
-	extra := []string{}
+	extra := []string{"--xl-timeout", f.xlTimeout.String(), "--progress-timeout", f.progressTO.String()}
 	if f.debug {
 		extra = append(extra, "--debug")
 	}
@@ -223,19 +275,22 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		}
 		recv, err = startLocalReceiver(self, extra)
 		if err != nil {
+			endHoldHere()
 			return err
 		}
 	} else {
 		recv, err = startRemoteReceiver(f.ssh, host, f.receiver, extra)
 		if err != nil {
+			endHoldHere()
 			return err
 		}
 	}
 	eo := engine.Options{Mode: mode, Prepaging: f.prepaging, Policy: prepage.Options{}, HybridRounds: f.hybridRnds,
-		Record: f.record, RecordInterval: f.recordInt}
+		Record: f.record, RecordInterval: f.recordInt, ProgressTimeout: f.progressTO}
 	if f.debug {
 		eo.Logf = debugf(true, "engine")
 	}
+	eo.OnGo = sigs.passedGo
 	progress := isTerminal(os.Stderr) && !f.debug
 	if progress {
 		eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
@@ -252,6 +307,13 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		logf("receiver: %v", werr)
 	}
 	if runErr != nil {
+		if where, ok := engine.WhereOf(runErr); ok && (where == engine.RunsAtSource || where == engine.PausedAtSource) {
+			endHoldHere()
+		}
+		if st != nil && st.TotalTimeMs > 0 && !f.asJSON {
+			// It got to the end: the figures say what went wrong.
+			printXenStats(os.Stdout, st, src.Stats())
+		}
 		return fmt.Errorf("migrate %s: %w", name, runErr)
 	}
 	if mode == wire.ModePrecopy {
@@ -294,7 +356,7 @@ func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {
 func migrateByXL(f migrateFlags, xs *xenstore.Client, dom uint32, name, host, kind string, logf func(string, ...any)) error {
 	var dsb dsbReport
 	if f.balloon {
-		dsb = balloonFirst(xs, dom, logf)
+		dsb = balloonFirst(xs, dom, 0, logf)
 	}
 	args := []string{"migrate"}
 	if f.config != "" {
@@ -336,7 +398,7 @@ func (s stdioConn) Read(b []byte) (int, error)  { return s.r.Read(b) }
 func (s stdioConn) Write(b []byte) (int, error) { return s.w.Write(b) }
 func (s stdioConn) Close() error                { return errors.Join(s.r.Close(), s.w.Close()) }
 
-func runMigrateReceive(urgentFD int, listenTok string, debug bool) error {
+func runMigrateReceive(urgentFD int, listenTok string, debug bool, xlTimeout, progressTO time.Duration) error {
 	logf := debugf(debug, "migrate-receive")
 	if urgentFD < 0 && listenTok == "" {
 		return usagef("migrate-receive needs --urgent-fd or --urgent-listen (it is started by `xl-postcopy migrate`)")
@@ -367,7 +429,7 @@ func runMigrateReceive(urgentFD int, listenTok string, debug bool) error {
 	}
 	defer x.Close()
 	var dest *xendom.Dest
-	inner := xendom.NewFactory(xendom.DestOptions{HV: x, XL: xendom.XL{}, Logf: debugf(debug, "xen-dest")})
+	inner := xendom.NewFactory(xendom.DestOptions{HV: x, XL: xendom.XL{Timeout: xlTimeout}, Logf: debugf(debug, "xen-dest")})
 	factory := func(h *wire.DomainHeader) (engine.Dest, error) {
 		d, err := inner(h)
 		if err == nil {
@@ -375,9 +437,9 @@ func runMigrateReceive(urgentFD int, listenTok string, debug bool) error {
 		}
 		return d, err
 	}
-	ctx, cancel := signalContext()
-	defer cancel()
-	st, err := engine.RunDest(ctx, bulk, urgent, factory, engine.DestOptions{})
+	sigs := newMigrateSignals("the incoming domain", "this host")
+	defer sigs.stop()
+	st, err := engine.RunDest(sigs.ctx, bulk, urgent, factory, engine.DestOptions{OnResume: sigs.passedGo, Logf: logf, ProgressTimeout: progressTO})
 	if err != nil {
 		return fmt.Errorf("receive: %w", err)
 	}
@@ -386,6 +448,63 @@ func runMigrateReceive(urgentFD int, listenTok string, debug bool) error {
 		if err := dest.Rename(); err != nil {
 			return fmt.Errorf("domain %d received, but renaming it from %s failed: %w", dest.DomID(), dest.Name(), err)
 		}
+		if nonce := dest.BalloonHold(); nonce != "" {
+			endHold(dest.DomID(), nonce, logf)
+		}
 	}
 	return nil
+}
+
+// endHold ends guest-balloon's migration hold in domain dom.
+func endHold(dom uint32, nonce string, logf func(string, ...any)) {
+	xs, err := xenstore.Open()
+	if err != nil {
+		logf("end guest-balloon's hold in domain %d: %v", dom, err)
+		return
+	}
+	defer xs.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := control.EndHold(ctx, xs, dom, nonce); err != nil {
+		logf("end guest-balloon's hold in domain %d: %v", dom, err)
+	}
+}
+
+// migrateSignals turns SIGINT and SIGTERM into a cancel of the migration
+// while it can still be undone, and into a message afterwards: once the
+// destination may run the domain (GO), its memory is still here, and
+// stopping would strand the guest, so the migration goes on.
+type migrateSignals struct {
+	ctx    context.Context
+	cancel context.CancelFunc
+	ch     chan os.Signal
+	gone   atomic.Bool
+	what   string
+	host   string
+}
+
+func newMigrateSignals(what, host string) *migrateSignals {
+	m := &migrateSignals{ch: make(chan os.Signal, 4), what: what, host: host}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	signal.Notify(m.ch, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		for sig := range m.ch {
+			if m.gone.Load() {
+				fmt.Fprintf(os.Stderr, "\n%v: not stopping: %s already runs at %s and its memory is still arriving; stopping now would strand it. The migration goes on until every page is there.\n", sig, m.what, m.host)
+				continue
+			}
+			fmt.Fprintf(os.Stderr, "\n%v: stopping the migration; %s stays where it ran\n", sig, m.what)
+			m.cancel()
+		}
+	}()
+	return m
+}
+
+// passedGo marks the point after which a signal no longer stops anything.
+func (m *migrateSignals) passedGo() { m.gone.Store(true) }
+
+func (m *migrateSignals) stop() {
+	signal.Stop(m.ch)
+	close(m.ch)
+	m.cancel()
 }

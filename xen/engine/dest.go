@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -17,6 +18,12 @@ import (
 
 // DestOptions configure the destination side.
 type DestOptions struct {
+	// Logf, if set, receives debug lines (placements tried again).
+	Logf func(format string, args ...any)
+	// ProgressTimeout is the longest silence of the source on the bulk
+	// stream before the destination gives up on it (default
+	// DefaultProgressTimeout).
+	ProgressTimeout time.Duration
 	// OnResume, if set, is called right after the domain resumes.
 	OnResume func()
 	// Progress, if set, receives the destination's live counters.
@@ -43,27 +50,39 @@ type dest struct {
 	bw   *wire.Writer // replies on the bulk connection
 	uw   *wire.Writer // fault requests; only the fault loop writes
 
-	mu        sync.Mutex
-	present   *prepage.Bitmap // placed, or being placed
-	nPresent  uint64
-	requested *prepage.Bitmap // a fault request went to the source
-	faulted   *prepage.Bitmap // distinct pfns the guest faulted on
-	faultAt   map[uint64]time.Time
-	lat       []time.Duration
-	crc       []uint32
-	resumed   bool
-	allIn     chan struct{} // closed when every page is present after resume
-	stats     DestStats
-	zeroCRC   uint32
-	received  atomic.Uint64
-	credited  uint64
-	failOnce  sync.Once
-	failErr   error
-	failC     chan struct{}
-	blocktime time.Duration
-	resumedAt time.Time
-	timeline  []uint32 // network faults per TimelineBucket since resume
+	mu         sync.Mutex
+	present    *prepage.Bitmap // placed, being placed, or absent
+	absent     *prepage.Bitmap // no memory there: nothing to place or verify
+	nPresent   uint64
+	requested  *prepage.Bitmap // a fault request went to the source
+	faulted    *prepage.Bitmap // distinct pfns the guest faulted on
+	faultAt    map[uint64]time.Time
+	lat        []time.Duration
+	crc        []uint32
+	resumed    bool
+	allIn      chan struct{} // closed when every page is present after resume
+	stats      DestStats
+	zeroCRC    uint32
+	received   atomic.Uint64
+	credited   uint64
+	retries    uint64 // placements tried again after the backend failed them
+	retrying   int    // pages waiting to be placed again: not complete yet
+	stopCancel func()
+	alive      *liveness
+	failOnce   sync.Once
+	failErr    error
+	failC      chan struct{}
+	blocktime  time.Duration
+	resumedAt  time.Time
+	timeline   []uint32 // network faults per TimelineBucket since resume
 }
+
+// Bounds on what a stream may claim, checked before anything is sized
+// by it.
+const (
+	MaxPages = 1 << 28 // 1 TiB of 4 KiB pages
+	MaxVCPUs = 4096
+)
 
 // TimelineBucket is the width of one DestStats.FaultTimeline bucket.
 const TimelineBucket = 10 * time.Millisecond
@@ -84,8 +103,18 @@ func RunDest(ctx context.Context, c1, c2 io.ReadWriteCloser, factory Factory, op
 	d := &dest{opt: opt, factory: factory, bulk: bulk, urg: urg, bw: wire.NewWriter(bulk), uw: wire.NewWriter(urg), failC: make(chan struct{}), allIn: make(chan struct{})}
 	defer bulk.Close()
 	defer urg.Close()
+	// The caller's context stops the migration until the domain resumes
+	// here; from then on this is the only copy that runs.
 	stop := context.AfterFunc(ctx, func() { d.fail(ctx.Err()) })
+	d.stopCancel = func() { stop() }
 	defer stop()
+	if opt.ProgressTimeout <= 0 {
+		opt.ProgressTimeout = DefaultProgressTimeout
+	}
+	d.alive = startLiveness(opt.ProgressTimeout, func() error {
+		return d.writeBulk(writeKeepalive)
+	}, func(err error) { d.fail(fmt.Errorf("source: %w", err)) })
+	defer d.alive.close()
 	st, err := d.run()
 	if err != nil {
 		d.fail(err)
@@ -111,7 +140,11 @@ func sortConns(c1, c2 io.ReadWriteCloser) (bulk, urg io.ReadWriteCloser, err err
 	return nil, nil, fmt.Errorf("connections are %v and %v, want one bulk and one urgent: %w", ch1, ch2, wire.ErrBadChannel)
 }
 
-func (d *dest) fail(err error) {
+func (d *dest) fail(err error) { d.failWith(wire.TypeError, err) }
+
+// failWith ends the migration here and tells the source why in a record
+// of type t (TypeError, or TypeNotResumed when the domain never ran).
+func (d *dest) failWith(t wire.Type, err error) {
 	d.failOnce.Do(func() {
 		if err == nil {
 			err = errors.New("migration stopped")
@@ -121,7 +154,7 @@ func (d *dest) fail(err error) {
 		// Tell the source why, if the bulk writer is free (it never
 		// blocks for long: the destination only writes small records).
 		if d.bwMu.TryLock() {
-			if d.bw.WriteBlob(wire.TypeError, []byte(err.Error())) == nil {
+			if d.bw.WriteBlob(t, []byte(err.Error())) == nil {
 				_ = d.bw.Flush()
 			}
 			d.bwMu.Unlock()
@@ -132,6 +165,20 @@ func (d *dest) fail(err error) {
 			d.dom.Close()
 		}
 	})
+}
+
+// rootCause prefers the first failure (say, a bad checksum on the urgent
+// stream) over what it caused here (a read on the bulk stream it closed).
+func (d *dest) rootCause(err error) error {
+	select {
+	case <-d.failC:
+	default:
+		return err
+	}
+	if f := d.failErr; f != nil && !errors.Is(err, f) {
+		return fmt.Errorf("%w (then: %v)", f, err)
+	}
+	return err
 }
 
 func (d *dest) writeBulk(f func(w *wire.Writer) error) error {
@@ -157,22 +204,40 @@ func (d *dest) run() (*DestStats, error) {
 		return nil, err
 	}
 	n := d.hdr.NumPages
+	if n > MaxPages {
+		return nil, fmt.Errorf("stream claims %d pages, more than this receiver hosts (%d: 1 TiB of 4 KiB pages)", n, uint64(MaxPages))
+	}
+	if d.hdr.VCPUs > MaxVCPUs {
+		return nil, fmt.Errorf("stream claims %d vCPUs, more than %d", d.hdr.VCPUs, MaxVCPUs)
+	}
 	d.present = prepage.NewBitmap(n)
+	d.absent = prepage.NewBitmap(n)
+	for _, r := range d.hdr.Absent { // the decoder checked the ranges
+		for p := r.First; p < r.First+r.Count; p++ {
+			d.absent.Set(p)
+			d.present.Set(p)
+		}
+		d.nPresent += r.Count
+	}
 	d.requested = prepage.NewBitmap(n)
 	d.faulted = prepage.NewBitmap(n)
 	d.faultAt = map[uint64]time.Time{}
 	d.crc = make([]uint32, n)
 	d.zeroCRC = crc32.Checksum(make([]byte, d.hdr.PageSize), castagnoli)
-	d.dom, err = d.factory(d.hdr)
+	dom, err := d.factory(d.hdr)
 	if err != nil {
+		// Nothing to close: a factory that fails removes what it made
+		// (and may return a typed nil, which must not be called).
 		return nil, fmt.Errorf("create domain %q: %w", d.hdr.Name, err)
 	}
+	d.dom = dom
 	if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeCreated) }); err != nil {
 		d.fail(err)
 		_ = d.dom.Destroy()
 		return nil, fmt.Errorf("domain %q created but the source is gone, destroyed it: %w", d.hdr.Name, err)
 	}
 	failBeforeResume := func(err error) (*DestStats, error) {
+		err = d.rootCause(err)
 		d.fail(err)
 		if derr := d.dom.Destroy(); derr != nil {
 			return nil, fmt.Errorf("%w (destroying the half-received domain failed too: %v)", err, derr)
@@ -180,6 +245,7 @@ func (d *dest) run() (*DestStats, error) {
 		return nil, fmt.Errorf("%w; the half-received domain was destroyed here, the source keeps running it", err)
 	}
 	failAfterResume := func(err error) (*DestStats, error) {
+		err = d.rootCause(err)
 		d.fail(err)
 		d.mu.Lock()
 		missing := n - d.nPresent
@@ -201,7 +267,9 @@ func (d *dest) run() (*DestStats, error) {
 			}
 			return failAfterResume(fmt.Errorf("bulk connection: %w", err))
 		}
+		d.alive.heard()
 		switch rec.Type {
+		case wire.TypeKeepalive:
 		case wire.TypePageBatch:
 			if err := wire.DecodePageBatch(rec.Body, &pb); err != nil {
 				return d.failAt(failBeforeResume, failAfterResume, err)
@@ -214,6 +282,17 @@ func (d *dest) run() (*DestStats, error) {
 			credited := d.credited
 			if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteU64(wire.TypeCredit, credited) }); err != nil {
 				return d.failAt(failBeforeResume, failAfterResume, err)
+			}
+		case wire.TypePageSet:
+			ps, err := wire.DecodePageSet(rec.Body)
+			if err != nil {
+				return d.failAt(failBeforeResume, failAfterResume, err)
+			}
+			if d.resumed {
+				return failAfterResume(errors.New("page set changed after the resume"))
+			}
+			if err := d.changePageSet(ps); err != nil {
+				return failBeforeResume(err)
 			}
 		case wire.TypeDiscard:
 			if pfns, err = wire.DecodePFNs(rec.Body, pfns); err != nil {
@@ -245,7 +324,14 @@ func (d *dest) run() (*DestStats, error) {
 			}
 		case wire.TypeGo:
 			if err := d.resume(core); err != nil {
-				return failBeforeResume(err)
+				// The domain never ran here: the source may resume it,
+				// and must be told so (NOT_RESUMED) to do it.
+				err = fmt.Errorf("resume the domain (it never ran here): %w", err)
+				d.failWith(wire.TypeNotResumed, err)
+				if derr := d.dom.Destroy(); derr != nil {
+					return nil, fmt.Errorf("%w (destroying the domain that never ran failed too: %v)", err, derr)
+				}
+				return nil, fmt.Errorf("%w; destroyed it here, the source resumes it", err)
 			}
 			if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeResumed) }); err != nil {
 				return failAfterResume(err)
@@ -286,10 +372,24 @@ func (d *dest) run() (*DestStats, error) {
 	d.dom.Close()
 	d.urg.Close() // tells the source's fault server that we are complete
 
+	var dropped []uint64
+	if dr, ok := d.dom.(Dropper); ok {
+		dropped = dr.Dropped()
+	}
 	d.mu.Lock()
 	st := d.stats
-	ack := wire.Ack{PagesReceived: d.nPresent}
+	ack := wire.Ack{PagesReceived: d.nPresent - d.absent.Count()}
+	for _, p := range dropped {
+		// Given back by the guest: its memory no longer; not verified.
+		if p < n && !d.absent.Test(p) {
+			d.absent.Set(p)
+			st.GuestDropped++
+		}
+	}
 	for pfn, want := range table {
+		if d.absent.Test(uint64(pfn)) {
+			continue
+		}
 		if d.crc[pfn] != want {
 			if ack.Mismatched == 0 {
 				ack.FirstMismatch = uint64(pfn)
@@ -303,6 +403,7 @@ func (d *dest) run() (*DestStats, error) {
 	st.FaultLatencyP99Us = percentile(d.lat, 0.99)
 	st.BlocktimeMs = ms(d.blocktime)
 	st.PagesReceived = d.received.Load()
+	st.PlaceRetries = d.retries
 	st.FaultTimeline = d.timeline
 	st.MismatchedPages = ack.Mismatched
 	d.mu.Unlock()
@@ -366,6 +467,10 @@ func (d *dest) place(b *wire.PageBatch) error {
 	keep := pages[:0]
 	keepCRC := crcs[:0]
 	for i, p := range pages {
+		if d.absent.Test(p.PFN) {
+			d.mu.Unlock()
+			return fmt.Errorf("page batch: pfn %#x is not part of the domain (absent)", p.PFN)
+		}
 		if d.present.Test(p.PFN) && (d.resumed || b.Phase == wire.PhasePush || b.Phase == wire.PhaseFault) {
 			d.stats.DuplicatePages++
 			continue
@@ -376,13 +481,68 @@ func (d *dest) place(b *wire.PageBatch) error {
 		keep = append(keep, p)
 		keepCRC = append(keepCRC, crcs[i])
 	}
+	resumed := d.resumed
 	d.mu.Unlock()
 	if len(keep) == 0 {
 		return nil
 	}
 	if err := d.dom.Place(keep); err != nil {
-		return fmt.Errorf("place %d pages from pfn %#x: %w", len(keep), keep[0].PFN, err)
+		err = fmt.Errorf("place %d pages from pfn %#x: %w", len(keep), keep[0].PFN, err)
+		if !resumed {
+			return err
+		}
+		// After the resume this is the only copy that runs: nothing
+		// about one batch may end it. The pages are kept and placed
+		// again until the backend takes them.
+		d.mu.Lock()
+		d.retrying += len(keep)
+		d.mu.Unlock()
+		go d.retryPlace(copyPages(keep), slices.Clone(keepCRC), err)
+		return nil
 	}
+	d.placed(keep, keepCRC)
+	return nil
+}
+
+// copyPages copies pages whose data aliases a record buffer.
+func copyPages(pages []Page) []Page {
+	out := make([]Page, len(pages))
+	for i, p := range pages {
+		out[i] = Page{PFN: p.PFN, Data: slices.Clone(p.Data)}
+	}
+	return out
+}
+
+// retryPlace places pages again, with backoff, until the backend takes
+// them or the migration ends.
+func (d *dest) retryPlace(pages []Page, crcs []uint32, first error) {
+	wait := 50 * time.Millisecond
+	err := first
+	for {
+		if d.opt.Logf != nil {
+			d.opt.Logf("%v: trying again in %v", err, wait)
+		}
+		select {
+		case <-d.failC:
+			return
+		case <-time.After(wait):
+		}
+		d.mu.Lock()
+		d.retries++
+		d.mu.Unlock()
+		if err = d.dom.Place(pages); err == nil {
+			d.mu.Lock()
+			d.retrying -= len(pages)
+			d.mu.Unlock()
+			d.placed(pages, crcs)
+			return
+		}
+		wait = min(2*wait, 2*time.Second)
+	}
+}
+
+// placed records pages the backend holds now and wakes completion.
+func (d *dest) placed(keep []Page, keepCRC []uint32) {
 	now := time.Now()
 	d.mu.Lock()
 	for i, p := range keep {
@@ -394,10 +554,43 @@ func (d *dest) place(b *wire.PageBatch) error {
 			delete(d.faultAt, p.PFN)
 		}
 	}
-	complete := d.resumed && d.nPresent == d.hdr.NumPages
+	complete := d.resumed && d.nPresent == d.hdr.NumPages && d.retrying == 0
 	d.mu.Unlock()
 	if complete {
 		d.closeAllIn()
+	}
+}
+
+// changePageSet follows the source's page set in the pause: dropped pages
+// hold no memory any more, added ones will be placed before the resume.
+func (d *dest) changePageSet(ps wire.PageSet) error {
+	n := d.hdr.NumPages
+	for _, p := range append(slices.Clone(ps.Dropped), ps.Added...) {
+		if p >= n {
+			return fmt.Errorf("page set: pfn %#x beyond the domain's %d pages", p, n)
+		}
+	}
+	ch, ok := d.dom.(PageSetter)
+	if !ok {
+		return fmt.Errorf("the source's page set changed (%d dropped, %d added) and this destination cannot follow", len(ps.Dropped), len(ps.Added))
+	}
+	if err := ch.ChangePageSet(ps.Dropped, ps.Added); err != nil {
+		return fmt.Errorf("page set (%d dropped, %d added): %w", len(ps.Dropped), len(ps.Added), err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, p := range ps.Dropped {
+		d.absent.Set(p)
+		if d.present.Set(p) {
+			d.nPresent++
+		}
+	}
+	for _, p := range ps.Added {
+		if d.absent.Test(p) {
+			d.absent.Clear(p)
+			d.present.Clear(p)
+			d.nPresent--
+		}
 	}
 	return nil
 }
@@ -426,6 +619,9 @@ func (d *dest) discard(pfns []uint64) error {
 func (d *dest) resume(core []byte) error {
 	if core == nil {
 		return errors.New("GO before the core state")
+	}
+	if d.stopCancel != nil && !d.detachCaller() {
+		return errors.New("cancelled before the resume")
 	}
 	d.mu.Lock()
 	d.resumed = true
@@ -526,5 +722,17 @@ func (d *dest) urgentReader() {
 			d.fail(fmt.Errorf("urgent connection: %w", err))
 			return
 		}
+	}
+}
+
+// detachCaller detaches the caller's context and reports whether it had
+// not ended (a cancel that came first wins: the domain is not resumed).
+func (d *dest) detachCaller() bool {
+	d.stopCancel()
+	select {
+	case <-d.failC:
+		return false
+	default:
+		return true
 	}
 }

@@ -43,6 +43,34 @@ type Info struct {
 	VCPUs    uint32
 	Backend  string // what the destination must be able to host, e.g. "lab"
 	Config   []byte // backend-specific configuration, passed to the destination
+	// Absent are the pfns (ascending) that hold no memory at the start: a
+	// balloon driver gave them back. They are never read nor sent.
+	Absent []uint64
+}
+
+// PageSetChanger is implemented by sources whose page set can change while
+// the domain runs (a balloon driver gives pages back to the hypervisor or
+// takes them again). PageSetChange is called once the domain is paused: it
+// returns the pfns that hold no memory now but did at the start (dropped)
+// and those that hold memory now but were absent (added).
+type PageSetChanger interface {
+	PageSetChange() (dropped, added []uint64, err error)
+}
+
+// PageSetter is implemented by destinations that can follow a change of
+// the page set before the domain resumes: dropped pfns hold no memory any
+// more (whatever was placed there is released), added pfns get memory and
+// are placed before the resume.
+type PageSetter interface {
+	ChangePageSet(dropped, added []uint64) error
+}
+
+// Dropper is implemented by destinations whose resumed guest can give
+// pages back to the hypervisor (a balloon driver) while they are still
+// arriving. Such a page is no longer the guest's memory: it is neither
+// waited for nor verified. Dropped returns them all, ascending.
+type Dropper interface {
+	Dropped() []uint64
 }
 
 // Source is the domain at the sending host.
@@ -50,6 +78,8 @@ type Source interface {
 	Info() Info
 	// ReadPages reads the pages pfns into buf (len(pfns)*PageSize bytes).
 	// The domain may be running (pre-copy): the dirty log catches writes.
+	// Pages that cannot be read are reported with an *UnreadableError
+	// (the others are in buf), never filled in.
 	ReadPages(pfns []uint64, buf []byte) error
 	// StartDirtyLog begins write tracking; DirtyPages returns the pfns
 	// written since the previous call (or the start) and clears the log.

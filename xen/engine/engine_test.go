@@ -282,7 +282,7 @@ func TestRefusedDomainKeepsSourceRunning(t *testing.T) {
 	}()
 	_, err := RunSource(ctx, src, a1, a2, Options{Mode: wire.ModePostcopy})
 	require.Error(t, err)
-	require.Contains(t, err.Error(), "still runs at the source")
+	requireWhere(t, err, RunsAtSource)
 	require.Contains(t, err.Error(), "no room")
 	require.False(t, src.paused)
 	require.False(t, src.destroyed)
@@ -302,7 +302,7 @@ func TestFailureBeforeGoResumesSource(t *testing.T) {
 	}()
 	_, err := RunSource(ctx, src, a1, a2, Options{Mode: wire.ModePostcopy})
 	require.Error(t, err)
-	require.Contains(t, err.Error(), "resumed at the source")
+	requireWhere(t, err, RunsAtSource)
 	require.Contains(t, err.Error(), "disk full")
 	require.True(t, src.resumed)
 	require.False(t, src.paused)
@@ -327,7 +327,7 @@ func TestFailureAfterGoKeepsSourcePaused(t *testing.T) {
 	}()
 	_, err := RunSource(ctx, src, a1, a2, Options{Mode: wire.ModePostcopy, BatchPages: 8, WindowBytes: 64 << 10})
 	require.Error(t, err)
-	require.Contains(t, err.Error(), "stays PAUSED")
+	requireWhere(t, err, AfterGo)
 	require.False(t, src.resumed)
 	require.False(t, src.destroyed)
 }
@@ -349,4 +349,11 @@ func (d *dyingDest) Place(p []Page) error {
 		}
 	}
 	return d.memDest.Place(p)
+}
+
+func requireWhere(t *testing.T, err error, want Where) {
+	t.Helper()
+	got, ok := WhereOf(err)
+	require.True(t, ok, "not a migration outcome: %v", err)
+	require.Equal(t, want, got, "%v", err)
 }

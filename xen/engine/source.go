@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -47,6 +48,14 @@ type Options struct {
 	Record, RecordInterval time.Duration
 	// Logf, if set, receives debug lines (switchover timings).
 	Logf func(format string, args ...any)
+	// ProgressTimeout is the longest silence of the destination on the
+	// bulk stream before the migration gives up on it (default
+	// DefaultProgressTimeout).
+	ProgressTimeout time.Duration
+	// OnGo, if set, is called once GO has been sent: from then on the
+	// destination may run the domain, and the caller's context no longer
+	// stops the migration.
+	OnGo func()
 	// AckTimeout bounds the wait for the destination's final ACK after the
 	// last page is sent (default 60 s).
 	AckTimeout time.Duration
@@ -86,6 +95,9 @@ func (o *Options) defaults() {
 	if o.AckTimeout <= 0 {
 		o.AckTimeout = 60 * time.Second
 	}
+	if o.ProgressTimeout <= 0 {
+		o.ProgressTimeout = DefaultProgressTimeout
+	}
 }
 
 // source is one outgoing migration.
@@ -98,32 +110,42 @@ type source struct {
 	bw, uw       *wire.Writer
 	bulkMu       sync.Mutex // bw is written by the push loop and the control path
 
-	mu     sync.Mutex // guards sent and policy
+	mu     sync.Mutex // guards sent, absent, policy and unreadable
 	sent   *prepage.Bitmap
+	absent *prepage.Bitmap // pages that hold no memory: never sent, no checksum
 	policy prepage.Policy
 	spec   policySpec
+	// unreadable are pages a pre-copy round could not read (the guest
+	// was giving them back): the pause decides whether they are gone or
+	// must be sent.
+	unreadable []uint64
 
-	credit    sync.Cond // signalled when consumed changes or on failure
-	creditMu  sync.Mutex
-	queued    uint64 // bulk page bytes written
-	consumed  uint64 // bulk bytes the destination reported consumed
-	failed    error  // first failure; failedC is closed when it is set
-	failedC   chan struct{}
-	faultDone chan error // the fault server's result (post-copy)
-	created   chan struct{}
-	ready     chan struct{}
-	resumed   chan struct{}
-	acked     chan struct{}
-	ack       wire.Ack
-	destStats DestStats
+	credit     sync.Cond // signalled when consumed changes or on failure
+	creditMu   sync.Mutex
+	queued     uint64 // bulk page bytes written
+	consumed   uint64 // bulk bytes the destination reported consumed
+	failed     error  // first failure; failedC is closed when it is set
+	failedC    chan struct{}
+	faultDone  chan error // the fault server's result (post-copy)
+	created    chan struct{}
+	notResumed chan struct{} // the destination got GO and never ran the domain
+	ready      chan struct{}
+	resumed    chan struct{}
+	acked      chan struct{}
+	ack        wire.Ack
+	destStats  DestStats
 
-	pagesSent  atomic.Uint64
-	zeroPages  atomic.Uint64
-	faultsSeen atomic.Uint64
-	phase      atomic.Value // string
-	round      atomic.Int64
-	start      time.Time
-	zeroPage   []byte
+	pagesSent       atomic.Uint64
+	zeroPages       atomic.Uint64
+	unreadableReads atomic.Uint64
+	faultsSeen      atomic.Uint64
+	phase           atomic.Value // string
+	round           atomic.Int64
+	start           time.Time
+	zeroPage        []byte
+	stopCancel      func() // detaches the caller's context (at GO)
+	alive           *liveness
+	opened          bool // the bulk stream's headers are out (guarded by bulkMu)
 }
 
 // RunSource migrates dom over two connections to a destination running
@@ -140,17 +162,26 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 	s := &source{
 		opt: opt, dom: dom, info: info, bulk: bulk, urgent: urgent,
 		bw: wire.NewWriter(bulk), uw: wire.NewWriter(urgent),
-		sent:     prepage.NewBitmap(info.NumPages),
-		created:  make(chan struct{}),
-		ready:    make(chan struct{}),
-		resumed:  make(chan struct{}),
-		acked:    make(chan struct{}),
-		failedC:  make(chan struct{}),
-		start:    time.Now(),
-		zeroPage: make([]byte, info.PageSize),
+		sent:       prepage.NewBitmap(info.NumPages),
+		absent:     prepage.NewBitmap(info.NumPages),
+		created:    make(chan struct{}),
+		notResumed: make(chan struct{}),
+		ready:      make(chan struct{}),
+		resumed:    make(chan struct{}),
+		acked:      make(chan struct{}),
+		failedC:    make(chan struct{}),
+		start:      time.Now(),
+		zeroPage:   make([]byte, info.PageSize),
 	}
 	s.credit.L = &s.creditMu
 	s.phase.Store("setup")
+	for _, p := range info.Absent {
+		if p >= info.NumPages {
+			return nil, fmt.Errorf("source domain %q reports absent page %d of %d", info.Name, p, info.NumPages)
+		}
+		s.absent.Set(p)
+		s.sent.Set(p)
+	}
 	if opt.Mode != wire.ModePrecopy {
 		spec, err := parsePolicy(opt.Prepaging)
 		if err != nil {
@@ -166,7 +197,17 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 	// Closing both connections is how every blocked goroutine is released,
 	// on success and on failure alike.
 	stop := context.AfterFunc(ctx, func() { s.fail(ctx.Err()) })
+	s.stopCancel = func() { stop() }
 	defer stop()
+	s.alive = startLiveness(opt.ProgressTimeout, func() error {
+		s.bulkMu.Lock()
+		defer s.bulkMu.Unlock()
+		if !s.opened {
+			return nil // the stream's header and DOMAIN_HEADER come first
+		}
+		return writeKeepalive(s.bw)
+	}, func(err error) { s.fail(fmt.Errorf("destination: %w", err)) })
+	defer s.alive.close()
 	defer s.bulk.Close()
 	defer s.urgent.Close()
 	if opt.Progress != nil {
@@ -224,15 +265,11 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	stopLog := func() {}
 	resumeHere := func(err error) (*Stats, error) {
 		stopLog()
-		err = s.rootCause(err)
-		if rerr := s.dom.Resume(); rerr != nil {
-			return st, fmt.Errorf("migration failed before switchover (%v) and resuming the domain at the source failed too: %w; the domain is PAUSED at the source", err, rerr)
-		}
-		return st, fmt.Errorf("migration failed before switchover, domain %q resumed at the source: %w", s.info.Name, err)
+		return st, s.resumeHere(err)
 	}
 
 	if err := s.openStreams(); err != nil {
-		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
+		return st, s.notStarted(err)
 	}
 	go s.readReverse()
 	// Pre-record: sample the dirty log while the domain runs (while the
@@ -241,7 +278,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	var rec *recorder
 	if s.spec.record {
 		if err := s.dom.StartDirtyLog(); err != nil {
-			return st, fmt.Errorf("migration not started, domain %q still runs at the source: start dirty log for recording: %w", s.info.Name, err)
+			return st, s.notStarted(fmt.Errorf("start dirty log for recording: %w", err))
 		}
 		s.phase.Store("record")
 		rec = startRecorder(s.dom, s.opt.RecordInterval)
@@ -256,7 +293,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			rec.finish()
 			_ = s.dom.StopDirtyLog()
 		}
-		return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
+		return st, s.notStarted(err)
 	}
 
 	// Pre-copy rounds.
@@ -264,18 +301,20 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	if s.opt.Mode != wire.ModePostcopy {
 		if rec == nil {
 			if err := s.dom.StartDirtyLog(); err != nil {
-				return st, fmt.Errorf("migration not started, domain %q still runs at the source: start dirty log: %w", s.info.Name, err)
+				return st, s.notStarted(fmt.Errorf("start dirty log: %w", err))
 			}
 		}
 		st.SetupTimeMs = ms(time.Since(s.start))
 		s.phase.Store("precopy")
-		all := make([]uint64, s.info.NumPages)
-		for i := range all {
-			all[i] = uint64(i)
+		all := make([]uint64, 0, s.info.NumPages)
+		for p := uint64(0); p < s.info.NumPages; p++ {
+			if !s.absent.Test(p) {
+				all = append(all, p)
+			}
 		}
 		if err := s.sendPages(wire.PhasePrecopy, all); err != nil {
 			_ = s.dom.StopDirtyLog()
-			return st, fmt.Errorf("migration not started, domain %q still runs at the source: pre-copy round 0: %w", s.info.Name, err)
+			return st, s.notStarted(fmt.Errorf("pre-copy round 0: %w", err))
 		}
 		st.PrecopyRounds = 1
 		for {
@@ -283,7 +322,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			dirty, err = dirtyFn(dirty)
 			if err != nil {
 				_ = s.dom.StopDirtyLog()
-				return st, fmt.Errorf("migration not started, domain still runs at the source: read dirty log: %w", err)
+				return st, s.notStarted(fmt.Errorf("read dirty log: %w", err))
 			}
 			if s.opt.Mode == wire.ModeHybrid && st.PrecopyRounds >= s.opt.HybridRounds {
 				break
@@ -292,9 +331,12 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 				break
 			}
 			s.round.Store(int64(st.PrecopyRounds))
+			// Pages absent since the setup that the guest took and wrote
+			// again are settled in the pause, not here.
+			dirty = s.presentOnly(dirty)
 			if err := s.sendPages(wire.PhasePrecopy, dirty); err != nil {
 				_ = s.dom.StopDirtyLog()
-				return st, fmt.Errorf("migration not started, domain still runs at the source: pre-copy round %d: %w", st.PrecopyRounds, err)
+				return st, s.notStarted(fmt.Errorf("pre-copy round %d: %w", st.PrecopyRounds, err))
 			}
 			st.ResentPages += uint64(len(dirty))
 			st.PrecopyRounds++
@@ -305,18 +347,18 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	if rec != nil {
 		if err := s.finishRecording(ctx, rec, st); err != nil {
 			_ = s.dom.StopDirtyLog()
-			return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
+			return st, s.notStarted(err)
 		}
 		more, err := rec.DirtyPages(nil)
 		if err != nil {
 			_ = s.dom.StopDirtyLog()
-			return st, fmt.Errorf("migration not started, domain %q still runs at the source: %w", s.info.Name, err)
+			return st, s.notStarted(err)
 		}
 		if s.opt.Mode == wire.ModePostcopy {
 			// Tracking served the recording only: switch it off while the
 			// domain still runs, outside the downtime.
 			if err := s.dom.StopDirtyLog(); err != nil {
-				return st, fmt.Errorf("migration not started, domain %q still runs at the source: stop dirty log: %w", s.info.Name, err)
+				return st, s.notStarted(fmt.Errorf("stop dirty log: %w", err))
 			}
 		} else {
 			dirty = append(dirty, more...)
@@ -330,7 +372,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	pausedAt := time.Now()
 	if err := s.dom.Pause(); err != nil {
 		_ = s.dom.StopDirtyLog()
-		return st, fmt.Errorf("pause domain %q at the source (it still runs there): %w", s.info.Name, err)
+		return st, s.notStarted(fmt.Errorf("pause the domain: %w", err))
 	}
 	dbg := func(what string) {
 		if s.opt.Logf != nil {
@@ -359,8 +401,20 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		dbg(fmt.Sprintf("final dirty log: %d pages", len(dirty)))
 	}
 
+	// The page set as it is in the pause: pages the guest gave back since
+	// the setup are not sent (the destination drops them), pages it took
+	// back are sent now.
+	added, err := s.changePageSet(st)
+	if err != nil {
+		return resumeHere(err)
+	}
+	dirty = s.presentOnly(dirty)
+	dbg(fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
+
 	switch s.opt.Mode {
 	case wire.ModePrecopy:
+		dirty = prepage.SortedUnique(append(dirty, added...))
+		added = nil
 		if err := s.sendPages(wire.PhaseStop, dirty); err != nil {
 			return resumeHere(fmt.Errorf("stop-and-copy: %w", err))
 		}
@@ -379,10 +433,13 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 		s.mu.Lock()
 		for p := uint64(0); p < s.info.NumPages; p++ {
-			s.sent.Set(p) // round 0 sent every page
+			s.sent.Set(p) // round 0 sent every page (absent ones: never)
 		}
 		for _, p := range dirty {
 			s.sent.Clear(p)
+		}
+		for _, p := range added {
+			s.sent.Clear(p) // joined in the pause: goes with the core pages
 		}
 		s.mu.Unlock()
 		st.DiscardedPages = uint64(len(dirty))
@@ -398,11 +455,11 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		return resumeHere(fmt.Errorf("list core pages: %w", err))
 	}
 	dbg(fmt.Sprintf("%d core pages listed", len(corePFNs)))
-	if s.opt.Mode != wire.ModePrecopy && len(corePFNs) > 0 {
+	if s.opt.Mode != wire.ModePrecopy && len(corePFNs)+len(added) > 0 {
 		var need []uint64
 		s.mu.Lock()
-		for _, p := range prepage.SortedUnique(corePFNs) {
-			if p < s.info.NumPages && s.sent.Set(p) {
+		for _, p := range prepage.SortedUnique(append(corePFNs, added...)) {
+			if p < s.info.NumPages && !s.absent.Test(p) && s.sent.Set(p) {
 				need = append(need, p)
 			}
 		}
@@ -437,7 +494,17 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		dbg("relinquished")
 	}
 
-	// Point of no return: after GO the destination may run the domain.
+	// Point of no return: after GO the destination may run the domain. A
+	// cancel that came while waiting for READY is honoured here, the last
+	// moment it can be.
+	if err := ctx.Err(); err != nil {
+		return resumeHere(fmt.Errorf("cancelled before the switchover: %w", err))
+	}
+	// From GO on the domain may run at the destination with its memory
+	// still here: a cancel (a signal to the tool) must not end the
+	// migration any more, or the guest is stranded there.
+	s.stopCancel()
+	ctx = context.WithoutCancel(ctx)
 	s.bulkMu.Lock()
 	err = s.bw.WriteRecord(wire.TypeGo)
 	if err == nil {
@@ -449,6 +516,9 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		// a GO it received whole, so the guest runs in at most one place;
 		// which one is not known here.
 		return st, s.afterGo(fmt.Errorf("send GO: %w", err))
+	}
+	if s.opt.OnGo != nil {
+		s.opt.OnGo()
 	}
 	if err := s.wait(ctx, s.resumed, "RESUMED"); err != nil {
 		return st, s.afterGo(err)
@@ -518,9 +588,10 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	st.TotalBytes = s.bw.Written() + s.uw.Written()
 	st.PagesSent = s.pagesSent.Load()
 	st.ZeroPages = s.zeroPages.Load()
+	st.UnreadableReads = s.unreadableReads.Load()
 	st.merge(&s.destStats)
 	st.MismatchedPages = s.ack.Mismatched
-	st.Verified = s.ack.Mismatched == 0 && s.ack.PagesReceived == s.info.NumPages && st.DuplicatePages == 0
+	st.Verified = s.ack.Mismatched == 0 && s.ack.PagesReceived == s.info.NumPages-s.absentCount() && st.DuplicatePages == 0
 	if !st.Verified {
 		return st, s.afterGo(fmt.Errorf("destination reports %d of %d pages differing from the source (first pfn %#x), %d received, %d duplicates",
 			s.ack.Mismatched, s.info.NumPages, s.ack.FirstMismatch, s.ack.PagesReceived, st.DuplicatePages))
@@ -544,10 +615,32 @@ func (s *source) rootCause(err error) error {
 }
 
 // afterGo wraps an error that happened once the destination may have
-// resumed: the source copy is kept paused, with all its memory.
+// resumed: the source copy is kept paused, with all its memory. The one
+// exception is a destination that says it never ran the domain
+// (NOT_RESUMED, e.g. its hypervisor refused the vCPU state): then the
+// domain runs nowhere and resuming it here is safe.
 func (s *source) afterGo(err error) error {
 	err = s.rootCause(err)
-	return fmt.Errorf("migration failed after switchover: %w; the source copy of %q stays PAUSED with all its memory and is not resumed, so the domain never runs twice: check the destination", err, s.info.Name)
+	select {
+	case <-s.notResumed:
+		return s.resumeHere(fmt.Errorf("the destination could not resume the domain and never ran it: %w", err))
+	default:
+	}
+	return &Error{Domain: s.info.Name, Where: AfterGo, Err: err}
+}
+
+// notStarted is a failure while the domain still runs at the source.
+func (s *source) notStarted(err error) error {
+	return &Error{Domain: s.info.Name, Where: RunsAtSource, Err: s.rootCause(err)}
+}
+
+// resumeHere undoes the pause (and the rename) at the source.
+func (s *source) resumeHere(err error) error {
+	err = s.rootCause(err)
+	if rerr := s.dom.Resume(); rerr != nil {
+		return &Error{Domain: s.info.Name, Where: PausedAtSource, Err: fmt.Errorf("%w (resume: %v)", err, rerr)}
+	}
+	return &Error{Domain: s.info.Name, Where: RunsAtSource, Err: fmt.Errorf("resumed at the source after: %w", err)}
 }
 
 // finishRecording waits out the recording window (Options.Record), or
@@ -620,9 +713,11 @@ func (s *source) openStreams() error {
 	}
 	s.bulkMu.Lock()
 	defer s.bulkMu.Unlock()
+	s.opened = true
 	err := s.bw.WriteDomainHeader(&wire.DomainHeader{
 		Mode: s.opt.Mode, PageSize: s.info.PageSize, NumPages: s.info.NumPages,
 		VCPUs: s.info.VCPUs, Name: s.info.Name, Backend: s.info.Backend, Config: s.info.Config,
+		Absent: wire.RangesOf(prepage.SortedUnique(s.info.Absent)),
 	})
 	if err == nil {
 		err = s.bw.Flush()
@@ -655,7 +750,9 @@ func (s *source) readReverse() {
 			s.fail(fmt.Errorf("bulk connection: %w", err))
 			return
 		}
+		s.alive.heard()
 		switch rec.Type {
+		case wire.TypeKeepalive:
 		case wire.TypeCredit:
 			v, err := wire.DecodeU64(rec.Body)
 			if err != nil {
@@ -690,8 +787,11 @@ func (s *source) readReverse() {
 			s.ack = a
 			close(s.acked)
 			return
-		case wire.TypeError:
+		case wire.TypeError, wire.TypeNotResumed:
 			msg, _ := wire.DecodeBlob(rec.Body)
+			if rec.Type == wire.TypeNotResumed {
+				close(s.notResumed)
+			}
 			s.fail(fmt.Errorf("destination: %s", msg))
 			return
 		default:
@@ -703,14 +803,44 @@ func (s *source) readReverse() {
 
 // readBatch reads pages and builds a batch: entries with ZeroFlag for
 // zero pages, data for the others.
-func (s *source) readBatch(pfns []uint64, buf []byte, entries []uint64, data []byte) ([]uint64, []byte, error) {
+//
+// Only a pre-copy round may meet pages it cannot read (the running guest
+// changes its page set); they are left out and remembered. In the pause
+// and after it the page set is settled, so an unreadable page there is an
+// error: it is never sent as anything.
+func (s *source) readBatch(phase wire.Phase, pfns []uint64, buf []byte, entries []uint64, data []byte) ([]uint64, []byte, error) {
 	ps := int(s.info.PageSize)
 	buf = buf[:len(pfns)*ps]
-	if err := s.dom.ReadPages(pfns, buf); err != nil {
-		return nil, nil, fmt.Errorf("read %d pages from pfn %#x: %w", len(pfns), pfns[0], err)
+	var skip []uint64
+	err := s.dom.ReadPages(pfns, buf)
+	// After GO the paused source cannot change: a page that does not read
+	// is a mapping that failed for a moment, or one that never will. A few
+	// more tries, then the migration stops (the page is never sent as
+	// anything).
+	for try := 0; err != nil && try < 5 && (phase == wire.PhasePush || phase == wire.PhaseFault); try++ {
+		time.Sleep(50 * time.Millisecond << try)
+		err = s.dom.ReadPages(pfns, buf)
+	}
+	if err != nil {
+		var ue *UnreadableError
+		if !errors.As(err, &ue) || phase != wire.PhasePrecopy {
+			return nil, nil, fmt.Errorf("read %d pages from pfn %#x: %w", len(pfns), pfns[0], err)
+		}
+		// The running guest gave these back (or is about to): what they
+		// hold is not known, so nothing is sent; the pause decides.
+		skip = ue.PFNs
+		s.unreadableReads.Add(uint64(len(skip)))
+		s.mu.Lock()
+		s.unreadable = append(s.unreadable, skip...)
+		s.mu.Unlock()
 	}
 	entries, data = entries[:0], data[:0]
+	sent := 0
 	for i, p := range pfns {
+		if len(skip) > 0 && slices.Contains(skip, p) {
+			continue
+		}
+		sent++
 		pg := buf[i*ps : (i+1)*ps]
 		if bytes.Equal(pg, s.zeroPage) {
 			entries = append(entries, p|wire.ZeroFlag)
@@ -720,7 +850,7 @@ func (s *source) readBatch(pfns []uint64, buf []byte, entries []uint64, data []b
 		entries = append(entries, p)
 		data = append(data, pg...)
 	}
-	s.pagesSent.Add(uint64(len(pfns)))
+	s.pagesSent.Add(uint64(sent))
 	return entries, data, nil
 }
 
@@ -766,9 +896,12 @@ func (s *source) sendPages(phase wire.Phase, pfns []uint64) error {
 	for i := 0; i < len(pfns); i += n {
 		chunk := pfns[i:min(len(pfns), i+n)]
 		var err error
-		entries, data, err = s.readBatch(chunk, buf, entries, data)
+		entries, data, err = s.readBatch(phase, chunk, buf, entries, data)
 		if err != nil {
 			return err
+		}
+		if len(entries) == 0 {
+			continue
 		}
 		if err := s.writeBulk(phase, entries, data); err != nil {
 			return err
@@ -803,7 +936,7 @@ func (s *source) postcopy() error {
 			break
 		}
 		var err error
-		entries, data, err = s.readBatch(pfns, buf, entries, data)
+		entries, data, err = s.readBatch(wire.PhasePush, pfns, buf, entries, data)
 		if err == nil {
 			err = s.writeBulk(wire.PhasePush, entries, data)
 		}
@@ -857,7 +990,7 @@ func (s *source) serveFaults() error {
 		s.faultsSeen.Add(uint64(len(pfns)))
 		for i := 0; i < len(need); i += wire.MaxBatchPages {
 			chunk := need[i:min(len(need), i+wire.MaxBatchPages)]
-			entries, data, err = s.readBatch(chunk, buf, entries, data)
+			entries, data, err = s.readBatch(wire.PhaseFault, chunk, buf, entries, data)
 			if err == nil {
 				err = s.uw.WritePageBatch(wire.PhaseFault, s.info.PageSize, entries, data)
 			}
@@ -884,16 +1017,112 @@ func (s *source) checksums() ([]uint32, error) {
 	pfns := make([]uint64, 0, chunk)
 	for base := uint64(0); base < s.info.NumPages; base += chunk {
 		pfns = pfns[:0]
+		s.mu.Lock()
 		for p := base; p < min(base+chunk, s.info.NumPages); p++ {
-			pfns = append(pfns, p)
+			if !s.absent.Test(p) {
+				pfns = append(pfns, p)
+			}
+		}
+		s.mu.Unlock()
+		if len(pfns) == 0 {
+			continue
 		}
 		b := buf[:len(pfns)*ps]
 		if err := s.dom.ReadPages(pfns, b); err != nil {
 			return nil, err
 		}
-		for i := range pfns {
-			out[base+uint64(i)] = crc32.Checksum(b[i*ps:(i+1)*ps], castagnoli)
+		for i, p := range pfns {
+			out[p] = crc32.Checksum(b[i*ps:(i+1)*ps], castagnoli)
 		}
 	}
 	return out, nil
+}
+
+// changePageSet asks a PageSetChanger source, in the pause, how its page
+// set changed since the setup, tells the destination (PAGE_SET records)
+// and returns the pages that joined (absent before): they go in the
+// pause like core pages. Pages a pre-copy round could not read must have
+// left the set by now; one that did not is unreadable RAM, and the
+// migration stops here, before GO, with the reason.
+func (s *source) changePageSet(st *Stats) ([]uint64, error) {
+	var dropped, added []uint64
+	if c, ok := s.dom.(PageSetChanger); ok {
+		var err error
+		if dropped, added, err = c.PageSetChange(); err != nil {
+			return nil, fmt.Errorf("page set in the pause: %w", err)
+		}
+	}
+	s.mu.Lock()
+	var drop, add []uint64
+	for _, p := range prepage.SortedUnique(dropped) {
+		if p < s.info.NumPages && !s.absent.Test(p) {
+			s.absent.Set(p)
+			s.sent.Set(p)
+			drop = append(drop, p)
+		}
+	}
+	for _, p := range prepage.SortedUnique(added) {
+		if p < s.info.NumPages && s.absent.Test(p) {
+			s.absent.Clear(p)
+			s.sent.Clear(p)
+			add = append(add, p)
+		}
+	}
+	var still []uint64
+	for _, p := range prepage.SortedUnique(s.unreadable) {
+		if !s.absent.Test(p) {
+			still = append(still, p)
+		}
+	}
+	s.unreadable = nil
+	s.mu.Unlock()
+	st.DroppedPages, st.AddedPages = uint64(len(drop)), uint64(len(add))
+	// Tell the destination before any page of the pause goes.
+	for d, a := drop, add; len(d)+len(a) > 0; {
+		ps := wire.PageSet{Dropped: d[:min(len(d), wire.MaxPFNs)]}
+		ps.Added = a[:min(len(a), wire.MaxPFNs-len(ps.Dropped))]
+		d, a = d[len(ps.Dropped):], a[len(ps.Added):]
+		s.bulkMu.Lock()
+		err := s.bw.WritePageSet(ps)
+		s.bulkMu.Unlock()
+		if err != nil {
+			return nil, fmt.Errorf("send the page set: %w", err)
+		}
+	}
+	if len(still) > 0 {
+		// Read once more, paused: a page that reads now is simply sent
+		// with the rest of the pause's pages.
+		buf := make([]byte, int(s.info.PageSize))
+		for _, p := range still {
+			if err := s.dom.ReadPages([]uint64{p}, buf); err != nil {
+				return nil, fmt.Errorf("page %d is still part of the domain but cannot be read in the pause (nothing was sent for it): %w", p, err)
+			}
+			add = append(add, p)
+		}
+		s.mu.Lock()
+		for _, p := range still {
+			s.sent.Clear(p)
+		}
+		s.mu.Unlock()
+	}
+	return add, nil
+}
+
+// presentOnly filters out pages that left the domain.
+func (s *source) presentOnly(pfns []uint64) []uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := pfns[:0]
+	for _, p := range pfns {
+		if !s.absent.Test(p) {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+func (s *source) absentCount() uint64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.absent.Count()
 }

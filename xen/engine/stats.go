@@ -35,6 +35,17 @@ type Stats struct {
 	PrecopyRounds  int    `json:"precopy_rounds"`
 	CorePages      uint64 `json:"core_pages"`
 	DiscardedPages uint64 `json:"discarded_pages"`
+	// DroppedPages left the domain between the setup and the pause (its
+	// balloon gave them back): not sent. AddedPages joined it: sent in the
+	// pause. GuestDroppedPages were given back by the resumed guest at the
+	// destination before they arrived: not placed, not verified.
+	DroppedPages      uint64 `json:"dropped_pages"`
+	AddedPages        uint64 `json:"added_pages"`
+	GuestDroppedPages uint64 `json:"guest_dropped_pages"`
+	// UnreadableReads counts pages a pre-copy round could not read (the
+	// guest was giving them back). None is ever sent: the pause re-checks
+	// each one.
+	UnreadableReads uint64 `json:"unreadable_reads"`
 
 	// Pre-record figures: the recording window, the trajectory, and how
 	// many pages of the priority list came from each stage.
@@ -83,6 +94,8 @@ type DestStats struct {
 	PagesReceived     uint64       `json:"pages_received"`
 	MismatchedPages   uint64       `json:"mismatched_pages"`
 	DistinctFaulted   uint64       `json:"distinct_faulted"`
+	GuestDropped      uint64       `json:"guest_dropped_pages"`
+	PlaceRetries      uint64       `json:"place_retries"`
 	Guest             *GuestReport `json:"guest,omitempty"`
 	// FaultTimeline counts network faults per TimelineBucket after resume.
 	FaultTimeline []uint32 `json:"fault_timeline,omitempty"`
@@ -97,6 +110,7 @@ func (s *Stats) merge(d *DestStats) {
 	s.BlocktimeMs = d.BlocktimeMs
 	s.FaultTimeline = d.FaultTimeline
 	s.DuplicatePages += d.DuplicatePages
+	s.GuestDroppedPages = d.GuestDropped
 	if g := d.Guest; g != nil {
 		s.WorkingSet = g.WorkingSet
 		s.IntegrityErrors = g.IntegrityErrors

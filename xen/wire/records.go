@@ -213,6 +213,45 @@ type DomainHeader struct {
 	Name     string
 	Backend  string // "lab", "xen-pvh", ...: the destination refuses a backend it cannot host
 	Config   []byte // backend-specific configuration (e.g. the xl config file)
+	// Absent are the pfns of [0, NumPages) that hold no memory when the
+	// migration starts (a balloon driver gave them back): never sent, and
+	// the destination holds none there. Ascending, not overlapping.
+	Absent []Range
+}
+
+// Range is a run of Count consecutive pfns from First.
+type Range struct {
+	First, Count uint64
+}
+
+// MaxRanges bounds the absent ranges of a domain header (16 bytes each).
+const MaxRanges = (MaxBlob - 4096) / 16
+
+// RangesOf returns the runs of an ascending pfn list.
+func RangesOf(pfns []uint64) []Range {
+	var r []Range
+	for _, p := range pfns {
+		if n := len(r); n > 0 && r[n-1].First+r[n-1].Count == p {
+			r[n-1].Count++
+			continue
+		}
+		r = append(r, Range{First: p, Count: 1})
+	}
+	return r
+}
+
+// checkRanges holds ranges to being ascending, disjoint, non-empty and
+// inside [0, n); it returns the pfns they cover.
+func checkRanges(r []Range, n uint64) (uint64, error) {
+	var next, total uint64
+	for i, x := range r {
+		if x.Count == 0 || x.First < next || x.First >= n || x.Count > n-x.First {
+			return 0, fmt.Errorf("range %d (%#x+%d) is empty, out of order or beyond %d pages: %w", i, x.First, x.Count, n, ErrMalformed)
+		}
+		next = x.First + x.Count
+		total += x.Count
+	}
+	return total, nil
 }
 
 // Write writes h as a TypeDomainHeader record.
@@ -231,6 +270,17 @@ func (w *Writer) WriteDomainHeader(h *DomainHeader) error {
 	e.bytes([]byte(h.Name))
 	e.bytes([]byte(h.Backend))
 	e.bytes(h.Config)
+	if len(h.Absent) > MaxRanges {
+		return fmt.Errorf("write domain header: %d absent ranges (at most %d): %w", len(h.Absent), MaxRanges, ErrTooLarge)
+	}
+	if _, err := checkRanges(h.Absent, h.NumPages); err != nil {
+		return fmt.Errorf("write domain header: absent pages: %w", err)
+	}
+	e.u32(uint32(len(h.Absent)))
+	for _, x := range h.Absent {
+		e.u64(x.First)
+		e.u64(x.Count)
+	}
 	return w.WriteRecord(TypeDomainHeader, e.b)
 }
 
@@ -246,6 +296,17 @@ func DecodeDomainHeader(body []byte) (*DomainHeader, error) {
 		Backend:  string(d.bytes(64)),
 		Config:   d.bytes(MaxBlob),
 	}
+	if n := d.u32(); d.err == nil {
+		if n > MaxRanges || uint64(n)*16 > uint64(len(d.b)) {
+			return nil, fmt.Errorf("domain header: %d absent ranges in %d bytes: %w", n, len(d.b), ErrMalformed)
+		}
+		if n > 0 {
+			h.Absent = make([]Range, n)
+		}
+		for i := range h.Absent {
+			h.Absent[i] = Range{First: d.u64(), Count: d.u64()}
+		}
+	}
 	if err := d.finish("domain header"); err != nil {
 		return nil, err
 	}
@@ -258,7 +319,60 @@ func DecodeDomainHeader(body []byte) (*DomainHeader, error) {
 	if h.NumPages == 0 || h.NumPages > PFNMask {
 		return nil, fmt.Errorf("domain header: %d pages: %w", h.NumPages, ErrMalformed)
 	}
+	if _, err := checkRanges(h.Absent, h.NumPages); err != nil {
+		return nil, fmt.Errorf("domain header: absent pages: %w", err)
+	}
 	return h, nil
+}
+
+// PageSet is the change of a paused domain's page set since the domain
+// header: pfns that left it (Dropped: the guest gave them back, none is
+// sent) and pfns that joined it (Added: absent before, sent in the pause).
+type PageSet struct {
+	Dropped, Added []uint64
+}
+
+// WritePageSet writes a TypePageSet record. Callers split changes of more
+// than MaxPFNs pfns over several records.
+func (w *Writer) WritePageSet(ps PageSet) error {
+	n := len(ps.Dropped) + len(ps.Added)
+	if n == 0 || n > MaxPFNs {
+		return fmt.Errorf("write page set: %d pfns (1..%d): %w", n, MaxPFNs, ErrMalformed)
+	}
+	var e enc
+	e.u32(uint32(len(ps.Dropped)))
+	e.u32(uint32(len(ps.Added)))
+	for _, l := range [][]uint64{ps.Dropped, ps.Added} {
+		for _, p := range l {
+			if p&^PFNMask != 0 {
+				return fmt.Errorf("write page set: pfn %#x out of range: %w", p, ErrMalformed)
+			}
+			e.u64(p)
+		}
+	}
+	return w.WriteRecord(TypePageSet, e.b)
+}
+
+// DecodePageSet decodes a TypePageSet body.
+func DecodePageSet(body []byte) (PageSet, error) {
+	d := dec{b: body}
+	nd, na := d.u32(), d.u32()
+	if d.err != nil || nd+na == 0 || uint64(nd)+uint64(na) > MaxPFNs || len(d.b) != 8*(int(nd)+int(na)) {
+		return PageSet{}, fmt.Errorf("page set: %d dropped + %d added pfns in %d bytes: %w", nd, na, len(body), ErrMalformed)
+	}
+	var ps PageSet
+	for i := uint32(0); i < nd+na; i++ {
+		p := d.u64()
+		if p&^PFNMask != 0 {
+			return PageSet{}, fmt.Errorf("page set: pfn %#x out of range: %w", p, ErrMalformed)
+		}
+		if i < nd {
+			ps.Dropped = append(ps.Dropped, p)
+		} else {
+			ps.Added = append(ps.Added, p)
+		}
+	}
+	return ps, d.finish("page set")
 }
 
 // Switchover tells the destination that the source domain is paused and

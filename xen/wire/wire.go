@@ -26,8 +26,9 @@ import (
 // Magic opens every xl-postcopy stream.
 const Magic = "XLPCSTRM"
 
-// Version is the stream version this package writes and reads.
-const Version = 1
+// Version is the stream version this package writes and reads. Version 2
+// added the absent pages of the domain header and TypePageSet.
+const Version = 2
 
 // Channel says which of a migration's connections a stream is.
 type Channel uint32
@@ -73,7 +74,10 @@ const (
 	TypeReady        Type = TypeBase + 0x0D // Ready: destination holds the core state, may resume
 	TypeGo           Type = TypeBase + 0x0E // Go: source has given the domain up; resume it
 	TypeCreated      Type = TypeBase + 0x0F // Created: destination domain exists, send memory
-	typeLast              = TypeCreated
+	TypePageSet      Type = TypeBase + 0x10 // PageSet: pages that left or joined the domain (paused)
+	TypeNotResumed   Type = TypeBase + 0x11 // Error: the destination got GO but never ran the domain
+	TypeKeepalive    Type = TypeBase + 0x12 // empty: the sender is alive (progress timeouts)
+	typeLast              = TypeKeepalive
 )
 
 var typeNames = map[Type]string{
@@ -81,6 +85,7 @@ var typeNames = map[Type]string{
 	TypeFaultRequest: "FAULT_REQUEST", TypeDiscard: "DISCARD", TypeSwitchover: "SWITCHOVER",
 	TypeDone: "DONE", TypeAck: "ACK", TypeError: "ERROR", TypeCredit: "CREDIT", TypeStats: "STATS",
 	TypeResumed: "RESUMED", TypeReady: "READY", TypeGo: "GO", TypeCreated: "CREATED",
+	TypePageSet: "PAGE_SET", TypeNotResumed: "NOT_RESUMED", TypeKeepalive: "KEEPALIVE",
 }
 
 func (t Type) String() string {

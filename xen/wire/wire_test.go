@@ -131,9 +131,9 @@ func TestUnknownTypeAndLibxcTypesRefused(t *testing.T) {
 func TestHeaderErrors(t *testing.T) {
 	_, err := ReadHeader(bytes.NewReader([]byte("XLPCSTRX\x01\x00\x00\x00\x01\x00\x00\x00")))
 	require.ErrorIs(t, err, ErrBadMagic)
-	_, err = ReadHeader(bytes.NewReader([]byte("XLPCSTRM\x02\x00\x00\x00\x01\x00\x00\x00")))
-	require.ErrorIs(t, err, ErrVersion)
-	_, err = ReadHeader(bytes.NewReader([]byte("XLPCSTRM\x01\x00\x00\x00\x07\x00\x00\x00")))
+	_, err = ReadHeader(bytes.NewReader([]byte("XLPCSTRM\x01\x00\x00\x00\x01\x00\x00\x00")))
+	require.ErrorIs(t, err, ErrVersion, "version 1 streams lack the absent pages")
+	_, err = ReadHeader(bytes.NewReader([]byte("XLPCSTRM\x02\x00\x00\x00\x07\x00\x00\x00")))
 	require.ErrorIs(t, err, ErrBadChannel)
 	_, err = ReadHeader(bytes.NewReader([]byte("XLPC")))
 	require.Error(t, err)
@@ -215,4 +215,37 @@ func FuzzDecode(f *testing.F) {
 			}
 		}
 	})
+}
+
+func TestAbsentRangesAndPageSet(t *testing.T) {
+	var buf bytes.Buffer
+	w := NewWriter(&buf)
+	h := &DomainHeader{Mode: ModePostcopy, PageSize: 4096, NumPages: 100, Name: "x", Backend: "xen",
+		Absent: RangesOf([]uint64{3, 4, 5, 9, 99})}
+	require.Equal(t, []Range{{3, 3}, {9, 1}, {99, 1}}, h.Absent)
+	require.NoError(t, w.WriteDomainHeader(h))
+	require.NoError(t, w.WritePageSet(PageSet{Dropped: []uint64{7, 8}, Added: []uint64{4}}))
+	require.NoError(t, w.Flush())
+	r := NewReader(&buf)
+	rec, err := r.Next()
+	require.NoError(t, err)
+	got, err := DecodeDomainHeader(rec.Body)
+	require.NoError(t, err)
+	require.Equal(t, h.Absent, got.Absent)
+	rec, err = r.Next()
+	require.NoError(t, err)
+	require.Equal(t, TypePageSet, rec.Type)
+	ps, err := DecodePageSet(rec.Body)
+	require.NoError(t, err)
+	require.Equal(t, PageSet{Dropped: []uint64{7, 8}, Added: []uint64{4}}, ps)
+
+	// Ranges beyond the page space, overlapping or empty are refused on
+	// both sides.
+	for _, bad := range [][]Range{{{99, 2}}, {{3, 3}, {4, 1}}, {{5, 0}}, {{100, 1}}} {
+		h.Absent = bad
+		require.ErrorIs(t, w.WriteDomainHeader(h), ErrMalformed, "%v", bad)
+	}
+	require.Error(t, w.WritePageSet(PageSet{}))
+	_, err = DecodePageSet([]byte{1, 0, 0, 0, 0, 0, 0, 0})
+	require.ErrorIs(t, err, ErrMalformed)
 }

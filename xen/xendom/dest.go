@@ -7,6 +7,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
@@ -31,6 +32,7 @@ const (
 	stLoaded          // holds the source's content
 	stDropped         // Xen dropped the paged-out page (the guest mapped something else there)
 	stResident        // never paged out (the source's resident hint): its content comes with the core pages
+	stAbsent          // no memory at the source (ballooned): released here, nothing comes
 )
 
 // DestStats are the destination backend's figures.
@@ -48,9 +50,13 @@ type DestStats struct {
 	Loaded          uint64  `json:"loaded"`
 	Overwritten     uint64  `json:"overwritten"` // pre-copy re-sends written over a loaded page
 	PlainResponses  uint64  `json:"plain_responses"`
-	LoadMs          float64 `json:"load_ms"`        // time spent in page loads and writes (hypercalls)
-	Dropped         uint64  `json:"dropped"`        // paged-out gfns the guest replaced (DROP_PAGE requests)
-	DroppedPlaced   uint64  `json:"dropped_placed"` // pages that arrived for such gfns, not loaded
+	LoadMs          float64 `json:"load_ms"`         // time spent in page loads and writes (hypercalls)
+	Dropped         uint64  `json:"dropped"`         // paged-out gfns the guest gave back or replaced (DROP_PAGE requests)
+	DroppedPlaced   uint64  `json:"dropped_placed"`  // pages that arrived for such gfns, not loaded
+	DroppedOnLoad   uint64  `json:"dropped_on_load"` // loads refused because the guest had just given the gfn back
+	Absent          uint64  `json:"absent"`          // gfns of the page space with no memory at the source
+	SetDropped      uint64  `json:"set_dropped"`     // released in the pause: the source's guest gave them back
+	SetAdded        uint64  `json:"set_added"`       // populated in the pause: the source's guest took them again
 }
 
 // Dest is the domain being received.
@@ -86,7 +92,13 @@ func NewFactory(opt DestOptions) engine.Factory {
 	if opt.Progress == nil {
 		opt.Progress = func(string, int, int) {}
 	}
-	return func(h *wire.DomainHeader) (engine.Dest, error) { return newDest(opt, h) }
+	return func(h *wire.DomainHeader) (engine.Dest, error) {
+		d, err := newDest(opt, h)
+		if err != nil {
+			return nil, err // not a typed nil in the interface
+		}
+		return d, nil
+	}
 }
 
 func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
@@ -125,6 +137,15 @@ func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
 		d.state[i] = stResident
 	}
 	d.stats.Resident = uint64(len(resident))
+	for _, r := range h.Absent {
+		for i := r.First; i < r.First+r.Count; i++ {
+			if d.state[i] == stResident {
+				return nil, fmt.Errorf("gfn %#x is both resident and absent in the stream", gfns[i])
+			}
+			d.state[i] = stAbsent
+			d.stats.Absent++
+		}
+	}
 	if err := d.create(); err != nil {
 		if d.dom != 0 {
 			if derr := d.destroy(); derr != nil {
@@ -135,6 +156,10 @@ func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
 	}
 	return d, nil
 }
+
+// BalloonHold is the nonce of the guest-balloon hold the source took, or
+// "": the receiver ends it once the domain is complete here.
+func (d *Dest) BalloonHold() string { return d.cfg.BalloonHold }
 
 // DomID is the new domain's id.
 func (d *Dest) DomID() uint32 { return d.dom }
@@ -226,13 +251,14 @@ func (d *Dest) reconcile() error {
 		return fmt.Errorf("the new domain: %w", err)
 	}
 	var populate, release []uint64
-	for _, g := range d.gfns {
-		if _, ok := slices.BinarySearch(ram, g); !ok {
+	for i, g := range d.gfns {
+		if _, ok := slices.BinarySearch(ram, g); !ok && d.state[i] != stAbsent {
 			populate = append(populate, g)
 		}
 	}
 	for _, g := range ram {
-		if _, want := slices.BinarySearch(d.gfns, g); !want && !special[g] {
+		i, inSpace := slices.BinarySearch(d.gfns, g)
+		if (!inSpace || d.state[i] == stAbsent) && !special[g] {
 			release = append(release, g)
 		}
 	}
@@ -259,7 +285,7 @@ func (d *Dest) evictAll() error {
 	var firstErr error
 	n := 0
 	for i, g := range d.gfns {
-		if d.state[i] == stResident {
+		if d.state[i] == stResident || d.state[i] == stAbsent {
 			continue
 		}
 		n++
@@ -295,7 +321,7 @@ func (d *Dest) evictAll() error {
 	d.stats.Evicted = uint64(n)
 	d.stats.EvictMs = msSince(start)
 	d.mu.Unlock()
-	d.opt.Logf("paged out %d gfns in %v (%d kept resident for the core pages)", n, time.Since(start).Round(time.Millisecond), len(d.gfns)-n)
+	d.opt.Logf("paged out %d gfns in %v (%d kept resident for the core pages, %d absent)", n, time.Since(start).Round(time.Millisecond), len(d.gfns)-n-int(d.stats.Absent), d.stats.Absent)
 	return nil
 }
 
@@ -334,6 +360,8 @@ func (d *Dest) Place(pages []engine.Page) error {
 			d.stats.DroppedPlaced++
 			d.mu.Unlock()
 			continue
+		case stAbsent:
+			return fmt.Errorf("page index %d (gfn %#x) holds no memory: nothing may be placed there", p.PFN, g)
 		case stEvicted:
 		default:
 			wIdx, wGFN = append(wIdx, p.PFN), append(wGFN, g)
@@ -342,7 +370,20 @@ func (d *Dest) Place(pages []engine.Page) error {
 		}
 		t0 := time.Now()
 		if err := d.opt.HV.PagingLoad(d.dom, g, data); err != nil {
-			return fmt.Errorf("load gfn %#x: %w", g, err)
+			if !errors.Is(err, syscall.ENOENT) {
+				return fmt.Errorf("load gfn %#x: %w", g, err)
+			}
+			// ENOENT: the gfn is no longer paged out — the resumed guest
+			// gave it back (its balloon) and Xen's DROP_PAGE request is
+			// still on the ring, or it populated it again. Either way the
+			// page is not the guest's memory any more.
+			d.mu.Lock()
+			d.state[p.PFN] = stDropped
+			d.stats.DroppedOnLoad++
+			wake = append(wake, d.pending[p.PFN]...)
+			delete(d.pending, p.PFN)
+			d.mu.Unlock()
+			continue
 		}
 		d.mu.Lock()
 		d.stats.LoadMs += msSince(t0)
@@ -379,6 +420,65 @@ func (d *Dest) Place(pages []engine.Page) error {
 		return d.respond(wake)
 	}
 	return nil
+}
+
+// ChangePageSet implements engine.PageSetter: in the pause, gfns the
+// source's guest gave back are released here, gfns it took again are
+// populated (kept resident: their content comes before the resume).
+func (d *Dest) ChangePageSet(dropped, added []uint64) error {
+	var release, populate []uint64
+	d.mu.Lock()
+	for _, i := range dropped {
+		if i >= uint64(len(d.gfns)) {
+			d.mu.Unlock()
+			return fmt.Errorf("page index %d beyond the domain's %d pages", i, len(d.gfns))
+		}
+		if d.state[i] != stAbsent && d.state[i] != stDropped {
+			release = append(release, d.gfns[i])
+		}
+		d.state[i] = stAbsent
+	}
+	for _, i := range added {
+		if i >= uint64(len(d.gfns)) {
+			d.mu.Unlock()
+			return fmt.Errorf("page index %d beyond the domain's %d pages", i, len(d.gfns))
+		}
+		if d.state[i] == stAbsent {
+			populate = append(populate, d.gfns[i])
+			d.state[i] = stResident
+		}
+	}
+	d.stats.SetDropped += uint64(len(release))
+	d.stats.SetAdded += uint64(len(populate))
+	d.mu.Unlock()
+	// A paged-out gfn is released like any (Xen drops the page and says
+	// so on the ring: DROP_PAGE, answered by ringLoop).
+	if len(release) > 0 {
+		if err := d.opt.HV.DecreaseReservation(d.dom, release); err != nil {
+			return fmt.Errorf("release %d gfns the source's guest gave back: %w", len(release), err)
+		}
+	}
+	if len(populate) > 0 {
+		if err := d.opt.HV.PopulatePhysmap(d.dom, populate); err != nil {
+			return fmt.Errorf("populate %d gfns the source's guest took again: %w", len(populate), err)
+		}
+	}
+	d.opt.Logf("page set in the pause: released %d gfns, populated %d", len(release), len(populate))
+	return nil
+}
+
+// Dropped implements engine.Dropper: pages the resumed guest gave back
+// before they arrived.
+func (d *Dest) Dropped() []uint64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []uint64
+	for i, s := range d.state {
+		if s == stDropped {
+			out = append(out, uint64(i))
+		}
+	}
+	return out
 }
 
 // respond answers requests whose pages are in and notifies Xen once.

@@ -92,6 +92,10 @@ type fakeHV struct {
 	// Failure injection.
 	enablePagingErr error
 	loadErrGFN      map[uint64]bool // PagingLoad and WritePages of these fail
+	unmappable      map[uint64]bool // RAM-typed but ReadPages cannot map them (a grant mapping)
+	// onSuspend runs (with the lock) when a guest has stopped its vCPUs
+	// for a suspend, before the snapshot.
+	onSuspend func(dom uint32)
 	// onUnpause runs (without the lock) when a domain is unpaused.
 	onUnpause func(dom uint32)
 	// destShape builds a new destination domain's memory (CreatePaused).
@@ -103,7 +107,7 @@ type fakeHV struct {
 }
 
 func newFakeHV() *fakeHV {
-	h := &fakeHV{doms: map[uint32]*fdom{}, next: 1, loadErrGFN: map[uint64]bool{}}
+	h := &fakeHV{doms: map[uint32]*fdom{}, next: 1, loadErrGFN: map[uint64]bool{}, unmappable: map[uint64]bool{}}
 	h.cond = sync.NewCond(&h.mu)
 	return h
 }
@@ -220,7 +224,15 @@ func (h *fakeHV) Domain(id uint32) (xenctrl.DomainInfo, error) {
 	if err != nil {
 		return xenctrl.DomainInfo{}, err
 	}
-	return d.info, nil
+	// Xen's tot_pages: every page the domain owns, paged out or not.
+	info := d.info
+	info.TotPages = 0
+	for _, st := range d.state {
+		if st != gsAbsent {
+			info.TotPages++
+		}
+	}
+	return info, nil
 }
 
 func (h *fakeHV) Pause(id uint32) error {
@@ -371,7 +383,7 @@ func (h *fakeHV) ReadPages(id uint32, gfns []uint64, buf []byte) ([]int, error) 
 	var failed []int
 	for i, g := range gfns {
 		dst := buf[i*PageSize : (i+1)*PageSize]
-		if d.state[g] != gsRAM {
+		if d.state[g] != gsRAM || h.unmappable[g] {
 			clear(dst)
 			failed = append(failed, i)
 			continue
@@ -597,7 +609,7 @@ func (r *fakeRing) PutResponse(rsp xenctrl.Response) error {
 	if r.closed {
 		return errors.New("ring closed")
 	}
-	if rsp.Flags&xenctrl.FlagVCPUPaused == 0 || rsp.Reason != xenctrl.ReasonMemPaging {
+	if (rsp.Flags&xenctrl.FlagVCPUPaused == 0 && rsp.PagingFlags&xenctrl.PagingDropPage == 0) || rsp.Reason != xenctrl.ReasonMemPaging {
 		r.h.violation("response %+v would not unpause the vCPU", rsp)
 	}
 	r.answered[rsp.GFN]++
@@ -735,6 +747,9 @@ func (h *fakeHV) suspend(id uint32) {
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.onSuspend != nil {
+		h.onSuspend(id)
+	}
 	d.snapshot = map[uint64][]byte{}
 	for g, p := range d.mem {
 		d.snapshot[g] = slices.Clone(p)
@@ -833,4 +848,52 @@ func (x *fakeXL) Destroy(dom uint32) error {
 	}
 	x.h.cond.Broadcast()
 	return nil
+}
+
+// guestRelease is the guest's balloon driver giving gfns back
+// (XENMEM_decrease_reservation from inside): a paged-out gfn is dropped
+// and Xen tells the pager with a DROP_PAGE request, unless quiet (the
+// request is still on its way when the pager next looks).
+func (h *fakeHV) guestRelease(id uint32, quiet bool, gfns ...uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.guestReleaseQuiet(id, quiet, gfns...)
+}
+
+// guestReleaseLocked is guestRelease with h.mu held.
+func (h *fakeHV) guestReleaseLocked(id uint32, gfns ...uint64) {
+	h.guestReleaseQuiet(id, false, gfns...)
+}
+
+func (h *fakeHV) guestReleaseQuiet(id uint32, quiet bool, gfns ...uint64) {
+	d := h.doms[id]
+	for _, g := range gfns {
+		if d.state[g] == gsPaged && d.ring != nil && !quiet {
+			d.ring.reqs = append(d.ring.reqs, xenctrl.Request{Version: 1, Reason: xenctrl.ReasonMemPaging,
+				GFN: g, PagingFlags: xenctrl.PagingDropPage})
+			select {
+			case d.ring.sig <- struct{}{}:
+			default:
+			}
+		}
+		delete(d.state, g)
+		delete(d.mem, g)
+		delete(d.loaded, g)
+	}
+	h.cond.Broadcast()
+}
+
+// guestPopulate is the guest's balloon driver taking gfns again and the
+// guest writing them.
+func (h *fakeHV) guestPopulate(id uint32, gfns ...uint64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	d := h.doms[id]
+	for _, g := range gfns {
+		d.state[g] = gsRAM
+		d.mem[g] = pageOf("repopulated", g)
+		if d.logDirt {
+			d.dirty[g] = true
+		}
+	}
 }

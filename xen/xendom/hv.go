@@ -13,6 +13,7 @@ package xendom
 
 import (
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
@@ -98,9 +99,17 @@ type Xen struct {
 	*xenctrl.Handle
 	dirty map[uint32]*xenctrl.DirtyBitmap
 	words []uint64
-	// LastMapError is the first per-page error of the latest ReadPages
-	// that had one (for logs: which errno Xen gave).
-	LastMapError error
+	// mapErr is the first per-page error of the latest ReadPages that had
+	// one (for logs: which errno Xen gave); ReadPages runs concurrently
+	// (push, fault replies, checksums).
+	mapErrMu sync.Mutex
+	mapErr   error
+}
+
+func (x *Xen) lastMapError() error {
+	x.mapErrMu.Lock()
+	defer x.mapErrMu.Unlock()
+	return x.mapErr
 }
 
 // OpenXen opens the hypervisor interfaces; it fails with xenctrl's clear
@@ -167,7 +176,9 @@ func (x *Xen) ReadPages(dom uint32, gfns []uint64, buf []byte) ([]int, error) {
 		if perr != nil {
 			clear(dst)
 			if len(failed) == 0 {
-				x.LastMapError = fmt.Errorf("gfn %#x: %w", gfns[i], perr)
+				x.mapErrMu.Lock()
+				x.mapErr = fmt.Errorf("gfn %#x: %w", gfns[i], perr)
+				x.mapErrMu.Unlock()
 			}
 			failed = append(failed, i)
 			continue

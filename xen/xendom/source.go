@@ -45,6 +45,9 @@ type DomainConfig struct {
 	// through a foreign mapping costs far less than one paging hypercall
 	// per page — that is most of the downtime otherwise.
 	Resident []Range `json:"resident,omitempty"`
+	// BalloonHold is the nonce of the guest-balloon hold the source
+	// asked for: the destination ends it once the domain is complete.
+	BalloonHold string `json:"balloon_hold,omitempty"`
 }
 
 // maxResidentHint bounds the hint: a walk racing the running guest's
@@ -114,6 +117,8 @@ type SourceOptions struct {
 	Dom      uint32
 	Name     string
 	XLConfig []byte
+	// BalloonHold is the nonce of guest-balloon's hold, if one was taken.
+	BalloonHold string
 	// SuspendTimeout bounds the wait for the guest to suspend (default 30 s).
 	SuspendTimeout time.Duration
 	Logf           func(format string, a ...any)
@@ -124,7 +129,10 @@ type SourceStats struct {
 	RAMPages        uint64  `json:"ram_pages"`        // pages transferred (the engine's page space)
 	SkippedGFNs     uint64  `json:"skipped_gfns"`     // gfns below max_gpfn not RAM (holes, ballooned, special)
 	NotGuestRAM     uint64  `json:"not_guest_ram"`    // RAM-typed gfns that cannot be mapped (grant frames): not sent
-	UnmappablePages uint64  `json:"unmappable_pages"` // pages that could not be mapped at send time (sent as zeroes)
+	UnreadablePages uint64  `json:"unreadable_pages"` // reads of pages that could not be mapped (none is sent)
+	AbsentPages     uint64  `json:"absent_pages"`     // holes below the highest RAM gfn at the start (ballooned)
+	DroppedPages    uint64  `json:"dropped_pages"`    // given back by the guest between the setup and the pause
+	AddedPages      uint64  `json:"added_pages"`      // taken again by the guest between the setup and the pause
 	PageTablePages  uint64  `json:"page_table_pages"` // found by the CR3 walk of every vCPU
 	PerCPUPages     uint64  `json:"per_cpu_pages"`    // start of each vCPU per-CPU area (vcpu_info)
 	WalkSkipped     uint64  `json:"walk_skipped"`     // page-table entries pointing outside RAM
@@ -153,6 +161,13 @@ type Source struct {
 	stats      SourceStats
 	hvmContext []byte
 	hint       []uint64 // page indexes the destination keeps resident, ascending
+	// absent[i]: page i holds no memory (a hole a balloon driver left).
+	absent []bool
+	// outside is the domain's page count beyond its page space at setup
+	// (special pages, grant frames, hypervisor-owned pages): more than
+	// that in the pause means the guest populated gfns the migration does
+	// not cover.
+	outside uint64
 }
 
 // RefusePostcopy says why dom cannot be a post-copy source, or nil.
@@ -234,13 +249,26 @@ func NewSource(opt SourceOptions) (*Source, error) {
 	// are not the guest's memory. The guest maps them again after resume,
 	// which needs the gfn empty (not paged out) at the destination, so
 	// they leave the page space and the destination releases them.
-	if err := s.dropUnmappable(); err != nil {
+	unmappable, err := s.dropUnmappable()
+	if err != nil {
 		return nil, err
 	}
 	s.stats.RAMPages = uint64(len(s.gfns))
+	// The page space also holds the holes below the highest RAM gfn
+	// (pages a balloon driver gave back), as absent pages: the guest may
+	// take them again before it suspends, and then they are sent in the
+	// pause; and pages it gives back meanwhile simply become absent.
+	ramCount := len(s.gfns)
+	s.gfns, s.absent = withHoles(s.gfns, func(g uint64) bool { return skip[g] || unmappable[g] })
+	s.stats.AbsentPages = uint64(len(s.gfns) - ramCount)
+	if dom, err := opt.HV.Domain(opt.Dom); err == nil && dom.TotPages >= uint64(ramCount) {
+		s.outside = dom.TotPages - uint64(ramCount)
+	} else {
+		s.outside = info.TotPages - min(info.TotPages, uint64(ramCount))
+	}
 	s.stats.GuestHints = "none (no guest-balloon page classes): core pages from the CR3 walk only"
 	s.cfg = DomainConfig{Name: opt.Name, Kind: kind, VCPUs: info.MaxVCPUID + 1, XLConfig: string(opt.XLConfig),
-		GFNs: toRanges(s.gfns), Special: special}
+		GFNs: toRanges(s.gfns), Special: special, BalloonHold: opt.BalloonHold}
 	s.residentHint()
 	return s, nil
 }
@@ -274,21 +302,48 @@ func (s *Source) residentHint() {
 	s.stats.ResidentHint = uint64(len(hint))
 }
 
-func (s *Source) dropUnmappable() error {
+// withHoles returns the page space of a domain whose RAM gfns are ram
+// (ascending): every gfn up to the highest one, except those skip says
+// are not the guest's (special pages, grant frames), and which of them are
+// absent (not RAM now).
+func withHoles(ram []uint64, skip func(uint64) bool) (space []uint64, absent []bool) {
+	top := ram[len(ram)-1]
+	space = make([]uint64, 0, top+1)
+	absent = make([]bool, 0, top+1)
+	r := 0
+	for g := uint64(0); g <= top; g++ {
+		isRAM := r < len(ram) && ram[r] == g
+		if isRAM {
+			r++
+		}
+		if !isRAM && skip(g) {
+			continue
+		}
+		space = append(space, g)
+		absent = append(absent, !isRAM)
+	}
+	return space, absent
+}
+
+// dropUnmappable removes from s.gfns the RAM-typed gfns that cannot be
+// mapped and returns them.
+func (s *Source) dropUnmappable() (map[uint64]bool, error) {
 	const batch = 256
 	buf := make([]byte, batch*PageSize)
 	keep := s.gfns[:0:0]
+	unmappable := map[uint64]bool{}
 	for i := 0; i < len(s.gfns); i += batch {
 		part := s.gfns[i:min(i+batch, len(s.gfns))]
 		failed, err := s.opt.HV.ReadPages(s.opt.Dom, part, buf[:len(part)*PageSize])
 		if err != nil {
-			return fmt.Errorf("probe gfns %#x..%#x: %w", part[0], part[len(part)-1], err)
+			return nil, fmt.Errorf("probe gfns %#x..%#x: %w", part[0], part[len(part)-1], err)
 		}
 		f := 0
 		for j, g := range part {
 			if f < len(failed) && failed[f] == j {
 				f++
 				s.stats.NotGuestRAM++
+				unmappable[g] = true
 				continue
 			}
 			keep = append(keep, g)
@@ -298,7 +353,7 @@ func (s *Source) dropUnmappable() error {
 		s.opt.Logf("%d gfns hold Xen's pages, not guest RAM (grant frames): not sent", s.stats.NotGuestRAM)
 	}
 	s.gfns = keep
-	return nil
+	return unmappable, nil
 }
 
 // Stats returns the backend's figures so far.
@@ -311,8 +366,16 @@ func (s *Source) Stats() SourceStats {
 // Info implements engine.Source.
 func (s *Source) Info() engine.Info {
 	cfg, _ := json.Marshal(s.cfg)
+	s.mu.Lock()
+	var absent []uint64
+	for i, a := range s.absent {
+		if a {
+			absent = append(absent, uint64(i))
+		}
+	}
+	s.mu.Unlock()
 	return engine.Info{Name: s.opt.Name, NumPages: uint64(len(s.gfns)), PageSize: PageSize,
-		VCPUs: s.cfg.VCPUs, Backend: Backend, Config: cfg}
+		VCPUs: s.cfg.VCPUs, Backend: Backend, Config: cfg, Absent: absent}
 }
 
 // ReadPages implements engine.Source.
@@ -334,19 +397,71 @@ func (s *Source) ReadPages(pfns []uint64, buf []byte) error {
 	}
 	if len(failed) > 0 {
 		// A page the guest gave back to Xen (a balloon driver) or turned
-		// into a grant/shared-info mapping since the start: its content
-		// means nothing to the guest. It goes as zeroes, and the checksum
-		// of the same read says zeroes too.
+		// into a grant/shared-info mapping since the setup: what it holds
+		// is not known, so it is reported, never filled in. The engine
+		// skips it in pre-copy and settles it in the pause.
 		s.mu.Lock()
-		s.stats.UnmappablePages += uint64(len(failed))
+		s.stats.UnreadablePages += uint64(len(failed))
 		s.mu.Unlock()
-		var why error
+		var why error = errors.New("not mappable")
 		if x, ok := s.opt.HV.(*Xen); ok {
-			why = x.LastMapError
+			why = x.lastMapError()
 		}
-		s.opt.Logf("%d of %d pages not mappable (first gfn %#x: %v), sent as zeroes", len(failed), len(gfns), gfns[failed[0]], why)
+		bad := make([]uint64, len(failed))
+		for i, f := range failed {
+			bad[i] = pfns[f]
+		}
+		s.opt.Logf("%d of %d pages not mappable (first gfn %#x: %v): not sent", len(failed), len(gfns), gfns[failed[0]], why)
+		return &engine.UnreadableError{PFNs: bad, Err: why}
 	}
 	return nil
+}
+
+// PageSetChange implements engine.PageSetChanger: the page types of the
+// paused domain against the page set of the setup. The guest's balloon
+// driver may have given pages back or taken them again until it
+// suspended.
+func (s *Source) PageSetChange() (dropped, added []uint64, err error) {
+	t0 := time.Now()
+	ram := 0
+	const batch = 1024
+	for base := 0; base < len(s.gfns); base += batch {
+		part := s.gfns[base:min(base+batch, len(s.gfns))]
+		types, err := s.opt.HV.PageTypes(s.opt.Dom, part)
+		if err != nil {
+			return nil, nil, fmt.Errorf("page types of gfns %#x..%#x: %w", part[0], part[len(part)-1], err)
+		}
+		s.mu.Lock()
+		for j, t := range types {
+			i := base + j
+			isRAM := t != xenctrl.PageInvalid && t != xenctrl.PageXAlloc && t != xenctrl.PageBroken
+			if isRAM {
+				ram++
+			}
+			switch {
+			case isRAM && s.absent[i]:
+				added = append(added, uint64(i))
+				s.absent[i] = false
+			case !isRAM && !s.absent[i]:
+				dropped = append(dropped, uint64(i))
+				s.absent[i] = true
+			}
+		}
+		s.mu.Unlock()
+	}
+	info, err := s.opt.HV.Domain(s.opt.Dom)
+	if err != nil {
+		return nil, nil, fmt.Errorf("domain %d: %w", s.opt.Dom, err)
+	}
+	if info.TotPages > uint64(ram)+s.outside {
+		return nil, nil, fmt.Errorf("the guest populated %d gfns above its highest RAM gfn at the start (gfn %#x) during the migration (its balloon grew back): nothing was lost, retry the migration",
+			info.TotPages-uint64(ram)-s.outside, s.gfns[len(s.gfns)-1])
+	}
+	s.mu.Lock()
+	s.stats.DroppedPages, s.stats.AddedPages = uint64(len(dropped)), uint64(len(added))
+	s.mu.Unlock()
+	s.opt.Logf("page set in the pause: %d pages given back, %d taken again since the setup (checked in %v)", len(dropped), len(added), time.Since(t0).Round(time.Microsecond))
+	return dropped, added, nil
 }
 
 // index returns the page index of gfn.
@@ -368,6 +483,9 @@ func (s *Source) StartDirtyLog() error {
 
 // DirtyPages implements engine.Source.
 func (s *Source) DirtyPages(dst []uint64) ([]uint64, error) {
+	// Like the lab backend: the result starts at dst[:0], so a caller
+	// that passes the previous round's slice back gets this round only.
+	dst = dst[:0]
 	var err error
 	s.scratch, err = s.opt.HV.CleanDirty(s.opt.Dom, s.maxGFN+1, s.scratch[:0])
 	if err != nil {
@@ -432,52 +550,8 @@ func (s *Source) Pause() error {
 	return nil
 }
 
-// checkNoNewRAM fails when the guest gained RAM gfns since NewSource (its
-// balloon driver took memory back): those pages are outside the page
-// space the destination was built for and would be lost. Cheap unless
-// the domain's page count grew.
-func (s *Source) checkNoNewRAM() error {
-	info, err := s.opt.HV.Domain(s.opt.Dom)
-	if err != nil {
-		return err
-	}
-	if info.TotPages <= s.info.TotPages {
-		return nil
-	}
-	max, err := s.opt.HV.MaxGPFN(s.opt.Dom)
-	if err != nil {
-		return err
-	}
-	ram, err := ramGFNs(s.opt.HV, s.opt.Dom, max)
-	if err != nil {
-		return err
-	}
-	var fresh int
-	for _, g := range ram {
-		if _, ok := s.index(g); !ok && !s.isSpecial(g) {
-			fresh++
-		}
-	}
-	if fresh > 0 {
-		return fmt.Errorf("the guest populated %d new gfns during the migration (its balloon grew back); nothing was lost, retry the migration", fresh)
-	}
-	return nil
-}
-
-func (s *Source) isSpecial(gfn uint64) bool {
-	for _, v := range s.cfg.Special {
-		if v == gfn {
-			return true
-		}
-	}
-	return false
-}
-
 // CoreState implements engine.Source.
 func (s *Source) CoreState() ([]byte, error) {
-	if err := s.checkNoNewRAM(); err != nil {
-		return nil, err
-	}
 	tsc, err := s.opt.HV.TSCInfo(s.opt.Dom)
 	if err != nil {
 		return nil, fmt.Errorf("TSC info: %w", err)

@@ -24,9 +24,15 @@ type Toolstack interface {
 
 // XL drives the xl command.
 type XL struct {
-	Path    string        // default "xl"
-	Timeout time.Duration // per command, default 2 minutes
+	Path string // default "xl"
+	// Timeout bounds one xl command (default DefaultXLTimeout). xl create
+	// under the nested lab's emulation on a loaded 2-core machine has
+	// taken over two minutes.
+	Timeout time.Duration
 }
+
+// DefaultXLTimeout is XL's default per-command limit.
+const DefaultXLTimeout = 10 * time.Minute
 
 func (x XL) run(args ...string) (string, error) {
 	path := x.Path
@@ -35,11 +41,15 @@ func (x XL) run(args ...string) (string, error) {
 	}
 	to := x.Timeout
 	if to <= 0 {
-		to = 2 * time.Minute
+		to = DefaultXLTimeout
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), to)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, path, args...)
+	// xl forks helpers (the device model, libxl-save-helper) that keep
+	// the output pipes open: without WaitDelay a killed xl would leave
+	// Wait blocked on them.
+	cmd.WaitDelay = 5 * time.Second
 	cmd.Env = CleanEnv()
 	var out bytes.Buffer
 	cmd.Stdout = &out
@@ -56,8 +66,16 @@ func (x XL) run(args ...string) (string, error) {
 }
 
 // CreatePaused implements Toolstack with `xl create -p CFG name="NAME"`.
+// A create that fails or is killed by the time limit may leave the domain
+// half made under that name: it is destroyed before the error returns.
 func (x XL) CreatePaused(cfgPath, name string) (uint32, error) {
 	if _, err := x.run("create", "-p", cfgPath, "name="+strconv.Quote(name)); err != nil {
+		if out, derr := x.run("domid", name); derr == nil {
+			if _, derr := x.run("destroy", strings.TrimSpace(out)); derr != nil {
+				return 0, fmt.Errorf("%w (and the half-made domain %s is left: %v)", err, name, derr)
+			}
+			return 0, fmt.Errorf("%w (the half-made domain %s was destroyed)", err, name)
+		}
 		return 0, err
 	}
 	out, err := x.run("domid", name)

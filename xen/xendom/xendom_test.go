@@ -651,3 +651,179 @@ func TestResidentNotSentIsPagedOutAtResume(t *testing.T) {
 	}
 	require.Empty(t, hv.errs)
 }
+
+// The guest's balloon gives pages back and takes a hole again between the
+// setup (the page set) and the pause: the pause's page set says so to the
+// destination, which releases and populates the same gfns. Nothing is
+// sent for the pages given back, and the page taken again arrives with
+// its content.
+func TestBalloonBetweenSetupAndPause(t *testing.T) {
+	for _, mode := range []wire.Mode{wire.ModePostcopy, wire.ModeHybrid} {
+		t.Run(mode.String(), func(t *testing.T) {
+			const hole = 700
+			r := newRig(t, hole)
+			released := []uint64{300, 301, 650}
+			r.beforeRun = func() {
+				r.hv.guestRelease(r.src.id, false, released...)
+				r.hv.guestPopulate(r.src.id, hole)
+			}
+			r.startDestGuest(100, 5)
+			r.migrate(t, mode)
+			r.requireSound(t)
+			require.Equal(t, uint64(3), r.st.DroppedPages)
+			require.Equal(t, uint64(1), r.st.AddedPages)
+			dst := r.destDom(t)
+			r.checkSameMemory(t, dst) // gfn 700 included: RAM at suspend
+			r.hv.mu.Lock()
+			defer r.hv.mu.Unlock()
+			for _, g := range released {
+				require.Equal(t, gsAbsent, dst.state[g], "gfn %#x was given back at the source", g)
+				require.False(t, dst.loaded[g], "gfn %#x was loaded at the destination", g)
+			}
+			require.Equal(t, pageOf("repopulated", hole), dst.mem[hole])
+			st := r.dest.Stats()
+			require.Equal(t, uint64(3), st.SetDropped)
+			require.Equal(t, uint64(1), st.SetAdded)
+			if mode == wire.ModePostcopy {
+				require.Zero(t, r.srcBE.Stats().UnreadablePages, "no page read after it left the set")
+			}
+		})
+	}
+}
+
+// In hybrid mode the pre-copy round reads pages the guest is giving back
+// right then: they cannot be read, nothing is sent for them (not zeroes),
+// and the pause finds them gone.
+func TestBalloonDuringPrecopyRound(t *testing.T) {
+	r := newRig(t)
+	released := []uint64{20, 21, 500}
+	r.beforeRun = func() {
+		// Unmappable now, released by the time the guest suspends: the
+		// pre-copy read fails, the pause's page types say "gone".
+		for _, g := range released {
+			r.hv.unmappable[g] = true
+		}
+		r.hv.onSuspend = func(id uint32) {
+			if id == r.src.id {
+				r.hv.guestReleaseLocked(id, released...)
+			}
+		}
+	}
+	r.startDestGuest(100, 9)
+	r.migrate(t, wire.ModeHybrid)
+	r.requireSound(t)
+	require.Equal(t, uint64(len(released)), r.st.UnreadableReads)
+	require.Equal(t, uint64(len(released)), r.st.DroppedPages)
+	require.Equal(t, uint64(len(released)), r.srcBE.Stats().UnreadablePages)
+	dst := r.destDom(t)
+	r.hv.mu.Lock()
+	defer r.hv.mu.Unlock()
+	for _, g := range released {
+		require.Equal(t, gsAbsent, dst.state[g])
+		require.False(t, dst.loaded[g], "gfn %#x: an unreadable page was placed", g)
+	}
+}
+
+// A gfn that is still RAM but cannot be read (the guest put a grant
+// mapping over it) is never sent as zeroes. Hybrid: the pre-copy round
+// finds it, the pause reads it again, and the migration stops before GO
+// with the domain running at the source. Post-copy: the pause cannot read
+// every page, so the push finds it after GO and the migration stops there,
+// the source copy kept with all its memory.
+func TestUnreadableRAMIsNeverSent(t *testing.T) {
+	for mode, want := range map[wire.Mode]engine.Where{wire.ModeHybrid: engine.RunsAtSource, wire.ModePostcopy: engine.AfterGo} {
+		t.Run(mode.String(), func(t *testing.T) {
+			r := newRig(t)
+			r.beforeRun = func() { r.hv.unmappable[444] = true }
+			if mode == wire.ModePostcopy {
+				r.startDestGuest(20, 1)
+			}
+			r.migrate(t, mode)
+			require.Error(t, r.serr)
+			where, ok := engine.WhereOf(r.serr)
+			require.True(t, ok)
+			require.Equal(t, want, where, "%v", r.serr)
+			require.ErrorContains(t, r.serr, "0x1bc") // page index 444
+			dst := r.destDom(t)
+			r.hv.mu.Lock()
+			defer r.hv.mu.Unlock()
+			require.False(t, dst.loaded[444], "an unreadable page reached the destination")
+			if mode == wire.ModeHybrid {
+				require.False(t, r.src.info.Shutdown, "the source guest is not running again")
+				require.Equal(t, []bool{true}, r.src.resumes)
+			} else {
+				require.Empty(t, r.src.resumes, "the source copy was resumed after GO")
+			}
+		})
+	}
+}
+
+// The resumed guest gives back pages that have not arrived yet, racing
+// the push: with Xen's DROP_PAGE on the ring, or before it (the load then
+// fails with ENOENT). Neither may end the receiver; the pages are not
+// verified (not the guest's memory any more) and the rest is.
+func TestGuestReleaseAtDestinationRacesPush(t *testing.T) {
+	for _, quiet := range []bool{false, true} {
+		t.Run(fmt.Sprintf("quiet=%v", quiet), func(t *testing.T) {
+			r := newRig(t)
+			released := []uint64{900, 901, 950, 1000}
+			r.hv.onUnpause = func(dom uint32) {
+				if dom == r.src.id {
+					return
+				}
+				// Right at the resume, before the push gets that far.
+				r.hv.guestRelease(dom, quiet, released...)
+				close(r.vcpuDone)
+			}
+			r.migrate(t, wire.ModePostcopy)
+			r.requireSound(t)
+			require.Equal(t, uint64(len(released)), r.st.GuestDroppedPages)
+			st := r.dest.Stats()
+			if quiet {
+				require.Equal(t, uint64(len(released)), st.DroppedOnLoad)
+			} else {
+				require.Equal(t, uint64(len(released)), st.Dropped+st.DroppedOnLoad)
+			}
+			dst := r.destDom(t)
+			r.hv.mu.Lock()
+			defer r.hv.mu.Unlock()
+			for _, g := range released {
+				require.Equal(t, gsAbsent, dst.state[g])
+			}
+			require.Empty(t, r.hv.errs)
+		})
+	}
+}
+
+// A destination whose domain creation fails (xl create killed by its time
+// limit) returns an error, never a typed nil the engine would call.
+func TestDestCreateFailureIsNoPanic(t *testing.T) {
+	hv := newFakeHV()
+	src := hv.newGuestDomain("src")
+	s, err := NewSource(SourceOptions{HV: hv, XS: &fakeStore{h: hv}, XL: &fakeXL{h: hv}, Dom: src.id, Name: "vm1", XLConfig: []byte(testXLConfig)})
+	require.NoError(t, err)
+	hv.enablePagingErr = errors.New("xl create -p: signal: killed")
+	info := s.Info()
+	d, err := NewFactory(DestOptions{HV: hv, XL: &fakeXL{h: hv}})(&wire.DomainHeader{Mode: wire.ModePostcopy, PageSize: PageSize,
+		NumPages: info.NumPages, Backend: Backend, Config: info.Config})
+	require.ErrorContains(t, err, "killed")
+	require.True(t, d == nil, "a failed factory returned a typed nil (%T)", d)
+}
+
+// DirtyPages returns this round's pages only, whatever slice it is given
+// back (the engine passes the previous round's).
+func TestDirtyPagesStartsAfresh(t *testing.T) {
+	hv := newFakeHV()
+	src := hv.newGuestDomain("src")
+	s, err := NewSource(SourceOptions{HV: hv, XS: &fakeStore{h: hv}, XL: &fakeXL{h: hv}, Dom: src.id, Name: "vm1", XLConfig: []byte(testXLConfig)})
+	require.NoError(t, err)
+	require.NoError(t, s.StartDirtyLog())
+	hv.write(src.id, 7, pageOf("a", 7))
+	round1, err := s.DirtyPages(nil)
+	require.NoError(t, err)
+	require.Equal(t, []uint64{7}, round1)
+	hv.write(src.id, 9, pageOf("b", 9))
+	round2, err := s.DirtyPages(round1)
+	require.NoError(t, err)
+	require.Equal(t, []uint64{9}, round2)
+}

@@ -609,3 +609,41 @@ lab_balloon_migrate_scenario() {
 	[ "$LAB_KEEP_GUESTS" = 1 ] || _lab_bm_cleanup "$_s_dom"
 	[ "$_st" = PASS ]
 }
+
+# Shared by the post-copy scenarios.
+
+# jget FILE KEY prints a top-level number/bool of xl-postcopy's JSON (two-space indent).
+jget() { sed -n "s/^  \"$2\": \([^,{]*\),*\$/\1/p" "$1" | head -n 1 | tr -d '"'; }
+# jget2 FILE KEY prints a key of a nested object ("xen", "dsb": four-space indent).
+jget2() { sed -n "s/^    \"$2\": \([^,{]*\),*\$/\1/p" "$1" | head -n 1 | tr -d '"'; }
+
+# lab_watch_start DOMID LABEL starts the outside downtime ruler.
+lab_watch_start() {
+	xl-postcopy lab-downtime --timeout 300s "$1" >"/tmp/dt-$2.txt" 2>&1 &
+	_wpid=$!
+}
+
+# lab_watch_end LABEL waits for the ruler (it stops a second after the destination runs).
+lab_watch_end() {
+	_i=0
+	while kill -0 "$_wpid" 2>/dev/null && [ "$_i" -lt 100 ]; do
+		sleep 0.1
+		_i=$((_i + 1))
+	done
+	kill "$_wpid" 2>/dev/null
+	wait "$_wpid" 2>/dev/null
+	sed -n 's/^downtime_ms=\([0-9.]*\).*/\1/p' "/tmp/dt-$1.txt" | head -n 1
+}
+
+# lab_progress_after NAME SEQ0: the guest's counter must continue past SEQ0 and keep
+# moving, with errors=0 (fails with 2 on errors); prints the seq reached.
+lab_progress_after() {
+	_log=$(lab_console_log "$1")
+	shift
+	_s1=$(lab_wait_progress "$_log" $(($1 + 1)) 90) || return 1
+	_s2=$(lab_wait_progress "$_log" $((_s1 + 2)) 60) || return 1
+	_errs=$(lab_last_progress_line "$_log" | sed -n 's/.*errors=\([0-9]*\).*/\1/p')
+	[ "$_errs" = 0 ] || return 2
+	echo "$_s2"
+}
+

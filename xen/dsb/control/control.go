@@ -2,11 +2,31 @@
 // guest-balloon daemon, and the dom0 side of it.
 //
 // The daemon keeps its state under its domain's home,
-// /local/domain/<domid>/data/balloon/ (keys below). dom0 asks for an
-// immediate balloon by writing Request = "balloon-now:<nonce>"; the daemon
-// balloons down to its reserve and answers in Ack with
+// /local/domain/<domid>/data/balloon/ (keys below). dom0 writes its
+// requests to Request; the daemon answers the first two in Ack with
 // "<nonce> <target_kb> ok" or "<nonce> <target_kb> error <message>",
-// writing ReleasedKB in the same transaction.
+// writing ReleasedKB (and Hold) in the same transaction:
+//
+//   - "balloon-now:<nonce>": balloon down to the reserve at once, wait
+//     until the balloon driver has reached the target, acknowledge.
+//   - "balloon-hold:<nonce>:<seconds>": the same, and from the ack on
+//     hold the balloon still (for a migration, which must not see the
+//     domain's RAM change while it copies it): the periodic policy no
+//     longer changes the target, and a re-announced memory/target (the
+//     resume after a migration) makes the daemon put its own target back
+//     at once. seconds is clamped to 1..MaxHoldSeconds; 0 or anything
+//     but a decimal number is answered with an error ack and no hold.
+//   - "hold-end:<nonce>": end the hold of that nonce (no answer but Hold).
+//
+// A hold also ends by itself after its seconds, and early when the
+// policy sees memory pressure and wants memory back (the guest comes
+// first). An administrator's new memory/target (xl mem-set) still wins.
+// The daemon keeps the hold in memory, so it survives a migration, where
+// the domain gets a new domid and a fresh home: hold-end goes to the new
+// domain's Request. Hold says where it stands: "" when the daemon has not
+// held, "held <nonce> until <unix-seconds>" while it holds, and
+// "ended <nonce> <why>" after, why being dom0, timeout, pressure or
+// stopped (the daemon stopped and gave the guest its memory back).
 //
 // Permissions: libxl creates data/ owned by the guest, and xenstored gives
 // a node dom0 creates the permissions of its parent, so a data/balloon/
@@ -49,7 +69,8 @@ const (
 	KeyPages     = "pages"        // kpageflags class counts, if enabled
 	KeyRequest   = "request"      // written by dom0
 	KeyAck       = "ack"          // written by the daemon
-	KeyReleased  = "released_kb"  // memory the last balloon-now gave back
+	KeyReleased  = "released_kb"  // memory the last balloon-now or balloon-hold gave back
+	KeyHold      = "hold"         // "", "held <nonce> until <unix>", "ended <nonce> <why>"
 )
 
 // Key returns Dir/key, relative to the domain's home.
@@ -75,6 +96,149 @@ func ParseRequest(v string) (nonce string, ok bool) {
 		return "", false
 	}
 	return nonce, true
+}
+
+// Prefixes of the hold requests.
+const (
+	HoldRequestPrefix = "balloon-hold:"
+	HoldEndPrefix     = "hold-end:"
+)
+
+// MaxHoldSeconds is the longest hold a daemon grants; longer requests are
+// cut to it.
+const MaxHoldSeconds = 3600
+
+// FormatHoldRequest returns the balloon-hold request value for nonce,
+// with hold rounded up to whole seconds. A hold under a nanosecond gives
+// "0", which the daemon rejects.
+func FormatHoldRequest(nonce string, hold time.Duration) string {
+	sec := int64(0)
+	if hold > 0 {
+		sec = int64((hold + time.Second - 1) / time.Second)
+	}
+	return HoldRequestPrefix + nonce + ":" + strconv.FormatInt(sec, 10)
+}
+
+// FormatHoldEnd returns the hold-end request value for nonce.
+func FormatHoldEnd(nonce string) string { return HoldEndPrefix + nonce }
+
+// RequestKind says what a request asks for.
+type RequestKind int
+
+// Request kinds.
+const (
+	BalloonNow  RequestKind = iota + 1 // "balloon-now:<nonce>"
+	BalloonHold                        // "balloon-hold:<nonce>:<seconds>"
+	HoldEnd                            // "hold-end:<nonce>"
+)
+
+func (k RequestKind) String() string {
+	switch k {
+	case BalloonNow:
+		return "balloon-now"
+	case BalloonHold:
+		return "balloon-hold"
+	case HoldEnd:
+		return "hold-end"
+	}
+	return "request-kind-" + strconv.Itoa(int(k))
+}
+
+// Request is a parsed request value.
+type Request struct {
+	Kind  RequestKind
+	Nonce string
+	// Hold is a balloon-hold's duration, clamped to 1..MaxHoldSeconds s.
+	Hold time.Duration
+}
+
+// ErrNotRequest is returned by ParseAnyRequest for a value that is no
+// request one can answer: empty, foreign, or without a valid nonce.
+var ErrNotRequest = errors.New("not a guest-balloon request")
+
+// ParseAnyRequest parses a request value of any kind. The error wraps
+// ErrNotRequest when there is nothing to answer. A balloon-hold with a
+// valid nonce but seconds missing, zero or not a decimal number returns
+// the Request (Kind and Nonce set) with an error saying why: the daemon
+// answers it with an error ack.
+func ParseAnyRequest(v string) (Request, error) {
+	v = strings.TrimSpace(v)
+	if n, ok := ParseRequest(v); ok {
+		return Request{Kind: BalloonNow, Nonce: n}, nil
+	}
+	if n, ok := strings.CutPrefix(v, HoldEndPrefix); ok && validNonce(n) {
+		return Request{Kind: HoldEnd, Nonce: n}, nil
+	}
+	rest, ok := strings.CutPrefix(v, HoldRequestPrefix)
+	if !ok {
+		return Request{}, fmt.Errorf("%w: %q", ErrNotRequest, v)
+	}
+	// The nonce may contain ':'; the seconds are after the last one.
+	nonce, sec := rest, ""
+	if i := strings.LastIndexByte(rest, ':'); i >= 0 {
+		nonce, sec = rest[:i], rest[i+1:]
+	}
+	if !validNonce(nonce) {
+		return Request{}, fmt.Errorf("%w: %q has no valid nonce", ErrNotRequest, v)
+	}
+	r := Request{Kind: BalloonHold, Nonce: nonce}
+	n, err := strconv.ParseUint(sec, 10, 64)
+	switch {
+	case errors.Is(err, strconv.ErrRange):
+		n = MaxHoldSeconds
+	case err != nil:
+		return r, fmt.Errorf("bad request %q: the hold is not \"%s<nonce>:<seconds>\" with decimal seconds", v, HoldRequestPrefix)
+	case n == 0:
+		return r, fmt.Errorf("bad request %q: a hold of 0 seconds", v)
+	}
+	r.Hold = time.Duration(min(n, MaxHoldSeconds)) * time.Second
+	return r, nil
+}
+
+// Why a hold ended, in Hold's "ended <nonce> <why>".
+const (
+	HoldEndedDom0     = "dom0"     // dom0 wrote hold-end
+	HoldEndedTimeout  = "timeout"  // its seconds ran out
+	HoldEndedPressure = "pressure" // the guest needed memory back
+	HoldEndedStopped  = "stopped"  // the daemon stopped
+)
+
+// HoldStatus is the value of KeyHold. The zero value is "" (the daemon
+// has not held since it started).
+type HoldStatus struct {
+	Nonce string
+	Held  bool      // "held <nonce> until <unix-seconds>"
+	Until time.Time // while Held: when the hold times out
+	Ended string    // "ended <nonce> <why>": why (HoldEnded*); "" otherwise
+}
+
+// String formats the value of KeyHold.
+func (h HoldStatus) String() string {
+	switch {
+	case h.Held:
+		return "held " + h.Nonce + " until " + strconv.FormatInt(h.Until.Unix(), 10)
+	case h.Ended != "":
+		return "ended " + h.Nonce + " " + h.Ended
+	}
+	return ""
+}
+
+// ParseHold parses a value of KeyHold.
+func ParseHold(v string) (HoldStatus, error) {
+	f := strings.Fields(v)
+	switch {
+	case len(f) == 0:
+		return HoldStatus{}, nil
+	case len(f) == 4 && f[0] == "held" && f[2] == "until" && validNonce(f[1]):
+		sec, err := strconv.ParseInt(f[3], 10, 64)
+		if err != nil {
+			return HoldStatus{}, fmt.Errorf("balloon hold %q: bad time: %w", v, err)
+		}
+		return HoldStatus{Nonce: f[1], Held: true, Until: time.Unix(sec, 0)}, nil
+	case len(f) == 3 && f[0] == "ended" && validNonce(f[1]):
+		return HoldStatus{Nonce: f[1], Ended: f[2]}, nil
+	}
+	return HoldStatus{}, fmt.Errorf("balloon hold %q is not \"\", \"held <nonce> until <unix-seconds>\" or \"ended <nonce> <why>\"", v)
 }
 
 func validNonce(n string) bool {
@@ -103,8 +267,12 @@ type Ack struct {
 	OK       bool
 	Err      string // the daemon's message when !OK
 	// ReleasedKB is what the guest gave back (read from KeyReleased by
-	// RequestBalloon; not part of the ack value).
+	// RequestBalloon and RequestHold; not part of the ack value).
 	ReleasedKB uint64
+	// HoldUntil is when the hold granted to a balloon-hold times out
+	// (read from KeyHold by RequestHold; zero when the daemon did not
+	// hold, e.g. for a bad request).
+	HoldUntil time.Time
 }
 
 // String formats the ack value: "<nonce> <target_kb> ok" or
@@ -164,7 +332,8 @@ func PrepareDomain(ctx context.Context, c *xenstore.Client, domid uint32) error 
 	return nil
 }
 
-// ErrNoAnswer is returned by RequestBalloon when no ack came in time.
+// ErrNoAnswer is returned by RequestBalloon and RequestHold when no ack
+// came in time.
 var ErrNoAnswer = errors.New("no answer from guest-balloon")
 
 // RequestBalloon asks domid's guest-balloon daemon to balloon down to its
@@ -172,14 +341,69 @@ var ErrNoAnswer = errors.New("no answer from guest-balloon")
 // with !OK is returned with a nil error: the daemon answered, and the
 // caller decides whether its failure matters (a migration can go on).
 func RequestBalloon(ctx context.Context, c *xenstore.Client, domid uint32, timeout time.Duration) (Ack, error) {
+	return request(ctx, c, domid, timeout, BalloonNow, FormatRequest)
+}
+
+// RequestHold asks domid's guest-balloon daemon to balloon down to its
+// reserve now and then to hold the balloon still for up to hold (whole
+// seconds, rounded up; the daemon cuts it to MaxHoldSeconds), and waits up
+// to timeout for the acknowledgement, as RequestBalloon does. The Ack
+// carries the Nonce that EndHold needs and, when the daemon holds,
+// HoldUntil. The daemon holds even when ballooning failed (an ack with
+// !OK and a HoldUntil); a rejected request comes back with !OK and no
+// HoldUntil. The hold ends with EndHold, after hold, or when the guest
+// comes under memory pressure.
+func RequestHold(ctx context.Context, c *xenstore.Client, domid uint32, timeout, hold time.Duration) (Ack, error) {
+	if hold <= 0 {
+		return Ack{}, fmt.Errorf("holding domain %d's balloon: the hold must be positive, not %v", domid, hold)
+	}
+	a, err := request(ctx, c, domid, timeout, BalloonHold, func(nonce string) string {
+		return FormatHoldRequest(nonce, hold)
+	})
+	if err != nil {
+		return a, err
+	}
+	if v, err := c.Read(ctx, Path(domid, KeyHold)); err == nil {
+		if h, err := ParseHold(v); err == nil && h.Held && h.Nonce == a.Nonce {
+			a.HoldUntil = h.Until
+		}
+	}
+	return a, nil
+}
+
+// EndHold tells domid's guest-balloon daemon to end the hold that
+// RequestHold's nonce started (after a migration, domid is the domain's
+// new id). It does not wait: the daemon says in KeyHold when it is done
+// ("ended <nonce> dom0"), and a hold dom0 never ends times out anyway.
+func EndHold(ctx context.Context, c *xenstore.Client, domid uint32, nonce string) error {
+	if !validNonce(nonce) {
+		return fmt.Errorf("ending the balloon hold of domain %d: invalid nonce %q", domid, nonce)
+	}
+	if err := prepare(ctx, c, domid); err != nil {
+		return fmt.Errorf("ending the balloon hold of domain %d: %w", domid, err)
+	}
+	if err := c.Write(ctx, Path(domid, KeyRequest), FormatHoldEnd(nonce)); err != nil {
+		return fmt.Errorf("writing the hold-end request for domain %d: %w", domid, err)
+	}
+	return nil
+}
+
+// prepare checks that domid exists and readies its data/balloon.
+func prepare(ctx context.Context, c *xenstore.Client, domid uint32) error {
 	home := HomePath(domid)
 	if _, err := c.Read(ctx, home); err != nil {
 		if errors.Is(err, xenstore.ErrNotFound) {
-			return Ack{}, fmt.Errorf("domain %d has no xenstore home %s: does it exist?", domid, home)
+			return fmt.Errorf("domain %d has no xenstore home %s: does it exist?", domid, home)
 		}
-		return Ack{}, fmt.Errorf("reading %s: %w", home, err)
+		return fmt.Errorf("reading %s: %w", home, err)
 	}
-	if err := PrepareDomain(ctx, c, domid); err != nil {
+	return PrepareDomain(ctx, c, domid)
+}
+
+// request writes the request value format(nonce) for a new nonce and
+// waits up to timeout for the daemon's ack of that nonce.
+func request(ctx context.Context, c *xenstore.Client, domid uint32, timeout time.Duration, kind RequestKind, format func(nonce string) string) (Ack, error) {
+	if err := prepare(ctx, c, domid); err != nil {
 		return Ack{}, err
 	}
 	ackPath := Path(domid, KeyAck)
@@ -191,8 +415,8 @@ func RequestBalloon(ctx context.Context, c *xenstore.Client, domid uint32, timeo
 	defer w.Close()
 
 	nonce := NewNonce()
-	if err := c.Write(ctx, Path(domid, KeyRequest), FormatRequest(nonce)); err != nil {
-		return Ack{}, fmt.Errorf("writing the balloon request for domain %d: %w", domid, err)
+	if err := c.Write(ctx, Path(domid, KeyRequest), format(nonce)); err != nil {
+		return Ack{}, fmt.Errorf("writing the %s request for domain %d: %w", kind, domid, err)
 	}
 	tctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -200,7 +424,7 @@ func RequestBalloon(ctx context.Context, c *xenstore.Client, domid uint32, timeo
 		select {
 		case _, ok := <-w.Events():
 			if !ok {
-				return Ack{}, fmt.Errorf("waiting for domain %d's balloon ack: %w", domid, w.Err())
+				return Ack{}, fmt.Errorf("waiting for domain %d's %s ack: %w", domid, kind, w.Err())
 			}
 			v, err := c.Read(tctx, ackPath)
 			if errors.Is(err, xenstore.ErrNotFound) {
@@ -221,15 +445,19 @@ func RequestBalloon(ctx context.Context, c *xenstore.Client, domid uint32, timeo
 			if ctx.Err() != nil {
 				return Ack{}, ctx.Err()
 			}
-			return Ack{}, noAnswer(ctx, c, domid, timeout)
+			return Ack{}, noAnswer(ctx, c, domid, timeout, kind)
 		}
 	}
 }
 
 // noAnswer builds the timeout error, with what the daemon last published
 // when there is something.
-func noAnswer(ctx context.Context, c *xenstore.Client, domid uint32, timeout time.Duration) error {
-	hint := "is guest-balloon running in the guest?"
+func noAnswer(ctx context.Context, c *xenstore.Client, domid uint32, timeout time.Duration, kind RequestKind) error {
+	what, hint := "", "is guest-balloon running in the guest?"
+	if kind == BalloonHold {
+		// A daemon from before balloon-hold ignores it.
+		what, hint = " the balloon-hold request", "is guest-balloon running in the guest, and new enough to know balloon-hold?"
+	}
 	if st, err := c.Read(ctx, Path(domid, KeyState)); err == nil {
 		hint += fmt.Sprintf(" (its last state was %q", st)
 		if u, err := c.Read(ctx, Path(domid, KeyUpdated)); err == nil {
@@ -239,7 +467,7 @@ func noAnswer(ctx context.Context, c *xenstore.Client, domid uint32, timeout tim
 		}
 		hint += ")"
 	}
-	return fmt.Errorf("%w: no guest-balloon daemon answered in domain %d within %v: %s", ErrNoAnswer, domid, timeout, hint)
+	return fmt.Errorf("%w: no guest-balloon daemon answered%s in domain %d within %v: %s", ErrNoAnswer, what, domid, timeout, hint)
 }
 
 // ResolveDomain turns a domain name or numeric id into a domid, looking

@@ -2,6 +2,7 @@ package control
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -173,4 +174,168 @@ func TestResolveDomain(t *testing.T) {
 	assert.ErrorContains(t, err, `no domain named "nosuch"`)
 	_, err = ResolveDomain(ctx, dom0, "77")
 	assert.ErrorContains(t, err, "domain 77 does not exist")
+}
+
+func TestHoldRequestFormat(t *testing.T) {
+	assert.Equal(t, "balloon-hold:n1:30", FormatHoldRequest("n1", 30*time.Second))
+	assert.Equal(t, "balloon-hold:n1:2", FormatHoldRequest("n1", 1500*time.Millisecond), "rounded up")
+	assert.Equal(t, "balloon-hold:n1:0", FormatHoldRequest("n1", 0))
+	assert.Equal(t, "hold-end:n1", FormatHoldEnd("n1"))
+
+	for _, c := range []struct {
+		v    string
+		want Request
+	}{
+		{"balloon-now:a", Request{Kind: BalloonNow, Nonce: "a"}},
+		{"balloon-hold:a:30", Request{Kind: BalloonHold, Nonce: "a", Hold: 30 * time.Second}},
+		{"balloon-hold:a:b:1", Request{Kind: BalloonHold, Nonce: "a:b", Hold: time.Second}},
+		{"balloon-hold:a:7200", Request{Kind: BalloonHold, Nonce: "a", Hold: MaxHoldSeconds * time.Second}},
+		{"balloon-hold:a:99999999999999999999999", Request{Kind: BalloonHold, Nonce: "a", Hold: MaxHoldSeconds * time.Second}},
+		{"hold-end:a\n", Request{Kind: HoldEnd, Nonce: "a"}},
+	} {
+		got, err := ParseAnyRequest(c.v)
+		require.NoError(t, err, c.v)
+		assert.Equal(t, c.want, got, c.v)
+	}
+	// Bad seconds: answerable (the nonce is there), but an error.
+	for _, bad := range []string{"balloon-hold:a:0", "balloon-hold:a:", "balloon-hold:a", "balloon-hold:a:x", "balloon-hold:a:-5", "balloon-hold:a:+5", "balloon-hold:a:1.5"} {
+		got, err := ParseAnyRequest(bad)
+		require.Error(t, err, bad)
+		assert.NotErrorIs(t, err, ErrNotRequest, bad)
+		assert.Equal(t, Request{Kind: BalloonHold, Nonce: "a"}, got, bad)
+		assert.Contains(t, err.Error(), "bad request", bad)
+	}
+	// Nothing to answer.
+	for _, bad := range []string{"", "balloon-later:x", "balloon-hold:", "balloon-hold::5", "balloon-hold:a b:5", "hold-end:", "hold-end:a b"} {
+		_, err := ParseAnyRequest(bad)
+		assert.ErrorIs(t, err, ErrNotRequest, bad)
+	}
+	_, ok := ParseRequest("balloon-hold:a:30")
+	assert.False(t, ok, "ParseRequest stays balloon-now only")
+}
+
+func TestHoldStatusFormat(t *testing.T) {
+	until := time.Unix(1700000000, 0)
+	for _, c := range []struct {
+		h HoldStatus
+		v string
+	}{
+		{HoldStatus{}, ""},
+		{HoldStatus{Nonce: "n1", Held: true, Until: until}, "held n1 until 1700000000"},
+		{HoldStatus{Nonce: "n1", Ended: HoldEndedPressure}, "ended n1 pressure"},
+	} {
+		assert.Equal(t, c.v, c.h.String())
+		got, err := ParseHold(c.v)
+		require.NoError(t, err, c.v)
+		assert.Equal(t, c.h, got)
+	}
+	for _, bad := range []string{"held", "held n1 until x", "held n1 at 5", "ended n1", "maybe n1 x"} {
+		_, err := ParseHold(bad)
+		assert.Error(t, err, bad)
+	}
+}
+
+// respondHold plays a daemon that knows balloon-hold: it grants holds,
+// rejects bad ones, and records the hold-end requests it sees.
+func respondHold(t *testing.T, guest *xenstore.Client, ends chan<- string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	t.Cleanup(func() { cancel(); <-done })
+	w, err := guest.Watch(ctx, Key(KeyRequest))
+	require.NoError(t, err)
+	go func() {
+		defer close(done)
+		defer w.Close()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-w.Events():
+			}
+			v, err := guest.Read(ctx, Key(KeyRequest))
+			if err != nil {
+				continue
+			}
+			r, perr := ParseAnyRequest(v)
+			switch {
+			case errors.Is(perr, ErrNotRequest):
+				continue
+			case r.Kind == HoldEnd:
+				ends <- r.Nonce
+				continue
+			}
+			a := Ack{Nonce: r.Nonce, TargetKB: 90112, OK: true, ReleasedKB: 4096}
+			hold := HoldStatus{Nonce: r.Nonce, Held: true, Until: time.Unix(1700000000, 0).Add(r.Hold)}
+			if perr != nil {
+				a, hold = Ack{Nonce: r.Nonce, TargetKB: 131072, Err: perr.Error()}, HoldStatus{}
+			}
+			err = guest.Update(ctx, func(tx *xenstore.Tx) error {
+				if err := tx.Write(ctx, Key(KeyReleased), fmt.Sprint(a.ReleasedKB)); err != nil {
+					return err
+				}
+				if err := tx.Write(ctx, Key(KeyHold), hold.String()); err != nil {
+					return err
+				}
+				return tx.Write(ctx, Key(KeyAck), a.String())
+			})
+			if err != nil && ctx.Err() == nil {
+				t.Errorf("responder: %v", err)
+			}
+		}
+	}()
+}
+
+func TestRequestHoldEndHold(t *testing.T) {
+	s, dom0, guest := setup(t)
+	ends := make(chan string, 4)
+	respondHold(t, guest, ends)
+	ctx := context.Background()
+
+	a, err := RequestHold(ctx, dom0, 4, 5*time.Second, 90*time.Second)
+	require.NoError(t, err)
+	assert.True(t, a.OK)
+	assert.Equal(t, uint64(90112), a.TargetKB)
+	assert.Equal(t, uint64(4096), a.ReleasedKB)
+	assert.Equal(t, time.Unix(1700000090, 0), a.HoldUntil, "from the hold key")
+	req, _ := s.Get(Path(4, KeyRequest))
+	assert.Equal(t, "balloon-hold:"+a.Nonce+":90", req)
+
+	require.NoError(t, EndHold(ctx, dom0, 4, a.Nonce))
+	select {
+	case n := <-ends:
+		assert.Equal(t, a.Nonce, n)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the daemon saw no hold-end")
+	}
+	req, _ = s.Get(Path(4, KeyRequest))
+	assert.Equal(t, "hold-end:"+a.Nonce, req)
+
+	// A hold the daemon cannot express is refused before asking; one it
+	// rejects comes back as an error ack without a hold.
+	_, err = RequestHold(ctx, dom0, 4, time.Second, 0)
+	assert.ErrorContains(t, err, "the hold must be positive")
+	require.NoError(t, dom0.Write(ctx, Path(4, KeyRequest), "balloon-hold:bad:0"))
+	waitAck := func() string {
+		deadline := time.Now().Add(5 * time.Second)
+		for time.Now().Before(deadline) {
+			if v, _ := s.Get(Path(4, KeyAck)); len(v) > 4 && v[:4] == "bad " {
+				return v
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		t.Fatal("no ack for the bad request")
+		return ""
+	}
+	assert.Contains(t, waitAck(), "bad 131072 error bad request")
+
+	assert.ErrorContains(t, EndHold(ctx, dom0, 4, "a b"), "invalid nonce")
+	assert.ErrorContains(t, EndHold(ctx, dom0, 9, "n"), "domain 9 has no xenstore home")
+}
+
+func TestRequestHoldNoDaemon(t *testing.T) {
+	_, dom0, _ := setup(t)
+	_, err := RequestHold(context.Background(), dom0, 4, 100*time.Millisecond, time.Minute)
+	require.ErrorIs(t, err, ErrNoAnswer)
+	assert.ErrorContains(t, err, "answered the balloon-hold request in domain 4 within 100ms")
+	assert.ErrorContains(t, err, "new enough to know balloon-hold")
 }

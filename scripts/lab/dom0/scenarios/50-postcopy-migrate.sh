@@ -16,11 +16,6 @@
 n=lab-pc
 pv=lab-pcpv
 
-# jget FILE KEY prints a top-level number/bool of xl-postcopy's JSON (two-space indent).
-jget() { sed -n "s/^  \"$2\": \([^,{]*\),*\$/\1/p" "$1" | head -n 1 | tr -d '"'; }
-# jget2 FILE KEY prints a key of a nested object ("xen", "dsb": four-space indent).
-jget2() { sed -n "s/^    \"$2\": \([^,{]*\),*\$/\1/p" "$1" | head -n 1 | tr -d '"'; }
-
 pc_dump() {
 	echo "--- xl-postcopy stderr ($1)"
 	tail -n 60 "/tmp/pc-$1.err" 2>/dev/null
@@ -46,46 +41,18 @@ pc_dump() {
 	xl dmesg | grep -v 'HVM.*save:\|HVM.*restore:' | tail -n 25
 }
 
-# watch_start DOMID LABEL starts the outside downtime ruler.
-watch_start() {
-	xl-postcopy lab-downtime --timeout 300s "$1" >"/tmp/dt-$2.txt" 2>&1 &
-	_wpid=$!
-}
-
-# watch_end LABEL waits for the ruler (it stops a second after the destination runs).
-watch_end() {
-	_i=0
-	while kill -0 "$_wpid" 2>/dev/null && [ "$_i" -lt 100 ]; do
-		sleep 0.1
-		_i=$((_i + 1))
-	done
-	kill "$_wpid" 2>/dev/null
-	wait "$_wpid" 2>/dev/null
-	sed -n 's/^downtime_ms=\([0-9.]*\).*/\1/p' "/tmp/dt-$1.txt" | head -n 1
-}
-
-# progress_after SEQ0: the guest's counter must continue past SEQ0 and keep moving.
-progress_after() {
-	_log=$(lab_console_log "$n")
-	_s1=$(lab_wait_progress "$_log" $(($1 + 1)) 90) || return 1
-	_s2=$(lab_wait_progress "$_log" $((_s1 + 2)) 60) || return 1
-	_errs=$(lab_last_progress_line "$_log" | sed -n 's/.*errors=\([0-9]*\).*/\1/p')
-	[ "$_errs" = 0 ] || return 2
-	echo "$_s2"
-}
-
 # pc_migrate LABEL [xl-postcopy option ...]: one post-copy migration of $n with checks.
 pc_migrate() {
 	_l=$1
 	shift
 	_id=$(lab_domid "$n")
 	_seq0=$(lab_last_progress "$(lab_console_log "$n")")
-	watch_start "$_id" "$_l"
+	lab_watch_start "$_id" "$_l"
 	_t0=$(lab_now)
 	xl-postcopy migrate -s '' -C "/tmp/$n.cfg" --json --debug $PC_MIGRATE_OPTS "$@" "$n" localhost >"/tmp/pc-$_l.json" 2>"/tmp/pc-$_l.err"
 	_rc=$?
 	_wall=$(lab_since "$_t0")
-	_dt=$(watch_end "$_l")
+	_dt=$(lab_watch_end "$_l")
 	_j=/tmp/pc-$_l.json
 	_kv="wall_s=$_wall watched_downtime_ms=${_dt:-none} downtime_ms=$(jget "$_j" downtime_ms) total_ms=$(jget "$_j" total_time_ms)"
 	_kv="$_kv bytes=$(jget "$_j" total_bytes) pages=$(jget "$_j" pages) pages_sent=$(jget "$_j" pages_sent)"
@@ -103,7 +70,7 @@ pc_migrate() {
 		lab_result "postcopy-$_l" FAIL reason=unsound-stats $_kv
 		return 1
 	fi
-	if ! _after=$(progress_after "$_seq0"); then
+	if ! _after=$(lab_progress_after "$n" "$_seq0"); then
 		lab_result "postcopy-$_l" FAIL reason=no-progress-after $_kv
 		pc_dump "$_l"
 		return 1
@@ -146,13 +113,13 @@ if [ $st = 0 ]; then
 	# The same guest with xl migrate, measured by the same ruler.
 	id=$(lab_domid "$n")
 	seq0=$(lab_last_progress "$(lab_console_log "$n")")
-	watch_start "$id" xl
+	lab_watch_start "$id" xl
 	t0=$(lab_now)
 	if lab_migrate_local "$n"; then
 		wall=$(lab_since "$t0")
-		xdt=$(watch_end xl)
+		xdt=$(lab_watch_end xl)
 		xbytes=$(tr -dc 0-9 <"/tmp/migrate-$n.bytes" 2>/dev/null)
-		if after=$(progress_after "$seq0"); then
+		if after=$(lab_progress_after "$n" "$seq0"); then
 			_kv=
 			for p in $policies; do
 				l=$(pc_label "$p")
@@ -165,12 +132,12 @@ if [ $st = 0 ]; then
 			# shellcheck disable=SC2086 # _kv is a list of key=value words
 			lab_result xl-vs-postcopy PASS "xl_downtime_ms=${xdt:-none}" "xl_bytes=${xbytes:-unknown}" "xl_wall_s=$wall" $_kv seq_after="$after"
 		else
-			watch_end xl >/dev/null
+			lab_watch_end xl >/dev/null
 			lab_result xl-vs-postcopy FAIL reason=no-progress-after-xl-migrate
 			st=1
 		fi
 	else
-		watch_end xl >/dev/null
+		lab_watch_end xl >/dev/null
 		lab_result xl-vs-postcopy FAIL reason=xl-migrate
 		st=1
 	fi

@@ -1,0 +1,64 @@
+package engine
+
+import (
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+)
+
+// DefaultProgressTimeout is how long either side waits without a record
+// from its peer before it gives up on it. Each side sends a KEEPALIVE
+// record a few times per period whatever else it is doing (creating the
+// domain, suspending the guest), so only a dead link, a stopped peer or a
+// link too slow to carry one record in that time trips it.
+const DefaultProgressTimeout = 60 * time.Second
+
+// liveness sends keepalives on a stream and watches that records come
+// back from the peer.
+type liveness struct {
+	last    atomic.Int64 // unix nanoseconds of the latest record from the peer
+	timeout time.Duration
+	stop    chan struct{}
+	once    sync.Once
+}
+
+// startLiveness sends a KEEPALIVE every timeout/4 through send and calls
+// dead once nothing was heard (heard) for timeout.
+func startLiveness(timeout time.Duration, send func() error, dead func(error)) *liveness {
+	l := &liveness{timeout: timeout, stop: make(chan struct{})}
+	l.heard()
+	go func() {
+		t := time.NewTicker(timeout / 4)
+		defer t.Stop()
+		for {
+			select {
+			case <-l.stop:
+				return
+			case <-t.C:
+			}
+			if err := send(); err != nil {
+				dead(fmt.Errorf("send keepalive: %w", err))
+				return
+			}
+			if since := time.Since(time.Unix(0, l.last.Load())); since > timeout {
+				dead(fmt.Errorf("no record from the peer for %v (limit %v): the link is down, or the peer is stopped or too slow", since.Round(time.Second), timeout))
+				return
+			}
+		}
+	}()
+	return l
+}
+
+func (l *liveness) heard() { l.last.Store(time.Now().UnixNano()) }
+
+func (l *liveness) close() { l.once.Do(func() { close(l.stop) }) }
+
+func writeKeepalive(w *wire.Writer) error {
+	if err := w.WriteRecord(wire.TypeKeepalive); err != nil {
+		return err
+	}
+	return w.Flush()
+}
