@@ -70,6 +70,12 @@ func init() {
 				}
 			}
 			wls := splitList(workloads)
+			if len(wls) == 0 || len(ms) == 0 {
+				return usagef("--workloads %q, --modes %q: want at least one of each", workloads, modes)
+			}
+			if err := lf.check("workloads", wls...); err != nil {
+				return err
+			}
 			for _, w := range wls {
 				if _, err := lf.domain(w); err != nil {
 					return err
@@ -78,13 +84,19 @@ func init() {
 			if err := os.MkdirAll(out, 0o755); err != nil {
 				return fmt.Errorf("create output directory: %w", err)
 			}
+			in := catchInterrupts("bench")
+			defer in.stop()
 			l, err := lf.openLink()
+			if l != nil {
+				in.setLink(l)
+				defer l.Close()
+			}
+			if in.signal() != nil {
+				return in.interrupted("while setting up the link", []string{"ran no migration"}, l, err, lf.debug)
+			}
 			if err != nil {
 				return err
 			}
-			defer l.Close()
-			ctx, cancel := signalContext()
-			defer cancel()
 			linkDesc := "loopback"
 			if l.RateBps > 0 {
 				linkDesc = lf.link + " (netns + veth + tbf)"
@@ -108,8 +120,8 @@ func init() {
 				}
 			}
 			for i, j := range jobs {
-				if ctx.Err() != nil {
-					return ctx.Err()
+				if in.signal() != nil {
+					break
 				}
 				cfg, _ := lf.domain(j.wl)
 				pol := j.pol
@@ -121,7 +133,14 @@ func init() {
 					return err
 				}
 				fmt.Fprintf(os.Stderr, "[%d/%d] %s %s %s ... ", i+1, len(jobs), j.wl, j.mode, j.pol)
-				res, err := lab.Run(ctx, lab.RunConfig{Domain: cfg, Engine: eo, Link: l, Warmup: lf.warmup, After: lf.after})
+				res, err := lab.Run(in.ctx, lab.RunConfig{Domain: cfg, Engine: eo, Link: l, Warmup: lf.warmup, After: lf.after})
+				if in.signal() != nil {
+					fmt.Fprintln(os.Stderr, "interrupted")
+					if lf.debug && err != nil {
+						fmt.Fprintf(os.Stderr, "debug: the interrupted migration ended with: %v\n", err)
+					}
+					break // the interrupted migration is no result
+				}
 				row := benchRow{Workload: j.wl, Mode: j.mode.String(), Prepaging: j.pol}
 				if res != nil {
 					row.Stats, row.Continued = res.Stats, res.Continued
@@ -140,6 +159,11 @@ func init() {
 				return err
 			}
 			fmt.Fprintf(os.Stderr, "wrote %s\n", filepath.Join(out, "results.md"))
+			if in.signal() != nil {
+				when := fmt.Sprintf("during migration %d of %d", len(rep.Rows)+1, len(jobs))
+				return in.interrupted(when, []string{"stopped it", "ended the lab guests",
+					fmt.Sprintf("wrote the %d finished migrations to %s", len(rep.Rows), filepath.Join(out, "results.md"))}, l, nil, false)
+			}
 			for _, r := range rep.Rows {
 				if r.Error != "" || r.Stats == nil || !r.Stats.Verified {
 					return fmt.Errorf("some migrations failed or were not verified: see %s", filepath.Join(out, "results.md"))

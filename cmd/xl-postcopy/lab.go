@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -35,9 +37,25 @@ type labFlags struct {
 	maxRounds         int
 	debug             bool
 	record, recordInt time.Duration
+
+	// Filled by check: the parsed sizes in bytes.
+	checked                bool
+	memB, wsB, freeB, winB uint64
+	rate                   uint64 // --link in bit/s
 }
 
+// Limits of the lab flags other than the host's memory (flagcheck.go).
+const (
+	maxLabDuration = time.Hour
+	maxLabVCPUs    = 64 // lab.Config.Validate
+	maxOpCost      = 1_000_000
+	maxPivots      = 1024
+	maxRoundsFlag  = 100
+	maxWindow      = 1 << 30
+)
+
 func (f *labFlags) register(fs *pflag.FlagSet) {
+	*f = labFlags{} // a command line is checked afresh (tests run several)
 	fs.StringVar(&f.mem, "mem", "256M", "guest memory of the lab domain (K/M/G suffix; plain number = MiB)")
 	fs.StringVar(&f.ws, "working-set", "64M", "working set of the zipf, scan and stride workloads")
 	fs.StringVar(&f.free, "free", "", "guest memory left free (zero pages, never touched); default mem/8")
@@ -58,46 +76,111 @@ func (f *labFlags) register(fs *pflag.FlagSet) {
 	fs.BoolVar(&f.debug, "debug", false, "print the engine's switchover timings to stderr")
 }
 
-// domain builds the lab domain config for a workload.
-func (f *labFlags) domain(workload string) (lab.Config, error) {
-	mem, err := parseSize(f.mem)
+// check validates every size, duration and count flag of a run of these
+// workloads up front, before anything starts, and keeps the parsed sizes.
+// workloadFlag names the flag the workloads came from, for the messages.
+// The memory limit is what this host can give (maxLabMem).
+func (f *labFlags) check(workloadFlag string, workloads ...string) error {
+	memMax, memWhy := maxLabMem()
+	mem, err := checkSize("mem", f.mem, labMinPages*labPageSize, memMax, true, memWhy)
 	if err != nil {
-		return lab.Config{}, usagef("--mem: %v", err)
+		return err
 	}
-	ws, err := parseSize(f.ws)
-	if err != nil {
-		return lab.Config{}, usagef("--working-set: %v", err)
-	}
-	free := mem / 8
+	free := mem / 8 / labPageSize * labPageSize
+	freeDesc := "the default --free of --mem/8 = " + showSize(free)
 	if f.free != "" {
-		if free, err = parseSize(f.free); err != nil {
-			return lab.Config{}, usagef("--free: %v", err)
+		if free, err = checkSize("free", f.free, 0, mem-labPageSize, true, "--free must leave at least one page of --mem "+f.mem+" usable"); err != nil {
+			return err
+		}
+		freeDesc = "--free " + f.free
+	}
+	// mem-free is at least one page: --free leaves one.
+	ws, err := checkSize("working-set", f.ws, labPageSize, mem-free, true,
+		fmt.Sprintf("the working set must fit in --mem %s less %s", f.mem, freeDesc))
+	if err != nil {
+		return err
+	}
+	win, err := checkSize("window", f.window, labPageSize, maxWindow, false, "")
+	if err != nil {
+		return err
+	}
+	for _, c := range []struct {
+		flag   string
+		v, max int
+		min    int
+	}{
+		{"vcpus", f.vcpus, maxLabVCPUs, 1},
+		{"op-cost", f.opCost, maxOpCost, 0},
+		{"batch", f.batch, wire.MaxBatchPages, 1},
+		{"pivots", f.pivots, maxPivots, 1},
+		{"hybrid-rounds", f.hybridRnd, maxRoundsFlag, 1},
+		{"max-rounds", f.maxRounds, maxRoundsFlag, 1},
+	} {
+		if err := checkCount(c.flag, c.v, c.min, c.max); err != nil {
+			return err
 		}
 	}
-	cfg := lab.Config{
-		Name: "lab-" + workload, Pages: mem / 4096, Zero: free / 4096, VCPUs: f.vcpus,
-		Workload: lab.WorkloadSpec{Name: workload, WSPages: ws / 4096, Seed: f.seed, OpCost: f.opCost, TraceFile: f.traceFile},
+	for _, d := range []struct {
+		flag string
+		v    time.Duration
+	}{{"warmup", f.warmup}, {"after", f.after}, {"record", f.record}} {
+		if err := checkDuration(d.flag, d.v, time.Millisecond, maxLabDuration); err != nil {
+			return err
+		}
 	}
+	if err := checkRange("record-interval", f.recordInt, time.Millisecond, f.record, time.Duration.String, "at most --record"); err != nil {
+		return err
+	}
+	replays := slices.Contains(workloads, "trace")
+	if f.traceFile != "" && !replays {
+		return usagef("--trace %s: only the trace workload reads a trace file, and --%s is %s: add trace to --%s or drop --trace",
+			f.traceFile, workloadFlag, strings.Join(workloads, ","), workloadFlag)
+	}
+	if replays && f.traceFile == "" {
+		return usagef("--%s %s: the trace workload needs --trace FILE (written by `xl-postcopy trace` or `xl-postcopy lab trace`)",
+			workloadFlag, strings.Join(workloads, ","))
+	}
+	if f.link != "" {
+		if f.rate, err = link.ParseRate(f.link); err != nil {
+			return usagef("--link %s: %v", f.link, err)
+		}
+	}
+	f.memB, f.wsB, f.freeB, f.winB = mem, ws, free, win
+	f.checked = true
+	return nil
+}
+
+// domain builds the lab domain config for a workload, checking the flags
+// first unless check already did (for every workload of a bench run).
+func (f *labFlags) domain(workload string) (lab.Config, error) {
+	if !f.checked {
+		if err := f.check("workload", workload); err != nil {
+			return lab.Config{}, err
+		}
+	}
+	spec := lab.WorkloadSpec{Name: workload, WSPages: f.wsB / labPageSize, Seed: f.seed, OpCost: f.opCost}
+	if workload == "trace" {
+		spec.TraceFile = f.traceFile
+	}
+	cfg := lab.Config{Name: "lab-" + workload, Pages: f.memB / labPageSize, Zero: f.freeB / labPageSize, VCPUs: f.vcpus, Workload: spec}
 	if err := cfg.Validate(); err != nil {
 		return cfg, usagef("%v", err)
 	}
 	return cfg, nil
 }
 
+// engine builds the engine options; the flags were checked by domain or
+// check.
 func (f *labFlags) engine(mode wire.Mode, policy string) (engine.Options, error) {
-	win, err := parseSize(f.window)
-	if err != nil {
-		return engine.Options{}, usagef("--window: %v", err)
-	}
-	if f.batch < 1 || f.batch > wire.MaxBatchPages {
-		return engine.Options{}, usagef("--batch %d: want 1..%d", f.batch, wire.MaxBatchPages)
+	if !f.checked {
+		return engine.Options{}, errors.New("internal error: lab flags used before they were checked")
 	}
 	var logf func(string, ...any)
 	if f.debug {
 		logf = func(format string, args ...any) { fmt.Fprintf(os.Stderr, "debug: "+format+"\n", args...) }
 	}
 	return engine.Options{
-		Logf: logf, Mode: mode, Prepaging: policy, BatchPages: f.batch, WindowBytes: int(win),
+		Logf: logf, Mode: mode, Prepaging: policy, BatchPages: f.batch, WindowBytes: int(f.winB),
 		Policy: prepage.Options{Pivots: f.pivots}, HybridRounds: f.hybridRnd, MaxRounds: f.maxRounds,
 		Record: f.record, RecordInterval: f.recordInt,
 	}, nil
@@ -108,12 +191,11 @@ func (f *labFlags) openLink() (*link.Link, error) {
 	if f.link == "" {
 		return link.Loopback(), nil
 	}
-	rate, err := link.ParseRate(f.link)
-	if err != nil {
-		return nil, usagef("--link: %v", err)
+	if !f.checked {
+		return nil, errors.New("internal error: lab flags used before they were checked")
 	}
 	_ = link.CleanupStale() // namespaces of runs that were killed
-	return link.Setup(rate)
+	return link.Setup(f.rate)
 }
 
 func isTerminal(f *os.File) bool {
@@ -131,10 +213,149 @@ func progressLine(p engine.Progress) string {
 		p.Phase, p.Round, pct, p.Pages, fmtBytes(p.Bytes), p.Faults, p.Elapsed.Seconds())
 }
 
-// signalContext is cancelled on SIGINT/SIGTERM, so that links and guests
-// are cleaned up.
+// signalContext is cancelled on SIGINT/SIGTERM (the Xen commands' handling;
+// the lab commands use catchInterrupts).
 func signalContext() (context.Context, context.CancelFunc) {
 	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+}
+
+// interrupts turns SIGINT and SIGTERM into an orderly stop of a lab run:
+// the first signal cancels ctx, so that the run stops, ends its lab guests
+// and returns, and the command then removes the link's namespaces and
+// says what happened (interrupted). A second signal, or a clean-up that
+// takes longer than forceAfter, removes the namespaces at once and exits;
+// the lab guests then die with this process (they run with a parent-death
+// signal).
+type interrupts struct {
+	cmd    string
+	ctx    context.Context
+	cancel context.CancelFunc
+	ch     chan os.Signal
+	done   chan struct{}
+	once   sync.Once
+
+	mu   sync.Mutex
+	sig  os.Signal
+	link *link.Link
+}
+
+// forceAfter bounds the orderly stop after a signal.
+const forceAfter = 30 * time.Second
+
+// catchInterrupts starts catching SIGINT and SIGTERM for command cmd. Call
+// it before anything is created, and stop when the command returns.
+func catchInterrupts(cmd string) *interrupts {
+	in := &interrupts{cmd: cmd, ch: make(chan os.Signal, 2), done: make(chan struct{})}
+	in.ctx, in.cancel = context.WithCancel(context.Background())
+	signal.Notify(in.ch, os.Interrupt, syscall.SIGTERM)
+	go in.watch()
+	return in
+}
+
+func (in *interrupts) watch() {
+	var first os.Signal
+	select {
+	case first = <-in.ch:
+	case <-in.done:
+		return
+	}
+	in.mu.Lock()
+	in.sig = first
+	in.mu.Unlock()
+	if isTerminal(os.Stderr) {
+		fmt.Fprintln(os.Stderr) // end the progress line
+	}
+	fmt.Fprintf(os.Stderr, "xl-postcopy %s: got %s: stopping and cleaning up (send it again to exit at once)\n", in.cmd, sigName(first))
+	in.cancel()
+	t := time.NewTimer(forceAfter)
+	defer t.Stop()
+	var why string
+	select {
+	case s := <-in.ch:
+		why = "got " + sigName(s) + " during the clean-up after " + sigName(first)
+	case <-t.C:
+		why = fmt.Sprintf("the clean-up took longer than %v", forceAfter)
+	case <-in.done:
+		return
+	}
+	in.mu.Lock()
+	l := in.link
+	in.mu.Unlock()
+	msg := fmt.Sprintf("xl-postcopy %s: %s: exiting at once; the lab guests end with this process", in.cmd, why)
+	if l != nil && l.RateBps > 0 {
+		if err := l.Close(); err != nil {
+			msg += "; removing the link's namespaces failed: " + err.Error()
+		} else {
+			msg += fmt.Sprintf("; removed the link's namespaces %s and %s", l.SrcNetns, l.DstNetns)
+		}
+	}
+	fmt.Fprintln(os.Stderr, msg)
+	os.Exit(1)
+}
+
+// setLink registers the link for a forced exit to remove.
+func (in *interrupts) setLink(l *link.Link) {
+	in.mu.Lock()
+	in.link = l
+	in.mu.Unlock()
+}
+
+// signal is the signal that interrupted the run, nil if none did.
+func (in *interrupts) signal() os.Signal {
+	in.mu.Lock()
+	defer in.mu.Unlock()
+	return in.sig
+}
+
+// stop ends the catching: signals have their default effect again.
+func (in *interrupts) stop() {
+	in.once.Do(func() {
+		signal.Stop(in.ch)
+		close(in.done)
+		in.cancel()
+	})
+}
+
+// interrupted removes the link (if any) and returns the error that says
+// what happened: which signal, when, and what was cleaned up. done lists
+// what the command did about it already, e.g. "ended the lab guests"
+// (lab.Run ends its guests before it returns). cause is the error of the
+// interrupted run; it is shown only with --debug, since it describes the
+// abandoned run rather than the clean-up.
+func (in *interrupts) interrupted(when string, done []string, l *link.Link, cause error, debug bool) error {
+	var failed string
+	if l != nil && l.RateBps > 0 {
+		if err := l.Close(); err != nil {
+			failed = fmt.Sprintf("; removing the link's namespaces %s and %s failed: %v", l.SrcNetns, l.DstNetns, err)
+		} else {
+			done = append(done, fmt.Sprintf("removed the link's namespaces %s and %s", l.SrcNetns, l.DstNetns))
+		}
+	}
+	msg := fmt.Sprintf("interrupted by %s %s", sigName(in.signal()), when)
+	switch n := len(done); n {
+	case 0:
+	case 1:
+		msg += ": " + done[0]
+	default:
+		msg += ": " + strings.Join(done[:n-1], ", ") + " and " + done[n-1]
+	}
+	msg += failed
+	if debug && cause != nil {
+		msg += " (the run had ended with: " + cause.Error() + ")"
+	}
+	return errors.New(msg)
+}
+
+func sigName(s os.Signal) string {
+	switch s {
+	case os.Interrupt:
+		return "SIGINT"
+	case syscall.SIGTERM:
+		return "SIGTERM"
+	case nil:
+		return "a signal"
+	}
+	return s.String()
 }
 
 func init() {
@@ -171,16 +392,22 @@ func init() {
 			if err != nil {
 				return err
 			}
+			in := catchInterrupts("lab migrate")
+			defer in.stop()
 			l, err := lf.openLink()
+			if l != nil {
+				in.setLink(l)
+				defer l.Close()
+			}
+			if in.signal() != nil {
+				return in.interrupted("while setting up the link", []string{"started no lab guest"}, l, err, lf.debug)
+			}
 			if err != nil {
 				return err
 			}
-			defer l.Close()
 			if isTerminal(os.Stderr) {
 				eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
 			}
-			ctx, cancel := signalContext()
-			defer cancel()
 			linkDesc := "loopback"
 			if l.RateBps > 0 {
 				linkDesc = fmt.Sprintf("%s emulated link (%s ↔ %s)", lf.link, l.SrcNetns, l.DstNetns)
@@ -189,9 +416,12 @@ func init() {
 				fmt.Fprintf(os.Stderr, "migrating lab domain: %s of memory, workload %s, mode %s, pre-paging %s, over %s\n",
 					fmtBytes(cfg.Pages*4096), workload, mode, policy, linkDesc)
 			}
-			res, err := lab.Run(ctx, lab.RunConfig{Domain: cfg, Engine: eo, Link: l, Warmup: lf.warmup, After: lf.after})
+			res, err := lab.Run(in.ctx, lab.RunConfig{Domain: cfg, Engine: eo, Link: l, Warmup: lf.warmup, After: lf.after})
 			if eo.Progress != nil {
 				fmt.Fprintln(os.Stderr)
+			}
+			if in.signal() != nil {
+				return in.interrupted("during the migration", []string{"stopped it", "ended the lab guests"}, l, err, lf.debug)
 			}
 			if err != nil {
 				return err

@@ -161,8 +161,11 @@ func (d *dest) failWith(t wire.Type, err error) {
 		}
 		d.bulk.Close()
 		d.urg.Close()
-		if d.dom != nil {
-			d.dom.Close()
+		d.mu.Lock()
+		dom := d.dom
+		d.mu.Unlock()
+		if dom != nil {
+			dom.Close()
 		}
 	})
 }
@@ -230,7 +233,9 @@ func (d *dest) run() (*DestStats, error) {
 		// (and may return a typed nil, which must not be called).
 		return nil, fmt.Errorf("create domain %q: %w", d.hdr.Name, err)
 	}
+	d.mu.Lock()
 	d.dom = dom
+	d.mu.Unlock()
 	if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeCreated) }); err != nil {
 		d.fail(err)
 		_ = d.dom.Destroy()
@@ -369,28 +374,59 @@ func (d *dest) run() (*DestStats, error) {
 	case <-d.failC:
 		return failAfterResume(d.failErr)
 	}
-	d.dom.Close()
-	d.urg.Close() // tells the source's fault server that we are complete
-
+	// Pages the guest gave back are not its memory: not read, not verified.
 	var dropped []uint64
 	if dr, ok := d.dom.(Dropper); ok {
 		dropped = dr.Dropped()
 	}
+	guestDropped := uint64(0)
 	d.mu.Lock()
-	st := d.stats
-	ack := wire.Ack{PagesReceived: d.nPresent - d.absent.Count()}
 	for _, p := range dropped {
-		// Given back by the guest: its memory no longer; not verified.
 		if p < n && !d.absent.Test(p) {
 			d.absent.Set(p)
-			st.GuestDropped++
+			guestDropped++
 		}
+	}
+	d.mu.Unlock()
+	// Read the destination's memory back while the source waits for the
+	// ACK: that, not what arrived, is what `verified` is about.
+	var back []uint32
+	var written *prepage.Bitmap
+	verifyStart := time.Now()
+	if rb, ok := d.dom.(ReadBacker); ok {
+		var err error
+		if back, written, err = d.readBack(rb); err != nil {
+			return failAfterResume(fmt.Errorf("read the destination's memory back: %w", err))
+		}
+	}
+	verifyMs := ms(time.Since(verifyStart))
+	d.dom.Close()
+	d.urg.Close() // tells the source's fault server that we are complete
+
+	d.mu.Lock()
+	st := d.stats
+	st.GuestDropped = guestDropped
+	// Pages the guest gave back were received too (the source sent them).
+	ack := wire.Ack{PagesReceived: d.nPresent - d.absent.Count() + guestDropped}
+	st.VerifiedFrom = "stream"
+	if back != nil {
+		st.VerifiedFrom = "memory"
+		st.VerifyMs = verifyMs
 	}
 	for pfn, want := range table {
 		if d.absent.Test(uint64(pfn)) {
 			continue
 		}
-		if d.crc[pfn] != want {
+		got := d.crc[pfn] // what arrived
+		if back != nil {
+			if written.Test(uint64(pfn)) {
+				st.GuestWritten++ // the guest's content now: what arrived is checked
+			} else {
+				got = back[pfn]
+				st.VerifiedPages++
+			}
+		}
+		if got != want {
 			if ack.Mismatched == 0 {
 				ack.FirstMismatch = uint64(pfn)
 			}
@@ -559,6 +595,44 @@ func (d *dest) placed(keep []Page, keepCRC []uint32) {
 	if complete {
 		d.closeAllIn()
 	}
+}
+
+// readBack reads every page the domain holds and returns their CRC-32C
+// and the pages the guest wrote since the resume.
+func (d *dest) readBack(rb ReadBacker) ([]uint32, *prepage.Bitmap, error) {
+	const chunk = 256
+	n := d.hdr.NumPages
+	ps := int(d.hdr.PageSize)
+	crcs := make([]uint32, n)
+	written := prepage.NewBitmap(n)
+	buf := make([]byte, chunk*ps)
+	pfns := make([]uint64, 0, chunk)
+	for base := uint64(0); base < n; base += chunk {
+		pfns = pfns[:0]
+		d.mu.Lock()
+		for p := base; p < min(base+chunk, n); p++ {
+			if !d.absent.Test(p) {
+				pfns = append(pfns, p)
+			}
+		}
+		d.mu.Unlock()
+		if len(pfns) == 0 {
+			continue
+		}
+		w, err := rb.ReadBack(pfns, buf[:len(pfns)*ps])
+		if err != nil {
+			return nil, nil, err
+		}
+		for _, p := range w {
+			if p < n {
+				written.Set(p)
+			}
+		}
+		for i, p := range pfns {
+			crcs[p] = crc32.Checksum(buf[i*ps:(i+1)*ps], castagnoli)
+		}
+	}
+	return crcs, written, nil
 }
 
 // changePageSet follows the source's page set in the pause: dropped pages

@@ -65,6 +65,16 @@ type PageSetter interface {
 	ChangePageSet(dropped, added []uint64) error
 }
 
+// ReadBacker is implemented by destinations that can read their own
+// memory back, so that `verified` says what the destination holds, not
+// what arrived. The backend tracks the resumed guest's writes from the
+// moment its vCPUs run: ReadBack reads pfns into buf and returns those of
+// them the guest has written by the time they were read (their content
+// is the guest's now, not the source's).
+type ReadBacker interface {
+	ReadBack(pfns []uint64, buf []byte) (written []uint64, err error)
+}
+
 // Dropper is implemented by destinations whose resumed guest can give
 // pages back to the hypervisor (a balloon driver) while they are still
 // arriving. Such a page is no longer the guest's memory: it is neither

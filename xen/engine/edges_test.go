@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"slices"
@@ -319,7 +320,6 @@ func TestDestReportsTheRootCause(t *testing.T) {
 	require.True(t, bytes.HasPrefix([]byte(derr.Error()), []byte("urgent connection")), "first cause first: %v", derr)
 }
 
-
 // The receiver's own signal (its context) after the resume must not end
 // the migration either: it holds the only running copy.
 func TestDestCancelAfterResumeDoesNotStopTheMigration(t *testing.T) {
@@ -390,3 +390,72 @@ type destroyDest struct {
 }
 
 func (d *destroyDest) Destroy() error { close(d.destroyed); return nil }
+
+// backDest reads its memory back; corrupt names a page it stores wrongly,
+// guestWrote pages the resumed guest changed.
+type backDest struct {
+	*memDest
+	corrupt    uint64
+	guestWrote []uint64
+}
+
+func (d *backDest) Place(pages []Page) error {
+	if err := d.memDest.Place(pages); err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if p, ok := d.pages[d.corrupt]; ok && p[100] != 0x5a {
+		p[100] = 0x5a // stored wrongly: what arrived was right
+	}
+	for _, g := range d.guestWrote {
+		if p, ok := d.pages[g]; ok {
+			p[7] = 0xee
+		}
+	}
+	return nil
+}
+
+func (d *backDest) ReadBack(pfns []uint64, buf []byte) ([]uint64, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var w []uint64
+	for i, p := range pfns {
+		copy(buf[i*ps:(i+1)*ps], d.pages[p])
+		if slices.Contains(d.guestWrote, p) {
+			w = append(w, p)
+		}
+	}
+	return w, nil
+}
+
+// `verified` is about the destination's memory: one page stored wrongly
+// makes it false (with the figures still reported), pages the guest wrote
+// are not held against the source, and the rest is compared.
+func TestVerifiedReadsTheDestinationBack(t *testing.T) {
+	for _, corrupt := range []bool{false, true} {
+		t.Run(fmt.Sprintf("corrupt=%v", corrupt), func(t *testing.T) {
+			src := newMemSource(512, 0)
+			dst := &backDest{memDest: newMemDest([]uint64{10, 400}), corrupt: 1 << 40, guestWrote: []uint64{10, 11}}
+			if corrupt {
+				dst.corrupt = 300
+			}
+			st, err, ds, derr := runPair(t, context.Background(), src, func(*wire.DomainHeader) (Dest, error) { return dst, nil }, DestOptions{})
+			require.NotNil(t, st)
+			require.Equal(t, "memory", st.VerifiedFrom)
+			require.Equal(t, uint64(2), st.GuestWrittenPages)
+			require.Equal(t, uint64(510), st.VerifiedPages)
+			if !corrupt {
+				require.NoError(t, err)
+				require.NoError(t, derr)
+				require.True(t, st.Verified)
+				return
+			}
+			require.Error(t, err)
+			require.ErrorContains(t, derr, "1 pages differ")
+			require.False(t, st.Verified)
+			require.Equal(t, uint64(1), st.MismatchedPages)
+			require.NotNil(t, ds)
+		})
+	}
+}

@@ -57,7 +57,7 @@ type Options struct {
 	// stops the migration.
 	OnGo func()
 	// AckTimeout bounds the wait for the destination's final ACK after the
-	// last page is sent (default 60 s).
+	// last page is sent (default 30 minutes: it reads its memory back first).
 	AckTimeout time.Duration
 }
 
@@ -93,7 +93,10 @@ func (o *Options) defaults() {
 		o.ProgressEvery = 200 * time.Millisecond
 	}
 	if o.AckTimeout <= 0 {
-		o.AckTimeout = 60 * time.Second
+		// The destination reads its memory back before it acknowledges
+		// (minutes under emulation); a dead peer is the progress
+		// timeout's to find.
+		o.AckTimeout = 30 * time.Minute
 	}
 	if o.ProgressTimeout <= 0 {
 		o.ProgressTimeout = DefaultProgressTimeout
@@ -404,12 +407,20 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	// The page set as it is in the pause: pages the guest gave back since
 	// the setup are not sent (the destination drops them), pages it took
 	// back are sent now.
-	added, err := s.changePageSet(st)
-	if err != nil {
-		return resumeHere(err)
+	// The scan of the paused domain's page set runs beside the core
+	// state and core pages (under emulation it takes a while); post-copy
+	// needs its answer only before the switchover, the other modes before
+	// the stop-phase pages.
+	scan := s.scanPageSet()
+	var added []uint64
+	if s.opt.Mode != wire.ModePostcopy {
+		var err error
+		if added, err = s.changePageSet(st, scan); err != nil {
+			return resumeHere(err)
+		}
+		dirty = s.presentOnly(dirty)
+		dbg(fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
 	}
-	dirty = s.presentOnly(dirty)
-	dbg(fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
 
 	switch s.opt.Mode {
 	case wire.ModePrecopy:
@@ -469,6 +480,24 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 		st.CorePages = uint64(len(need))
 		dbg("core pages sent")
+	}
+	if s.opt.Mode == wire.ModePostcopy {
+		added, err := s.changePageSet(st, scan)
+		if err != nil {
+			return resumeHere(err)
+		}
+		var need []uint64
+		s.mu.Lock()
+		for _, p := range added {
+			if s.sent.Set(p) {
+				need = append(need, p)
+			}
+		}
+		s.mu.Unlock()
+		if err := s.sendPages(wire.PhaseStop, need); err != nil {
+			return resumeHere(fmt.Errorf("pages the guest took again: %w", err))
+		}
+		dbg(fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
 	}
 	s.bulkMu.Lock()
 	err = s.bw.WriteBlob(wire.TypeCoreState, core)
@@ -1044,13 +1073,10 @@ func (s *source) checksums() ([]uint32, error) {
 // pause like core pages. Pages a pre-copy round could not read must have
 // left the set by now; one that did not is unreadable RAM, and the
 // migration stops here, before GO, with the reason.
-func (s *source) changePageSet(st *Stats) ([]uint64, error) {
-	var dropped, added []uint64
-	if c, ok := s.dom.(PageSetChanger); ok {
-		var err error
-		if dropped, added, err = c.PageSetChange(); err != nil {
-			return nil, fmt.Errorf("page set in the pause: %w", err)
-		}
+func (s *source) changePageSet(st *Stats, scan func() ([]uint64, []uint64, error)) ([]uint64, error) {
+	dropped, added, err := scan()
+	if err != nil {
+		return nil, fmt.Errorf("page set in the pause: %w", err)
 	}
 	s.mu.Lock()
 	var drop, add []uint64
@@ -1106,6 +1132,28 @@ func (s *source) changePageSet(st *Stats) ([]uint64, error) {
 		s.mu.Unlock()
 	}
 	return add, nil
+}
+
+// scanPageSet starts PageSetChange of a PageSetChanger source and returns
+// the function that waits for its answer.
+func (s *source) scanPageSet() func() (dropped, added []uint64, err error) {
+	c, ok := s.dom.(PageSetChanger)
+	if !ok {
+		return func() ([]uint64, []uint64, error) { return nil, nil, nil }
+	}
+	type result struct {
+		dropped, added []uint64
+		err            error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		d, a, err := c.PageSetChange()
+		ch <- result{d, a, err}
+	}()
+	return func() ([]uint64, []uint64, error) {
+		r := <-ch
+		return r.dropped, r.added, r.err
+	}
 }
 
 // presentOnly filters out pages that left the domain.

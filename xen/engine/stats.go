@@ -68,10 +68,16 @@ type Stats struct {
 	FaultLatencyP99Us float64 `json:"fault_latency_p99_us"`
 	BlocktimeMs       float64 `json:"blocktime_ms"`
 
-	Verified        bool   `json:"verified"`
-	MismatchedPages uint64 `json:"mismatched_pages"`
-	IntegrityErrors uint64 `json:"integrity_errors"`
-	Progress        uint64 `json:"progress"`
+	// Verified: every page at the destination matches the source's
+	// checksum of the paused domain; VerifiedFrom says whether the
+	// destination's memory (read back) or what arrived was compared.
+	Verified          bool   `json:"verified"`
+	VerifiedFrom      string `json:"verified_from"`
+	VerifiedPages     uint64 `json:"verified_pages"`
+	GuestWrittenPages uint64 `json:"guest_written_pages"`
+	MismatchedPages   uint64 `json:"mismatched_pages"`
+	IntegrityErrors   uint64 `json:"integrity_errors"`
+	Progress          uint64 `json:"progress"`
 
 	// FaultTimeline counts network faults per 10 ms after resume.
 	FaultTimeline []uint32 `json:"fault_timeline,omitempty"`
@@ -85,18 +91,25 @@ type Stats struct {
 // DestStats are the destination's figures, sent to the source in a STATS
 // record and merged into Stats.
 type DestStats struct {
-	Faults            uint64       `json:"faults"`
-	NetworkFaults     uint64       `json:"network_faults"`
-	FaultLatencyP50Us float64      `json:"fault_latency_p50_us"`
-	FaultLatencyP99Us float64      `json:"fault_latency_p99_us"`
-	BlocktimeMs       float64      `json:"blocktime_ms"`
-	DuplicatePages    uint64       `json:"duplicate_pages"`
-	PagesReceived     uint64       `json:"pages_received"`
-	MismatchedPages   uint64       `json:"mismatched_pages"`
-	DistinctFaulted   uint64       `json:"distinct_faulted"`
-	GuestDropped      uint64       `json:"guest_dropped_pages"`
-	PlaceRetries      uint64       `json:"place_retries"`
-	Guest             *GuestReport `json:"guest,omitempty"`
+	Faults            uint64  `json:"faults"`
+	NetworkFaults     uint64  `json:"network_faults"`
+	FaultLatencyP50Us float64 `json:"fault_latency_p50_us"`
+	FaultLatencyP99Us float64 `json:"fault_latency_p99_us"`
+	BlocktimeMs       float64 `json:"blocktime_ms"`
+	DuplicatePages    uint64  `json:"duplicate_pages"`
+	PagesReceived     uint64  `json:"pages_received"`
+	MismatchedPages   uint64  `json:"mismatched_pages"`
+	DistinctFaulted   uint64  `json:"distinct_faulted"`
+	GuestDropped      uint64  `json:"guest_dropped_pages"`
+	// VerifiedFrom says what the checksums were compared with: "memory"
+	// (the destination read its memory back) or "stream" (what arrived:
+	// a destination that cannot read itself back).
+	VerifiedFrom  string       `json:"verified_from"`
+	VerifiedPages uint64       `json:"verified_pages"`      // compared from destination memory
+	GuestWritten  uint64       `json:"guest_written_pages"` // written by the resumed guest first: what arrived was compared
+	VerifyMs      float64      `json:"verify_ms,omitempty"`
+	PlaceRetries  uint64       `json:"place_retries"`
+	Guest         *GuestReport `json:"guest,omitempty"`
 	// FaultTimeline counts network faults per TimelineBucket after resume.
 	FaultTimeline []uint32 `json:"fault_timeline,omitempty"`
 }
@@ -111,6 +124,7 @@ func (s *Stats) merge(d *DestStats) {
 	s.FaultTimeline = d.FaultTimeline
 	s.DuplicatePages += d.DuplicatePages
 	s.GuestDroppedPages = d.GuestDropped
+	s.VerifiedFrom, s.VerifiedPages, s.GuestWrittenPages = d.VerifiedFrom, d.VerifiedPages, d.GuestWritten
 	if g := d.Guest; g != nil {
 		s.WorkingSet = g.WorkingSet
 		s.IntegrityErrors = g.IntegrityErrors

@@ -36,7 +36,14 @@ type Result struct {
 
 // Run migrates a fresh lab domain from a source to a destination in this
 // process's children, over l, and reports.
+//
+// When ctx is done Run stops: it starts nothing more, and whatever it
+// returns, both lab guests it started have been ended and waited for, so
+// that a command interrupted by a signal leaves no child behind.
 func Run(ctx context.Context, rc RunConfig) (*Result, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 	if rc.Warmup <= 0 {
 		rc.Warmup = time.Second
 	}
@@ -86,6 +93,9 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 			return
 		}
 		st, err := engine.RunDest(ctx, c1, c2, func(h *wire.DomainHeader) (engine.Dest, error) {
+			if err := ctx.Err(); err != nil {
+				return nil, err
+			}
 			d, err := NewDest(h)
 			dom = d
 			if err != nil {
@@ -93,7 +103,29 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 			}
 			return d, nil
 		}, engine.DestOptions{})
+		if err != nil {
+			// A source still waiting on the streams sees the end.
+			c1.Close()
+			c2.Close()
+		}
 		dch <- destResult{dom: dom, st: st, err: err}
+	}()
+	// Whatever happens below, the destination's guest, if it started, is
+	// ended before Run returns (a failed receive may leave it running: the
+	// engine keeps a resumed domain, which the lab has no use for).
+	var dr destResult
+	destWaited := false
+	waitDest := func() destResult {
+		if !destWaited {
+			dr, destWaited = <-dch, true
+		}
+		return dr
+	}
+	defer func() {
+		ln.Close()
+		if d := waitDest().dom; d != nil {
+			d.Exit()
+		}
 	}()
 
 	addr := ln.Addr().String()
@@ -114,20 +146,25 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 	st, serr := engine.RunSource(ctx, src, bulk, urgent, rc.Engine)
 	if serr == nil {
 		srcDone = true // destroyed by the engine
+	} else {
+		// Unblock a destination still reading the streams.
+		bulk.Close()
+		urgent.Close()
 	}
-	dr := <-dch
-	if dr.dom != nil {
-		defer dr.dom.Exit()
-	}
+	dr = waitDest()
 	if serr != nil || dr.err != nil {
-		return &Result{Stats: st}, errors.Join(serr, wrapDest(dr.err))
+		return &Result{Stats: st}, errors.Join(labOutcome(serr), wrapDest(dr.err))
 	}
 	res := &Result{Stats: st, OpsAtStart: r0.Ops}
 	r1, err := dr.dom.Report()
 	if err != nil {
 		return res, err
 	}
-	time.Sleep(rc.After)
+	select {
+	case <-time.After(rc.After):
+	case <-ctx.Done():
+		return res, ctx.Err()
+	}
 	r2, err := dr.dom.Report()
 	if err != nil {
 		return res, err
@@ -140,6 +177,23 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		st.SetLink(l.RateBps)
 	}
 	return res, nil
+}
+
+// labOutcome rewords the engine's outcome for lab domains: the engine
+// says where a Xen domain is after a failure, but a lab domain lives in a
+// process of this command, and Run ends both copies whatever happened.
+func labOutcome(err error) error {
+	var e *engine.Error
+	if err == nil || !errors.As(err, &e) {
+		return err
+	}
+	switch e.Where {
+	case engine.RunsAtSource:
+		return fmt.Errorf("lab migration failed before the switchover; the lab domain ran on at the source until this command ended it: %w", e.Err)
+	case engine.PausedAtSource:
+		return fmt.Errorf("lab migration failed before the switchover and the lab domain could not be resumed; this command ended it: %w", e.Err)
+	}
+	return fmt.Errorf("lab migration failed after the switchover; this command ended both lab copies (a lab domain lives only as long as the command): %w", e.Err)
 }
 
 func wrapDest(err error) error {

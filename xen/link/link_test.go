@@ -139,13 +139,8 @@ func sockoptInt(c net.Conn, level, opt int) (int, error) {
 // is missing: CAP_NET_ADMIN and the iproute2 commands.
 func requireNetAdmin(t *testing.T) {
 	t.Helper()
-	if !hasNetAdmin() {
-		t.Skip("needs root (CAP_NET_ADMIN) to create network namespaces")
-	}
-	for _, cmd := range []string{"ip", "tc"} {
-		if _, err := exec.LookPath(cmd); err != nil {
-			t.Skipf("needs the iproute2 command %s: %v", cmd, err)
-		}
+	if err := Available(); err != nil {
+		t.Skipf("needs root (CAP_NET_ADMIN) and iproute2 to create network namespaces: %v", err)
 	}
 }
 
@@ -207,6 +202,7 @@ func TestSetupNeedsNetAdmin(t *testing.T) {
 	dropped[0].Effective &^= 1 << capNetAdmin
 	require.NoError(t, unix.Capset(&hdr, &dropped[0]))
 	_, err := Setup(1_000_000_000)
+	aerr := Available()
 	if rerr := unix.Capset(&hdr, &saved[0]); rerr != nil {
 		// Leave the thread locked: the runtime discards it with the goroutine.
 		t.Fatalf("restoring capabilities: %v", rerr)
@@ -214,6 +210,8 @@ func TestSetupNeedsNetAdmin(t *testing.T) {
 	runtime.UnlockOSThread()
 	require.Error(t, err)
 	assert.Equal(t, "creating the emulated link needs root (CAP_NET_ADMIN): run as root or drop --link", err.Error())
+	assert.Equal(t, err, aerr, "Available says the same before trying")
+	assert.NoError(t, Available(), "with the capability back")
 }
 
 func TestCleanupStale(t *testing.T) {

@@ -33,6 +33,21 @@ func hasNetAdmin() bool {
 	return data[capNetAdmin/32].Effective&(1<<(capNetAdmin%32)) != 0
 }
 
+// Available reports whether Setup can build a link on this host: it needs
+// CAP_NET_ADMIN and the iproute2 commands ip and tc. The error says which
+// is missing. Tests of code that uses a link gate themselves on it.
+func Available() error {
+	if !hasNetAdmin() {
+		return errNeedRoot
+	}
+	for _, cmd := range []string{"ip", "tc"} {
+		if _, err := exec.LookPath(cmd); err != nil {
+			return fmt.Errorf("the emulated link needs the iproute2 command %s: %w", cmd, err)
+		}
+	}
+	return nil
+}
+
 // run executes an iproute2 command and folds its stderr into the error,
 // because that is where ip and tc say what they disliked.
 func run(name string, args ...string) error {

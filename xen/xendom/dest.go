@@ -57,6 +57,8 @@ type DestStats struct {
 	Absent          uint64  `json:"absent"`          // gfns of the page space with no memory at the source
 	SetDropped      uint64  `json:"set_dropped"`     // released in the pause: the source's guest gave them back
 	SetAdded        uint64  `json:"set_added"`       // populated in the pause: the source's guest took them again
+	SetKeptPaged    uint64  `json:"set_kept_paged"`  // given back at the source while still paged out here: left so
+	AbsentTouched   uint64  `json:"absent_touched"`  // paging requests for gfns the guest had given back: a zero page
 }
 
 // Dest is the domain being received.
@@ -68,11 +70,13 @@ type Dest struct {
 	ring Ring
 	zero []byte
 
-	mu      sync.Mutex
-	state   []uint8
-	pending map[uint64][]xenctrl.Request // by page index: requests waiting for the page
-	stats   DestStats
-	ringMu  sync.Mutex // the ring is not safe for concurrent use
+	mu       sync.Mutex
+	logDirty bool            // switched on at setup, off at Close
+	written  map[uint64]bool // page indexes the resumed guest wrote (read-back)
+	state    []uint8
+	pending  map[uint64][]xenctrl.Request // by page index: requests waiting for the page
+	stats    DestStats
+	ringMu   sync.Mutex // the ring is not safe for concurrent use
 
 	faults    chan []uint64
 	closed    chan struct{}
@@ -211,7 +215,61 @@ func (d *Dest) create() error {
 	}
 	d.ring = ring
 	go d.ringLoop()
-	return d.evictAll()
+	if err := d.evictAll(); err != nil {
+		return err
+	}
+	// Log-dirty from the setup on (switching it on takes a while: not in
+	// the downtime), cleaned right before the vCPUs run: then it says
+	// which pages the resumed guest wrote, and the read-back that
+	// verifies the migration leaves exactly those out.
+	if err := d.opt.HV.EnableLogDirty(dom); err != nil {
+		return fmt.Errorf("enable log-dirty on domain %d (to verify what it holds): %w", dom, err)
+	}
+	d.logDirty = true
+	return nil
+}
+
+// dirtyPages is the dirty bitmap's size: the page space's last gfn + 1.
+func (d *Dest) dirtyPages() uint64 { return d.gfns[len(d.gfns)-1] + 1 }
+
+// ReadBack implements engine.ReadBacker: the pages as the domain holds
+// them, read through a foreign mapping, and those of them the guest has
+// written since it resumed (the log-dirty bits collected after the read;
+// a page that no longer maps was given back by the guest: counted as
+// written too).
+func (d *Dest) ReadBack(pfns []uint64, buf []byte) ([]uint64, error) {
+	gfns := make([]uint64, len(pfns))
+	for i, p := range pfns {
+		if p >= uint64(len(d.gfns)) {
+			return nil, fmt.Errorf("page index %d beyond the domain's %d pages", p, len(d.gfns))
+		}
+		gfns[i] = d.gfns[p]
+	}
+	failed, err := d.opt.HV.ReadPages(d.dom, gfns, buf)
+	if err != nil {
+		return nil, err
+	}
+	dirty, err := d.opt.HV.CleanDirty(d.dom, d.dirtyPages(), nil)
+	if err != nil {
+		return nil, fmt.Errorf("log-dirty of domain %d: %w", d.dom, err)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.written == nil {
+		d.written = map[uint64]bool{}
+	}
+	for _, g := range dirty {
+		if i, ok := slices.BinarySearch(d.gfns, g); ok {
+			d.written[uint64(i)] = true
+		}
+	}
+	var out []uint64
+	for j, p := range pfns {
+		if d.written[p] || slices.Contains(failed, j) {
+			out = append(out, p)
+		}
+	}
+	return out, nil
 }
 
 // reconcile makes the new domain's RAM the source's: the same special
@@ -433,8 +491,15 @@ func (d *Dest) ChangePageSet(dropped, added []uint64) error {
 			d.mu.Unlock()
 			return fmt.Errorf("page index %d beyond the domain's %d pages", i, len(d.gfns))
 		}
-		if d.state[i] != stAbsent && d.state[i] != stDropped {
+		// A paged-out gfn stays so: Xen 4.17 refuses to release one
+		// (p2m_remove_page wants a valid mfn: EILSEQ), and the guest
+		// believes it ballooned out. Its balloon driver populates it
+		// again like any hole; a touch before that gets a zero page
+		// (ringLoop).
+		if d.state[i] == stLoaded || d.state[i] == stResident {
 			release = append(release, d.gfns[i])
+		} else if d.state[i] == stEvicted {
+			d.stats.SetKeptPaged++
 		}
 		d.state[i] = stAbsent
 	}
@@ -573,6 +638,16 @@ func (d *Dest) ringLoop() {
 			case d.state[idx] == stLoaded:
 				answer = append(answer, req)
 				d.stats.PlainResponses++
+			case d.state[idx] == stAbsent:
+				// The guest touched a gfn it gave back before the pause
+				// (left paged out here): nothing comes from the source;
+				// a fresh page is zeroes, as a repopulated one would be.
+				if err := d.opt.HV.PagingLoad(d.dom, req.GFN, d.zero); err != nil && !errors.Is(err, syscall.ENOENT) {
+					d.opt.Logf("zero page for given-back gfn %#x: %v", req.GFN, err)
+				}
+				answer = append(answer, req)
+				d.stats.PlainResponses++
+				d.stats.AbsentTouched++
 			default:
 				if len(d.pending[uint64(idx)]) == 0 {
 					faults = append(faults, uint64(idx))
@@ -644,6 +719,12 @@ func (d *Dest) Resume(core []byte) error {
 	if err := d.opt.HV.SetHVMContext(d.dom, cs.HVM); err != nil {
 		return fmt.Errorf("set the HVM context: %w", err)
 	}
+	if d.logDirty {
+		// From here on a set bit is the guest's own write.
+		if _, err := d.opt.HV.CleanDirty(d.dom, d.dirtyPages(), nil); err != nil {
+			return fmt.Errorf("clean the log-dirty bitmap of domain %d: %w", d.dom, err)
+		}
+	}
 	if err := d.opt.HV.Unpause(d.dom); err != nil {
 		return fmt.Errorf("unpause domain %d: %w", d.dom, err)
 	}
@@ -695,6 +776,12 @@ func (d *Dest) Close() error {
 		}
 	}
 	d.mu.Unlock()
+	if complete && d.logDirty {
+		d.logDirty = false
+		if err := d.opt.HV.DisableLogDirty(d.dom); err != nil {
+			return fmt.Errorf("disable log-dirty: %w", err)
+		}
+	}
 	if complete && d.ring != nil {
 		d.ringMu.Lock()
 		defer d.ringMu.Unlock()

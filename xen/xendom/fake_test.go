@@ -93,6 +93,8 @@ type fakeHV struct {
 	enablePagingErr error
 	loadErrGFN      map[uint64]bool // PagingLoad and WritePages of these fail
 	unmappable      map[uint64]bool // RAM-typed but ReadPages cannot map them (a grant mapping)
+	corruptLoad     uint64          // PagingLoad stores this gfn wrongly (0: none)
+	pagedOK         map[uint64]bool // gfns a test expects left paged out when paging goes off
 	// onSuspend runs (with the lock) when a guest has stopped its vCPUs
 	// for a suspend, before the snapshot.
 	onSuspend func(dom uint32)
@@ -168,7 +170,7 @@ func (h *fakeHV) newGuestDomain(tag string, holes ...uint64) *fdom {
 	d := &fdom{id: h.next, mem: map[uint64][]byte{}, state: map[uint64]int{}, params: map[int]uint64{},
 		dirty: map[uint64]bool{}, loaded: map[uint64]bool{}, evictions: map[uint64]int{}, nominated: map[uint64]bool{}}
 	h.next++
-	d.info = xenctrl.DomainInfo{ID: d.id, HVM: true, PVH: true, HAP: true, MaxVCPUID: 1, TotPages: fRAMPages,
+	d.info = xenctrl.DomainInfo{ID: d.id, HVM: true, PVH: true, HAP: true, MaxVCPUID: 1, TotPages: fRAMPages, MaxPages: fRAMPages + 16,
 		SharedInfoFrame: fSharedPFN}
 	for g := uint64(0); g < fRAMPages; g++ {
 		if slices.Contains(holes, g) {
@@ -451,6 +453,10 @@ func (h *fakeHV) DecreaseReservation(id uint32, gfns []uint64) error {
 		if d.state[g] == gsAbsent {
 			return fmt.Errorf("release gfn %#x: absent: %w", g, syscall.EINVAL)
 		}
+		if d.state[g] == gsPaged {
+			// Xen 4.17: p2m_remove_page refuses an entry without a valid mfn.
+			return fmt.Errorf("release paged-out gfn %#x: %w", g, syscall.EILSEQ)
+		}
 		delete(d.state, g)
 		delete(d.mem, g)
 		d.decreased = append(d.decreased, g)
@@ -555,6 +561,9 @@ func (h *fakeHV) PagingLoad(id uint32, g uint64, page []byte) error {
 	}
 	d.state[g] = gsRAM
 	d.mem[g] = slices.Clone(page)
+	if h.corruptLoad != 0 && g == h.corruptLoad {
+		d.mem[g][9] ^= 0x40
+	}
 	d.loaded[g] = true
 	h.cond.Broadcast()
 	return nil
@@ -637,9 +646,9 @@ func (r *fakeRing) Close() error {
 	r.h.mu.Lock()
 	defer r.h.mu.Unlock()
 	r.closed = true
-	for _, st := range r.d.state {
-		if st == gsPaged {
-			r.h.violation("paging disabled on domain %d with paged-out gfns", r.d.id)
+	for g, st := range r.d.state {
+		if st == gsPaged && !r.h.pagedOK[g] {
+			r.h.violation("paging disabled on domain %d with paged-out gfn %#x", r.d.id, g)
 			break
 		}
 	}

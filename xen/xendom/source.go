@@ -254,12 +254,18 @@ func NewSource(opt SourceOptions) (*Source, error) {
 		return nil, err
 	}
 	s.stats.RAMPages = uint64(len(s.gfns))
-	// The page space also holds the holes below the highest RAM gfn
-	// (pages a balloon driver gave back), as absent pages: the guest may
-	// take them again before it suspends, and then they are sent in the
-	// pause; and pages it gives back meanwhile simply become absent.
+	// The page space also holds the holes between RAM gfns that a
+	// balloon driver can have left (no larger than what the domain may
+	// still populate: MMIO holes and the gap below the special pages are
+	// larger), as absent pages: the guest may take them again before it
+	// suspends, and then they are sent in the pause; and pages it gives
+	// back meanwhile simply become absent.
 	ramCount := len(s.gfns)
-	s.gfns, s.absent = withHoles(s.gfns, func(g uint64) bool { return skip[g] || unmappable[g] })
+	balloonable := uint64(0)
+	if info.MaxPages > info.TotPages {
+		balloonable = info.MaxPages - info.TotPages
+	}
+	s.gfns, s.absent = withHoles(s.gfns, balloonable, func(g uint64) bool { return skip[g] || unmappable[g] })
 	s.stats.AbsentPages = uint64(len(s.gfns) - ramCount)
 	if dom, err := opt.HV.Domain(opt.Dom); err == nil && dom.TotPages >= uint64(ramCount) {
 		s.outside = dom.TotPages - uint64(ramCount)
@@ -303,24 +309,25 @@ func (s *Source) residentHint() {
 }
 
 // withHoles returns the page space of a domain whose RAM gfns are ram
-// (ascending): every gfn up to the highest one, except those skip says
-// are not the guest's (special pages, grant frames), and which of them are
-// absent (not RAM now).
-func withHoles(ram []uint64, skip func(uint64) bool) (space []uint64, absent []bool) {
-	top := ram[len(ram)-1]
-	space = make([]uint64, 0, top+1)
-	absent = make([]bool, 0, top+1)
-	r := 0
-	for g := uint64(0); g <= top; g++ {
-		isRAM := r < len(ram) && ram[r] == g
-		if isRAM {
-			r++
-		}
-		if !isRAM && skip(g) {
-			continue
+// (ascending): those, and the gfns of every hole before or between them
+// of at most maxHole gfns, except those skip says are not the guest's
+// (special pages, grant frames); absent says which are holes.
+func withHoles(ram []uint64, maxHole uint64, skip func(uint64) bool) (space []uint64, absent []bool) {
+	space = make([]uint64, 0, len(ram))
+	absent = make([]bool, 0, len(ram))
+	next := uint64(0) // first gfn after the previous RAM gfn
+	for _, g := range ram {
+		if g-next <= maxHole {
+			for h := next; h < g; h++ {
+				if !skip(h) {
+					space = append(space, h)
+					absent = append(absent, true)
+				}
+			}
 		}
 		space = append(space, g)
-		absent = append(absent, !isRAM)
+		absent = append(absent, false)
+		next = g + 1
 	}
 	return space, absent
 }
@@ -454,8 +461,8 @@ func (s *Source) PageSetChange() (dropped, added []uint64, err error) {
 		return nil, nil, fmt.Errorf("domain %d: %w", s.opt.Dom, err)
 	}
 	if info.TotPages > uint64(ram)+s.outside {
-		return nil, nil, fmt.Errorf("the guest populated %d gfns above its highest RAM gfn at the start (gfn %#x) during the migration (its balloon grew back): nothing was lost, retry the migration",
-			info.TotPages-uint64(ram)-s.outside, s.gfns[len(s.gfns)-1])
+		return nil, nil, fmt.Errorf("the guest populated %d gfns outside the page set taken at the start of the migration (its balloon grew back): nothing was lost, the domain runs on here; retry the migration",
+			info.TotPages-uint64(ram)-s.outside)
 	}
 	s.mu.Lock()
 	s.stats.DroppedPages, s.stats.AddedPages = uint64(len(dropped)), uint64(len(added))
