@@ -10,9 +10,9 @@ for mode in postcopy precopy hybrid; do
 	verdict=$(python3 - "$mode" <<PY
 import json, sys
 s = json.loads('''$out''')
-ok = s["verified"] and s["duplicate_pages"] == 0 and s["progress_continued"] and s["integrity_errors"] == 0
-print(("PASS" if ok else "FAIL") + " lab migrate --mode %s: verified=%s duplicate_pages=%d total_time=%.0fms downtime=%.1fms network_faults=%d working_set=%d"
-      % (sys.argv[1], s["verified"], s["duplicate_pages"], s["total_time_ms"], s["downtime_ms"], s["network_faults"], s["working_set"]))
+ok = s["verified"] and s["redundant_pages"] == 0 and s["progress_continued"] and s["integrity_errors"] == 0
+print(("PASS" if ok else "FAIL") + " lab migrate --mode %s: verified=%s redundant_pages=%d total_time=%.0fms downtime=%.1fms network_faults=%d working_set=%d"
+      % (sys.argv[1], s["verified"], s["redundant_pages"], s["total_time_ms"], s["downtime_ms"], s["network_faults"], s.get("working_set", 0)))
 PY
 )
 	echo "$verdict"

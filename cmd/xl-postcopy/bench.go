@@ -208,7 +208,7 @@ func writeBench(dir string, rep *benchReport, plotWL string) error {
 func writeBenchMarkdown(w io.Writer, rep *benchReport) {
 	fmt.Fprintf(w, "Command: `%s`  \nDate: %s; link: %s; lab domain: %s memory, %s working set, op cost %d\n\n",
 		rep.Command, rep.Date, rep.Link, rep.Mem, rep.WS, rep.OpCost)
-	fmt.Fprintln(w, "| workload | mode | pre-paging | total ms | downtime ms | MiB sent | pages sent | dup | net faults | working set | faults/WS | p50 µs | p99 µs | blocktime ms | record ms | time/link bound | verified |")
+	fmt.Fprintln(w, "| workload | mode | pre-paging | total ms | downtime ms | MiB sent | pages sent | redundant | net faults | working set | faults/WS | p50 µs | p99 µs | fault waits ms | record ms | time/link bound | verified |")
 	fmt.Fprintln(w, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 	for _, r := range rep.Rows {
 		s := r.Stats
@@ -218,8 +218,8 @@ func writeBenchMarkdown(w io.Writer, rep *benchReport) {
 		}
 		fmt.Fprintf(w, "| %s | %s | %s | %.0f | %.2f | %.1f | %d | %d | %d | %d | %.3f | %.0f | %.0f | %.1f | %.0f | %.2f | %v |\n",
 			r.Workload, r.Mode, r.Prepaging, s.TotalTimeMs, s.DowntimeMs, float64(s.TotalBytes)/(1<<20), s.PagesSent,
-			s.DuplicatePages, s.NetworkFaults, s.WorkingSet, s.FaultsPerWS, s.FaultLatencyP50Us, s.FaultLatencyP99Us,
-			s.BlocktimeMs, s.RecordTimeMs, s.TimeOverLink, s.Verified && s.IntegrityErrors == 0 && r.Continued)
+			s.RedundantPages, s.NetworkFaults, s.WorkingSet, s.FaultsPerWS, s.FaultLatencyP50Us, s.FaultLatencyP99Us,
+			s.FaultWaitMs, s.RecordTimeMs, s.TimeOverLink, s.Verified && s.IntegrityErrors == 0 && r.Continued)
 	}
 }
 

@@ -466,10 +466,10 @@ func printStats(st *engine.Stats, res *lab.Result) {
 	fmt.Fprintf(w, "total time        %.1f ms\n", st.TotalTimeMs)
 	fmt.Fprintf(w, "downtime          %.2f ms\n", st.DowntimeMs)
 	fmt.Fprintf(w, "bytes sent        %s (precopy %s, downtime %s, postcopy %s)\n", fmtBytes(st.TotalBytes), fmtBytes(st.PrecopyBytes), fmtBytes(st.DowntimeBytes), fmtBytes(st.PostcopyBytes))
-	fmt.Fprintf(w, "pages sent        %d (zero %d, re-sent dirty %d, duplicates %d, pre-copy rounds %d)\n", st.PagesSent, st.ZeroPages, st.ResentPages, st.DuplicatePages, st.PrecopyRounds)
+	fmt.Fprintf(w, "pages sent        %d (zero %d, re-sent %d, redundant %d, pre-copy rounds %d)\n", st.PagesSent, st.ZeroPages, st.ResentPages, st.RedundantPages, st.PrecopyRounds)
 	if st.Mode != "precopy" {
 		fmt.Fprintf(w, "network faults    %d of a working set of %d pages (%.3f), pre-paged hits %d\n", st.NetworkFaults, st.WorkingSet, st.FaultsPerWS, st.PrepagedHits)
-		fmt.Fprintf(w, "fault latency     p50 %.0f us, p99 %.0f us; blocktime %.1f ms\n", st.FaultLatencyP50Us, st.FaultLatencyP99Us, st.BlocktimeMs)
+		fmt.Fprintf(w, "fault latency     p50 %.0f us, p99 %.0f us; waits summed %.1f ms\n", st.FaultLatencyP50Us, st.FaultLatencyP99Us, st.FaultWaitMs)
 	}
 	if st.LinkRateBps > 0 {
 		fmt.Fprintf(w, "link bound        %.1f ms (total time / bound = %.2f)\n", st.LinkBoundMs, st.TimeOverLink)

@@ -333,21 +333,26 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	} else {
 		printXenStats(os.Stdout, st, out.Xen)
 	}
-	if !st.Verified || st.DuplicatePages != 0 {
-		return errors.New("migration finished but the result is not sound (see verified, duplicate_pages)")
+	if !st.Verified {
+		return errors.New("migration finished but the destination's memory does not match the source (see verified, mismatched_pages)")
 	}
 	return nil
 }
 
 func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {
-	fmt.Fprintf(w, "verified          %v (%d pages, %d mismatched)\n", st.Verified, st.Pages, st.MismatchedPages)
+	fmt.Fprintf(w, "verified          %v from the destination's %s (%d pages compared, %d written by the guest first, %d mismatched)\n",
+		st.Verified, st.VerifiedFrom, st.VerifiedPages, st.GuestWrittenPages, st.MismatchedPages)
 	fmt.Fprintf(w, "total time        %.1f ms\n", st.TotalTimeMs)
 	fmt.Fprintf(w, "downtime          %.2f ms (guest suspend %.1f ms)\n", st.DowntimeMs, xs.SuspendMs)
 	fmt.Fprintf(w, "bytes sent        %s (precopy %s, downtime %s, postcopy %s)\n", fmtBytes(st.TotalBytes), fmtBytes(st.PrecopyBytes), fmtBytes(st.DowntimeBytes), fmtBytes(st.PostcopyBytes))
-	fmt.Fprintf(w, "pages sent        %d (zero %d, re-sent %d, duplicates %d, pre-copy rounds %d)\n", st.PagesSent, st.ZeroPages, st.ResentPages, st.DuplicatePages, st.PrecopyRounds)
+	fmt.Fprintf(w, "pages sent        %d (zero %d, re-sent %d, redundant %d, pre-copy rounds %d)\n", st.PagesSent, st.ZeroPages, st.ResentPages, st.RedundantPages, st.PrecopyRounds)
+	if st.DroppedPages+st.AddedPages+st.GuestDroppedPages+st.UnreadableReads > 0 {
+		fmt.Fprintf(w, "page set          %d given back and %d taken again by the guest before the pause, %d given back after the resume, %d unreadable reads (none sent)\n",
+			st.DroppedPages, st.AddedPages, st.GuestDroppedPages, st.UnreadableReads)
+	}
 	fmt.Fprintf(w, "core state        %d pages before resume (%d page-table pages); guest hints: %s\n", st.CorePages, xs.PageTablePages, xs.GuestHints)
 	if st.Mode != "precopy" {
-		fmt.Fprintf(w, "network faults    %d (distinct pages faulted %d), p50 %.0f us, p99 %.0f us\n", st.NetworkFaults, st.WorkingSet, st.FaultLatencyP50Us, st.FaultLatencyP99Us)
+		fmt.Fprintf(w, "network faults    %d, p50 %.0f us, p99 %.0f us, waits summed %.1f ms\n", st.NetworkFaults, st.FaultLatencyP50Us, st.FaultLatencyP99Us, st.FaultWaitMs)
 	}
 }
 

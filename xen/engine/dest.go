@@ -72,7 +72,7 @@ type dest struct {
 	failOnce   sync.Once
 	failErr    error
 	failC      chan struct{}
-	blocktime  time.Duration
+	faultWait  time.Duration // sum of the demand faults\' waits
 	resumedAt  time.Time
 	timeline   []uint32 // network faults per TimelineBucket since resume
 }
@@ -437,7 +437,7 @@ func (d *dest) run() (*DestStats, error) {
 	st.DistinctFaulted = d.faulted.Count()
 	st.FaultLatencyP50Us = percentile(d.lat, 0.50)
 	st.FaultLatencyP99Us = percentile(d.lat, 0.99)
-	st.BlocktimeMs = ms(d.blocktime)
+	st.FaultWaitMs = ms(d.faultWait)
 	st.PagesReceived = d.received.Load()
 	st.PlaceRetries = d.retries
 	st.FaultTimeline = d.timeline
@@ -508,7 +508,7 @@ func (d *dest) place(b *wire.PageBatch) error {
 			return fmt.Errorf("page batch: pfn %#x is not part of the domain (absent)", p.PFN)
 		}
 		if d.present.Test(p.PFN) && (d.resumed || b.Phase == wire.PhasePush || b.Phase == wire.PhaseFault) {
-			d.stats.DuplicatePages++
+			d.stats.RedundantPages++
 			continue
 		}
 		if d.present.Set(p.PFN) {
@@ -586,7 +586,7 @@ func (d *dest) placed(keep []Page, keepCRC []uint32) {
 		if t, ok := d.faultAt[p.PFN]; ok {
 			l := now.Sub(t)
 			d.lat = append(d.lat, l)
-			d.blocktime += l
+			d.faultWait += l
 			delete(d.faultAt, p.PFN)
 		}
 	}

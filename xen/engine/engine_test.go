@@ -234,7 +234,8 @@ func TestPostcopyEveryPageOnce(t *testing.T) {
 			dst := newMemDest(touches)
 			st, ds := migrate(t, wire.ModePostcopy, policy, src, dst)
 			require.True(t, st.Verified)
-			require.Zero(t, st.DuplicatePages)
+			require.Zero(t, st.RedundantPages)
+			require.Zero(t, st.ResentPages)
 			require.Equal(t, uint64(600), st.PagesSent, "every page exactly once")
 			require.Equal(t, uint64(600/7+1), st.ZeroPages)
 			require.Equal(t, uint64(2), st.CorePages)
@@ -255,7 +256,12 @@ func TestPrecopyAndHybridWithDirtying(t *testing.T) {
 			dst := newMemDest([]uint64{1, 2, 3, 1999})
 			st, _ := migrate(t, mode, "dual", src, dst)
 			require.True(t, st.Verified)
-			require.Zero(t, st.DuplicatePages)
+			require.Zero(t, st.RedundantPages)
+			// Every transmission after a page's first is a re-send, in
+			// every phase (pre-copy rounds, stop-and-copy, hybrid's
+			// discarded pages sent again in post-copy).
+			require.Equal(t, st.PagesSent-2000, st.ResentPages)
+			require.NotZero(t, st.ResentPages, "the guest dirtied pages while pre-copy ran")
 			require.GreaterOrEqual(t, st.PrecopyRounds, 1)
 			checkSame(t, src, dst)
 			if mode == wire.ModeHybrid {

@@ -141,6 +141,8 @@ type source struct {
 	pagesSent       atomic.Uint64
 	zeroPages       atomic.Uint64
 	unreadableReads atomic.Uint64
+	resent          atomic.Uint64   // transmissions of a page after its first
+	sentEver        *prepage.Bitmap // pages transmitted at least once (guarded by mu)
 	faultsSeen      atomic.Uint64
 	phase           atomic.Value // string
 	round           atomic.Int64
@@ -167,6 +169,7 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 		bw: wire.NewWriter(bulk), uw: wire.NewWriter(urgent),
 		sent:       prepage.NewBitmap(info.NumPages),
 		absent:     prepage.NewBitmap(info.NumPages),
+		sentEver:   prepage.NewBitmap(info.NumPages),
 		created:    make(chan struct{}),
 		notResumed: make(chan struct{}),
 		ready:      make(chan struct{}),
@@ -341,7 +344,6 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 				_ = s.dom.StopDirtyLog()
 				return st, s.notStarted(fmt.Errorf("pre-copy round %d: %w", st.PrecopyRounds, err))
 			}
-			st.ResentPages += uint64(len(dirty))
 			st.PrecopyRounds++
 		}
 	} else {
@@ -429,7 +431,6 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		if err := s.sendPages(wire.PhaseStop, dirty); err != nil {
 			return resumeHere(fmt.Errorf("stop-and-copy: %w", err))
 		}
-		st.ResentPages += uint64(len(dirty))
 	case wire.ModeHybrid:
 		// Pages re-dirtied since they were sent: the destination forgets
 		// them and they go again, once, in post-copy.
@@ -620,10 +621,11 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	st.UnreadableReads = s.unreadableReads.Load()
 	st.merge(&s.destStats)
 	st.MismatchedPages = s.ack.Mismatched
-	st.Verified = s.ack.Mismatched == 0 && s.ack.PagesReceived == s.info.NumPages-s.absentCount() && st.DuplicatePages == 0
+	st.ResentPages = s.resent.Load()
+	st.Verified = s.ack.Mismatched == 0 && s.ack.PagesReceived == s.info.NumPages-s.absentCount()
 	if !st.Verified {
-		return st, s.afterGo(fmt.Errorf("destination reports %d of %d pages differing from the source (first pfn %#x), %d received, %d duplicates",
-			s.ack.Mismatched, s.info.NumPages, s.ack.FirstMismatch, s.ack.PagesReceived, st.DuplicatePages))
+		return st, s.afterGo(fmt.Errorf("destination reports %d of %d pages differing from the source (first pfn %#x), %d received",
+			s.ack.Mismatched, s.info.NumPages, s.ack.FirstMismatch, s.ack.PagesReceived))
 	}
 	s.phase.Store("done")
 	if err := s.dom.Destroy(); err != nil {
@@ -865,6 +867,13 @@ func (s *source) readBatch(phase wire.Phase, pfns []uint64, buf []byte, entries 
 	}
 	entries, data = entries[:0], data[:0]
 	sent := 0
+	s.mu.Lock()
+	for _, p := range pfns {
+		if (len(skip) == 0 || !slices.Contains(skip, p)) && !s.sentEver.Set(p) {
+			s.resent.Add(1)
+		}
+	}
+	s.mu.Unlock()
 	for i, p := range pfns {
 		if len(skip) > 0 && slices.Contains(skip, p) {
 			continue

@@ -26,12 +26,14 @@ type Stats struct {
 	// PagesSent counts page transmissions of every kind (zero pages too).
 	PagesSent uint64 `json:"pages_sent"`
 	ZeroPages uint64 `json:"zero_pages"`
-	// ResentPages are pre-copy re-sends of pages the guest wrote again
-	// after they were sent: pre-copy's inherent cost.
+	// ResentPages counts every transmission of a page after its first,
+	// in every phase: pre-copy's re-sends of pages the guest wrote again
+	// (its inherent cost), hybrid's re-sends of discarded pages. 0 in
+	// post-copy. (QEMU's "duplicate" means zero pages: ZeroPages here.)
 	ResentPages uint64 `json:"resent_pages"`
-	// DuplicatePages are pages that reached the destination while it
-	// already held that same version: wasted transmissions. Must be 0.
-	DuplicatePages uint64 `json:"duplicate_pages"`
+	// RedundantPages reached the destination after it held that same
+	// version (after the resume): wasted transmissions. Must be 0.
+	RedundantPages uint64 `json:"redundant_pages"`
 	PrecopyRounds  int    `json:"precopy_rounds"`
 	CorePages      uint64 `json:"core_pages"`
 	DiscardedPages uint64 `json:"discarded_pages"`
@@ -59,14 +61,21 @@ type Stats struct {
 	Paths          int     `json:"lr_paths,omitempty"`
 	Hotspots       int     `json:"hotspots,omitempty"`
 
-	Faults            uint64  `json:"faults"`
-	NetworkFaults     uint64  `json:"network_faults"`
-	PrepagedHits      uint64  `json:"prepaged_hits"`
-	WorkingSet        uint64  `json:"working_set"`
-	FaultsPerWS       float64 `json:"network_faults_per_working_set"`
+	Faults        uint64 `json:"faults"`
+	NetworkFaults uint64 `json:"network_faults"`
+	// WorkingSet (distinct pages the resumed guest touched) is known
+	// only where the backend sees every access (lab domains): omitted
+	// otherwise, with FaultsPerWS and PrepagedHits.
+	PrepagedHits      uint64  `json:"prepaged_hits,omitempty"`
+	WorkingSet        uint64  `json:"working_set,omitempty"`
+	FaultsPerWS       float64 `json:"network_faults_per_working_set,omitempty"`
 	FaultLatencyP50Us float64 `json:"fault_latency_p50_us"`
 	FaultLatencyP99Us float64 `json:"fault_latency_p99_us"`
-	BlocktimeMs       float64 `json:"blocktime_ms"`
+	// FaultWaitMs sums every demand fault's wait for its page; with
+	// several vCPUs waiting at once it can exceed the wall time. QEMU's
+	// blocktime (time all vCPUs were blocked) needs per-vCPU fault data
+	// and is not reported.
+	FaultWaitMs float64 `json:"fault_wait_ms"`
 
 	// Verified: every page at the destination matches the source's
 	// checksum of the paused domain; VerifiedFrom says whether the
@@ -95,8 +104,8 @@ type DestStats struct {
 	NetworkFaults     uint64  `json:"network_faults"`
 	FaultLatencyP50Us float64 `json:"fault_latency_p50_us"`
 	FaultLatencyP99Us float64 `json:"fault_latency_p99_us"`
-	BlocktimeMs       float64 `json:"blocktime_ms"`
-	DuplicatePages    uint64  `json:"duplicate_pages"`
+	FaultWaitMs       float64 `json:"fault_wait_ms"`
+	RedundantPages    uint64  `json:"redundant_pages"`
 	PagesReceived     uint64  `json:"pages_received"`
 	MismatchedPages   uint64  `json:"mismatched_pages"`
 	DistinctFaulted   uint64  `json:"distinct_faulted"`
@@ -120,9 +129,9 @@ func (s *Stats) merge(d *DestStats) {
 	s.NetworkFaults = d.NetworkFaults
 	s.FaultLatencyP50Us = d.FaultLatencyP50Us
 	s.FaultLatencyP99Us = d.FaultLatencyP99Us
-	s.BlocktimeMs = d.BlocktimeMs
+	s.FaultWaitMs = d.FaultWaitMs
 	s.FaultTimeline = d.FaultTimeline
-	s.DuplicatePages += d.DuplicatePages
+	s.RedundantPages = d.RedundantPages
 	s.GuestDroppedPages = d.GuestDropped
 	s.VerifiedFrom, s.VerifiedPages, s.GuestWrittenPages = d.VerifiedFrom, d.VerifiedPages, d.GuestWritten
 	if g := d.Guest; g != nil {

@@ -35,7 +35,7 @@ func TestLabMigrateModes(t *testing.T) {
 				require.NoError(t, err)
 				st := res.Stats
 				require.True(t, st.Verified, "verified")
-				require.Zero(t, st.DuplicatePages)
+				require.Zero(t, st.RedundantPages)
 				require.Zero(t, st.MismatchedPages)
 				require.Zero(t, st.IntegrityErrors, "guest saw a page without its marker")
 				require.Equal(t, uint64(512), st.ZeroPages, "pre-copy never re-sends the untouched zero tail")

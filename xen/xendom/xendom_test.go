@@ -156,7 +156,7 @@ func (r *rig) requireSound(t *testing.T) {
 	require.NoError(t, r.derr)
 	<-r.vcpuDone
 	require.True(t, r.st.Verified)
-	require.Zero(t, r.st.DuplicatePages)
+	require.Zero(t, r.st.RedundantPages)
 }
 
 func (r *rig) destDom(t *testing.T) *fdom {
@@ -220,7 +220,7 @@ func TestPostcopyMigrationEndToEnd(t *testing.T) {
 	require.Greater(t, writes(), 0, "the source guest wrote nothing before suspending")
 
 	require.True(t, r.st.Verified)
-	require.Zero(t, r.st.DuplicatePages)
+	require.Zero(t, r.st.RedundantPages)
 	require.Equal(t, uint64(len(r.srcRAM())), r.st.PagesSent, "every RAM page exactly once")
 	require.NotNil(t, r.src.snapshot, "the source guest never suspended")
 

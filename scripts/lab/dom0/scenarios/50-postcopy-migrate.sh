@@ -57,7 +57,8 @@ pc_migrate() {
 	_kv="wall_s=$_wall watched_downtime_ms=${_dt:-none} downtime_ms=$(jget "$_j" downtime_ms) total_ms=$(jget "$_j" total_time_ms)"
 	_kv="$_kv bytes=$(jget "$_j" total_bytes) pages=$(jget "$_j" pages) pages_sent=$(jget "$_j" pages_sent)"
 	_kv="$_kv core_pages=$(jget "$_j" core_pages) network_faults=$(jget "$_j" network_faults) faults=$(jget "$_j" faults)"
-	_kv="$_kv duplicate_pages=$(jget "$_j" duplicate_pages) verified=$(jget "$_j" verified) seq_before=$_seq0"
+	_kv="$_kv resent_pages=$(jget "$_j" resent_pages) redundant_pages=$(jget "$_j" redundant_pages) verified=$(jget "$_j" verified)"
+	_kv="$_kv verified_from=$(jget "$_j" verified_from) verified_pages=$(jget "$_j" verified_pages) guest_written_pages=$(jget "$_j" guest_written_pages) seq_before=$_seq0"
 	_kv="$_kv ram_pages=$(jget2 "$_j" ram_pages) page_table_pages=$(jget2 "$_j" page_table_pages) per_cpu_pages=$(jget2 "$_j" per_cpu_pages)"
 	_kv="$_kv suspend_ms=$(jget2 "$_j" suspend_ms) balloon_released_kb=$(jget2 "$_j" released_kb)"
 	_kv="$_kv resident_hint=$(jget2 "$_j" resident_hint) hint_stale=$(jget2 "$_j" hint_stale) hint_missed=$(jget2 "$_j" hint_missed)"
@@ -66,7 +67,8 @@ pc_migrate() {
 		pc_dump "$_l"
 		return 1
 	fi
-	if [ "$(jget "$_j" verified)" != true ] || [ "$(jget "$_j" duplicate_pages)" != 0 ]; then
+	if [ "$(jget "$_j" verified)" != true ] || [ "$(jget "$_j" verified_from)" != memory ] ||
+		[ "$(jget "$_j" resent_pages)" != 0 ] || [ "$(jget "$_j" redundant_pages)" != 0 ]; then
 		lab_result "postcopy-$_l" FAIL reason=unsound-stats $_kv
 		return 1
 	fi
