@@ -19,7 +19,11 @@ const DefaultProgressTimeout = 60 * time.Second
 // liveness sends keepalives on a stream and watches that records come
 // back from the peer.
 type liveness struct {
-	last    atomic.Int64 // unix nanoseconds of the latest record from the peer
+	last atomic.Int64 // unix nanoseconds of the latest record from the peer
+	// idle > 0 while this side is not reading the peer's stream (busy
+	// with local work: creating the domain, reading its memory back):
+	// records wait in the socket then, and silence means nothing.
+	idle    atomic.Int32
 	timeout time.Duration
 	stop    chan struct{}
 	once    sync.Once
@@ -43,6 +47,10 @@ func startLiveness(timeout time.Duration, send func() error, dead func(error)) *
 				dead(fmt.Errorf("send keepalive: %w", err))
 				return
 			}
+			if l.idle.Load() > 0 {
+				l.heard()
+				continue
+			}
 			if since := time.Since(time.Unix(0, l.last.Load())); since > timeout {
 				dead(fmt.Errorf("no record from the peer for %v (limit %v): the link is down, or the peer is stopped or too slow", since.Round(time.Second), timeout))
 				return
@@ -53,6 +61,13 @@ func startLiveness(timeout time.Duration, send func() error, dead func(error)) *
 }
 
 func (l *liveness) heard() { l.last.Store(time.Now().UnixNano()) }
+
+// busy marks local work during which the peer's stream is not read;
+// the returned function ends it.
+func (l *liveness) busy() func() {
+	l.idle.Add(1)
+	return func() { l.heard(); l.idle.Add(-1) }
+}
 
 func (l *liveness) close() { l.once.Do(func() { close(l.stop) }) }
 

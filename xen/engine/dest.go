@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"net"
+	"os"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -227,7 +229,11 @@ func (d *dest) run() (*DestStats, error) {
 	d.faultAt = map[uint64]time.Time{}
 	d.crc = make([]uint32, n)
 	d.zeroCRC = crc32.Checksum(make([]byte, d.hdr.PageSize), castagnoli)
+	// Creating the domain takes minutes under emulation; the source's
+	// keepalives wait in the socket meanwhile.
+	done := d.alive.busy()
 	dom, err := d.factory(d.hdr)
+	done()
 	if err != nil {
 		// Nothing to close: a factory that fails removes what it made
 		// (and may return a typed nil, which must not be called).
@@ -237,6 +243,7 @@ func (d *dest) run() (*DestStats, error) {
 	d.dom = dom
 	d.mu.Unlock()
 	if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeCreated) }); err != nil {
+		err = d.rootCause(err)
 		d.fail(err)
 		_ = d.dom.Destroy()
 		return nil, fmt.Errorf("domain %q created but the source is gone, destroyed it: %w", d.hdr.Name, err)
@@ -368,7 +375,10 @@ func (d *dest) run() (*DestStats, error) {
 		return failAfterResume(fmt.Errorf("source sent %d checksums for %d pages", len(table), n))
 	}
 	// Every page was sent; wait until the fault replies still in flight
-	// on the urgent connection have landed.
+	// on the urgent connection have landed. The bulk stream carries only
+	// the source's keepalives from here: go on reading them, so that a
+	// source gone now is noticed.
+	go d.drainKeepalives(r)
 	select {
 	case <-d.allIn:
 	case <-d.failC:
@@ -395,7 +405,8 @@ func (d *dest) run() (*DestStats, error) {
 	verifyStart := time.Now()
 	if rb, ok := d.dom.(ReadBacker); ok {
 		var err error
-		if back, written, err = d.readBack(rb); err != nil {
+		back, written, err = d.readBack(rb)
+		if err != nil {
 			return failAfterResume(fmt.Errorf("read the destination's memory back: %w", err))
 		}
 	}
@@ -594,6 +605,31 @@ func (d *dest) placed(keep []Page, keepCRC []uint32) {
 	d.mu.Unlock()
 	if complete {
 		d.closeAllIn()
+	}
+}
+
+// drainKeepalives reads the bulk stream after the source's last DONE:
+// only keepalives may come, until the ACK ends the migration.
+func (d *dest) drainKeepalives(r *wire.Reader) {
+	for {
+		rec, err := r.Next()
+		if err != nil {
+			select {
+			case <-d.failC: // ended here: nothing more to report
+			default:
+				// EOF or a closed connection: the source, or this side,
+				// ended the stream after the ACK.
+				if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
+					d.fail(fmt.Errorf("bulk connection: %w", err))
+				}
+			}
+			return
+		}
+		d.alive.heard()
+		if rec.Type != wire.TypeKeepalive {
+			d.fail(fmt.Errorf("unexpected %v record after the last checksums", rec.Type))
+			return
+		}
 	}
 }
 

@@ -459,3 +459,25 @@ func TestVerifiedReadsTheDestinationBack(t *testing.T) {
 		})
 	}
 }
+
+// slowFactory creates its domain for longer than the progress timeout:
+// the source is not silent meanwhile, the destination is busy.
+func TestSlowDomainCreationIsNotSilence(t *testing.T) {
+	src := newMemSource(256, 0)
+	dst := newMemDest([]uint64{5})
+	a1, a2, b1, b2 := conns(t)
+	var derr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, derr = RunDest(context.Background(), b1, b2, func(*wire.DomainHeader) (Dest, error) {
+			time.Sleep(1500 * time.Millisecond)
+			return &backDest{memDest: dst, corrupt: 1 << 40}, nil
+		}, DestOptions{ProgressTimeout: 400 * time.Millisecond})
+	}()
+	st, err := RunSource(context.Background(), src, a1, a2, Options{Mode: wire.ModePostcopy, ProgressTimeout: 400 * time.Millisecond})
+	<-done
+	require.NoError(t, err)
+	require.NoError(t, derr)
+	require.True(t, st.Verified)
+}

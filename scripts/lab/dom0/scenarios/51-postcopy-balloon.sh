@@ -6,9 +6,12 @@
 #      pages back between the source's page listing and the pause; the pause's page set
 #      must drop them (dropped_pages > 0), none may be read or sent (unreadable_reads = 0,
 #      xen.unreadable_pages = 0: the old code sent such pages as zeroes);
-#   2. `xl mem-set` on the destination right after the resume: the guest gives back pages
-#      that are still arriving (DROP_PAGE races the push; a load finds the gfn gone); the
-#      receiver must go on (guest_dropped_pages counts them).
+#   2. `xl mem-set` on the destination right after the resume (xl create set its target to
+#      the config's 128 MiB, which the guest follows at resume; 104 MiB takes 24 MiB back):
+#      the guest gives back pages that are still arriving (Linux scrubs a page before it
+#      gives it back, so most are fetched first; a load that finds the gfn gone, or a
+#      DROP_PAGE, counts in guest_dropped_pages); the receiver must go on. (88 MiB OOM-killed
+#      the workload: the guest's kernel needs ~46 MiB.)
 # Then: exit 0, verified, the guest's counter continues with errors=0.
 # lab-timeout: 900
 # shellcheck source-path=SCRIPTDIR source=../lab-lib.sh
@@ -57,8 +60,8 @@ if wait_line 'xen-dest: new domain' 300; then
 fi
 # 2. Right after the resume, while most pages are still to come.
 if wait_line 'resumed received' 300; then
-	xl mem-set "$n--incoming" 88 && moved2=yes
-	lab_log "postcopy-balloon: destination balloon moved to 88 MiB after the resume"
+	xl mem-set "$n--incoming" 104 && moved2=yes
+	lab_log "postcopy-balloon: destination balloon moved to 104 MiB after the resume"
 fi
 wait "$mpid"
 rc=$?
