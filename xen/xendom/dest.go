@@ -1,7 +1,6 @@
 package xendom
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -112,8 +111,8 @@ func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
 	if h.PageSize != PageSize {
 		return nil, fmt.Errorf("stream has %d-byte pages, Xen x86 uses %d", h.PageSize, PageSize)
 	}
-	var cfg DomainConfig
-	if err := json.Unmarshal(h.Config, &cfg); err != nil {
+	cfg, err := decodeDomainConfig(h.Config, h.NumPages)
+	if err != nil {
 		return nil, fmt.Errorf("domain configuration in the stream: %w", err)
 	}
 	gfns, err := fromRanges(cfg.GFNs, h.NumPages)
@@ -706,8 +705,8 @@ func (d *Dest) ReadFaults(dst []uint64) ([]uint64, error) {
 // connection against this domain, whose store and console pages and
 // event channels are the ones xl set up here.
 func (d *Dest) Resume(core []byte) error {
-	var cs coreState
-	if err := json.Unmarshal(core, &cs); err != nil {
+	cs, err := decodeCoreState(core)
+	if err != nil {
 		return fmt.Errorf("core state: %w", err)
 	}
 	if err := d.evictLateResident(); err != nil {
