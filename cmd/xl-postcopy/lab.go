@@ -37,6 +37,8 @@ type labFlags struct {
 	maxRounds         int
 	debug             bool
 	record, recordInt time.Duration
+	progressTO        time.Duration // engine: silence of the peer before giving up
+	controlTO         time.Duration // each control call to a lab guest process
 
 	// Filled by check: the parsed sizes in bytes.
 	checked                bool
@@ -73,6 +75,8 @@ func (f *labFlags) register(fs *pflag.FlagSet) {
 	fs.IntVar(&f.maxRounds, "max-rounds", 5, "pre-copy: most rounds before stop-and-copy (libxc's default is 5)")
 	fs.DurationVar(&f.record, "record", time.Second, "pre-record policies: longest recording of the trajectory before the switchover (ends early once the trajectory converges)")
 	fs.DurationVar(&f.recordInt, "record-interval", 20*time.Millisecond, "pre-record policies: dirty-log sampling interval")
+	fs.DurationVar(&f.progressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the other side after this long without a record from it (both send keepalives)")
+	fs.DurationVar(&f.controlTO, "control-timeout", lab.DefaultControlTimeout, "limit for each control call to a lab guest process (a stopped guest fails it)")
 	fs.BoolVar(&f.debug, "debug", false, "print the engine's switchover timings to stderr")
 }
 
@@ -123,7 +127,7 @@ func (f *labFlags) check(workloadFlag string, workloads ...string) error {
 	for _, d := range []struct {
 		flag string
 		v    time.Duration
-	}{{"warmup", f.warmup}, {"after", f.after}, {"record", f.record}} {
+	}{{"warmup", f.warmup}, {"after", f.after}, {"record", f.record}, {"progress-timeout", f.progressTO}, {"control-timeout", f.controlTO}} {
 		if err := checkDuration(d.flag, d.v, time.Millisecond, maxLabDuration); err != nil {
 			return err
 		}
@@ -162,7 +166,8 @@ func (f *labFlags) domain(workload string) (lab.Config, error) {
 	if workload == "trace" {
 		spec.TraceFile = f.traceFile
 	}
-	cfg := lab.Config{Name: "lab-" + workload, Pages: f.memB / labPageSize, Zero: f.freeB / labPageSize, VCPUs: f.vcpus, Workload: spec}
+	cfg := lab.Config{Name: "lab-" + workload, Pages: f.memB / labPageSize, Zero: f.freeB / labPageSize, VCPUs: f.vcpus, Workload: spec,
+		ControlTimeout: f.controlTO}
 	if err := cfg.Validate(); err != nil {
 		return cfg, usagef("%v", err)
 	}
@@ -182,7 +187,7 @@ func (f *labFlags) engine(mode wire.Mode, policy string) (engine.Options, error)
 	return engine.Options{
 		Logf: logf, Mode: mode, Prepaging: policy, BatchPages: f.batch, WindowBytes: int(f.winB),
 		Policy: prepage.Options{Pivots: f.pivots}, HybridRounds: f.hybridRnd, MaxRounds: f.maxRounds,
-		Record: f.record, RecordInterval: f.recordInt,
+		Record: f.record, RecordInterval: f.recordInt, ProgressTimeout: f.progressTO,
 	}, nil
 }
 

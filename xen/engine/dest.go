@@ -552,10 +552,22 @@ func (d *dest) place(b *wire.PageBatch) error {
 }
 
 // copyPages copies pages whose data aliases a record buffer.
+// The copies share one buffer, in order, as pages of one record do
+// (a backend may place adjacent pages with one copy).
 func copyPages(pages []Page) []Page {
+	n := 0
+	for _, p := range pages {
+		n += len(p.Data)
+	}
+	buf := make([]byte, 0, n)
 	out := make([]Page, len(pages))
 	for i, p := range pages {
-		out[i] = Page{PFN: p.PFN, Data: slices.Clone(p.Data)}
+		out[i].PFN = p.PFN
+		if p.Data != nil {
+			start := len(buf)
+			buf = append(buf, p.Data...)
+			out[i].Data = buf[start:len(buf):len(buf)]
+		}
 	}
 	return out
 }

@@ -123,7 +123,7 @@ type guest struct {
 	integrity atomic.Uint64
 
 	wp *uffd.UFFD // source: write-protect tracking
-	mf *uffd.UFFD // dest: missing-page faults (handed to the parent)
+	mf *uffd.UFFD // dest: missing-page faults and write tracking (handed to the parent)
 }
 
 func newGuest(cfg guestConfig) (*guest, error) {
@@ -146,12 +146,16 @@ func newGuest(cfg guestConfig) (*guest, error) {
 	case "source":
 		g.fill()
 	case "dest":
-		u, err := uffd.Open(0)
+		// MISSING: the parent serves the faults. WP with WP_ASYNC: the
+		// parent places every page write-protected, so that the guest's
+		// first write to it is recorded (PAGEMAP_SCAN) and the migration
+		// can be verified from this memory (Dest.ReadBack).
+		u, err := uffd.Open(uffd.FeatureWPAsync | uffd.FeatureWPUnpopulated)
 		if err != nil {
-			return nil, fmt.Errorf("userfaultfd: %w", err)
+			return nil, fmt.Errorf("userfaultfd with write-protect tracking (Linux ≥ 6.7): %w", err)
 		}
-		if err := u.Register(uintptr(g.base), uintptr(size), uffd.RegisterMissing); err != nil {
-			return nil, fmt.Errorf("register guest memory for missing faults: %w", err)
+		if err := u.Register(uintptr(g.base), uintptr(size), uffd.RegisterMissing|uffd.RegisterWP); err != nil {
+			return nil, fmt.Errorf("register guest memory for missing faults and write tracking: %w", err)
 		}
 		g.mf = u
 	default:

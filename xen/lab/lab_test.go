@@ -35,6 +35,7 @@ func TestLabMigrateModes(t *testing.T) {
 				require.NoError(t, err)
 				st := res.Stats
 				require.True(t, st.Verified, "verified")
+				require.Equal(t, "memory", st.VerifiedFrom, "verified from the destination's memory")
 				require.Zero(t, st.RedundantPages)
 				require.Zero(t, st.MismatchedPages)
 				require.Zero(t, st.IntegrityErrors, "guest saw a page without its marker")

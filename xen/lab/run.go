@@ -102,7 +102,7 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 				return nil, err
 			}
 			return d, nil
-		}, engine.DestOptions{})
+		}, engine.DestOptions{ProgressTimeout: rc.Engine.ProgressTimeout})
 		if err != nil {
 			// A source still waiting on the streams sees the end.
 			c1.Close()

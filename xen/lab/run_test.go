@@ -3,10 +3,13 @@ package lab
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/require"
 
@@ -55,4 +58,29 @@ func TestLabOutcomeSaysWhatTheLabDid(t *testing.T) {
 	require.NotContains(t, before.Error(), "still runs")
 	require.Contains(t, before.Error(), "until this command ended it")
 	require.Nil(t, labOutcome(nil))
+}
+
+// A lab guest stopped with SIGSTOP fails the next control call after the
+// control timeout instead of hanging the tool.
+func TestStoppedGuestFailsControlCalls(t *testing.T) {
+	cfg := smallDomain("zipf")
+	cfg.ControlTimeout = 300 * time.Millisecond
+	src, err := StartSource(cfg)
+	require.NoError(t, err)
+	defer src.g.kill()
+	require.NoError(t, syscall.Kill(src.g.pid, syscall.SIGSTOP))
+	defer syscall.Kill(src.g.pid, syscall.SIGCONT)
+	// Stopped once /proc says so (signal delivery is asynchronous).
+	require.Eventually(t, func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", src.g.pid))
+		if err != nil {
+			return false
+		}
+		f := strings.Fields(string(b)[strings.LastIndexByte(string(b), ')')+1:])
+		return len(f) > 0 && f[0] == "T"
+	}, 5*time.Second, 5*time.Millisecond)
+	start := time.Now()
+	_, err = src.Report()
+	require.ErrorContains(t, err, "did not answer")
+	require.Less(t, time.Since(start), 10*time.Second)
 }

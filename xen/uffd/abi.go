@@ -173,6 +173,7 @@ const (
 // Mode bits of the range ioctls.
 const (
 	copyModeDontwake     = 1 << 0 // UFFDIO_COPY_MODE_DONTWAKE
+	copyModeWP           = 1 << 1 // UFFDIO_COPY_MODE_WP: place the pages write-protected
 	zeropageModeDontwake = 1 << 0 // UFFDIO_ZEROPAGE_MODE_DONTWAKE
 	writeprotectModeWP   = 1 << 0 // UFFDIO_WRITEPROTECT_MODE_WP
 	pmScanWPMatching     = 1 << 0 // PM_SCAN_WP_MATCHING: write-protect what matched

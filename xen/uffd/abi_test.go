@@ -58,6 +58,7 @@ func goABI() map[string]uint64 {
 		"UFFDIO_REGISTER_MODE_WP":       RegisterWP,
 		"UFFDIO_REGISTER_MODE_MINOR":    RegisterMinor,
 		"UFFDIO_COPY_MODE_DONTWAKE":     copyModeDontwake,
+		"UFFDIO_COPY_MODE_WP":           copyModeWP,
 		"UFFDIO_ZEROPAGE_MODE_DONTWAKE": zeropageModeDontwake,
 		"UFFDIO_WRITEPROTECT_MODE_WP":   writeprotectModeWP,
 		"PM_SCAN_WP_MATCHING":           pmScanWPMatching,
@@ -65,6 +66,7 @@ func goABI() map[string]uint64 {
 		"PAGE_IS_WPALLOWED":             PageIsWPAllowed,
 		"PAGE_IS_WRITTEN":               PageIsWritten,
 		"PAGE_IS_PRESENT":               PageIsPresent,
+		"PAGE_IS_PFNZERO":               PageIsPFNZero,
 
 		"sizeof(struct uffd_msg)":                   uffdMsgSize,
 		"sizeof(struct uffdio_api)":                 uint64(unsafe.Sizeof(uffdioAPI{})),
@@ -164,6 +166,7 @@ int main(void) {
 	P(UFFDIO_REGISTER_MODE_MINOR);
 #endif
 	P(UFFDIO_COPY_MODE_DONTWAKE); P(UFFDIO_ZEROPAGE_MODE_DONTWAKE); P(UFFDIO_WRITEPROTECT_MODE_WP);
+	P(UFFDIO_COPY_MODE_WP);
 	S(struct uffd_msg); S(struct uffdio_api); S(struct uffdio_register); S(struct uffdio_copy);
 	S(struct uffdio_zeropage); S(struct uffdio_writeprotect);
 	O(uffd_msg, arg.pagefault.flags); O(uffd_msg, arg.pagefault.address); O(uffd_msg, arg.pagefault.feat);
@@ -171,7 +174,7 @@ int main(void) {
 	O(uffdio_register, ioctls);
 #ifdef PAGEMAP_SCAN
 	P(PAGEMAP_SCAN); P(PM_SCAN_WP_MATCHING); P(PM_SCAN_CHECK_WPASYNC);
-	P(PAGE_IS_WPALLOWED); P(PAGE_IS_WRITTEN); P(PAGE_IS_PRESENT);
+	P(PAGE_IS_WPALLOWED); P(PAGE_IS_WRITTEN); P(PAGE_IS_PRESENT); P(PAGE_IS_PFNZERO);
 	S(struct pm_scan_arg); S(struct page_region);
 	O(pm_scan_arg, walk_end); O(pm_scan_arg, vec); O(pm_scan_arg, return_mask);
 #endif

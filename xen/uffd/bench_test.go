@@ -13,30 +13,79 @@ import (
 // sizes (pages per ioctl); MB/s is the placement throughput of the
 // destination side. No thread waits on the pages, so this is the copy and
 // page-table cost alone; the region is zapped with MADV_DONTNEED (timer
-// stopped) whenever it is full.
+// stopped) whenever it is full. The wp/ cases are the lab destination's
+// placement: CopyWP into memory registered MISSING|WP with WP_ASYNC.
 func BenchmarkCopy(b *testing.B) {
-	for _, batch := range []int{1, 16, 64, 512} {
-		b.Run(fmt.Sprintf("pages=%d", batch), func(b *testing.B) {
-			benchPlace(b, batch, func(u *UFFD, dst uintptr, src []byte) error { return u.Copy(dst, src, true) })
-		})
-	}
-}
-
-// BenchmarkZeroPage is BenchmarkCopy for UFFDIO_ZEROPAGE.
-func BenchmarkZeroPage(b *testing.B) {
-	for _, batch := range []int{1, 512} {
-		b.Run(fmt.Sprintf("pages=%d", batch), func(b *testing.B) {
-			benchPlace(b, batch, func(u *UFFD, dst uintptr, src []byte) error {
-				return u.ZeroPage(dst, uintptr(len(src)), true)
+	for _, wp := range []bool{false, true} {
+		for _, batch := range []int{1, 16, 64, 512} {
+			name := fmt.Sprintf("pages=%d", batch)
+			copyFn := (*UFFD).Copy
+			if wp {
+				name, copyFn = "wp/"+name, (*UFFD).CopyWP
+			}
+			b.Run(name, func(b *testing.B) {
+				benchPlace(b, batch, wp, func(u *UFFD, _ *Pagemap, dst uintptr, src []byte) error { return copyFn(u, dst, src, true) })
 			})
-		})
+		}
 	}
 }
 
-func benchPlace(b *testing.B, batch int, place func(*UFFD, uintptr, []byte) error) {
+// BenchmarkZeroPage is BenchmarkCopy for UFFDIO_ZEROPAGE. The wp/ cases
+// are the lab destination's zero pages: before the resume ZeroPage then
+// WriteProtect; once the guest runs (wp-running/) ZeroPage without waking,
+// WriteProtect, a PAGEMAP_SCAN for pages written in between, then Wake.
+func BenchmarkZeroPage(b *testing.B) {
+	zero := func(u *UFFD, _ *Pagemap, dst uintptr, src []byte) error {
+		return u.ZeroPage(dst, uintptr(len(src)), true)
+	}
+	zeroWP := func(u *UFFD, _ *Pagemap, dst uintptr, src []byte) error {
+		if err := u.ZeroPage(dst, uintptr(len(src)), true); err != nil {
+			return err
+		}
+		return u.WriteProtect(dst, uintptr(len(src)), true)
+	}
+	zeroRunning := func(u *UFFD, pm *Pagemap, dst uintptr, src []byte) error {
+		n := uintptr(len(src))
+		if err := u.ZeroPage(dst, n, false); err != nil {
+			return err
+		}
+		if err := u.WriteProtect(dst, n, true); err != nil {
+			return err
+		}
+		regs, err := pm.Scan(dst, dst+n, PageIsPFNZero, 0, nil)
+		if err != nil {
+			return err
+		}
+		if len(regs) != 0 {
+			return fmt.Errorf("zero pages written: %v", regs)
+		}
+		return u.Wake(dst, n)
+	}
+	for _, c := range []struct {
+		name  string
+		wp    bool
+		place func(*UFFD, *Pagemap, uintptr, []byte) error
+	}{{"", false, zero}, {"wp/", true, zeroWP}, {"wp-running/", true, zeroRunning}} {
+		for _, batch := range []int{1, 512} {
+			b.Run(fmt.Sprintf("%spages=%d", c.name, batch), func(b *testing.B) {
+				benchPlace(b, batch, c.wp, c.place)
+			})
+		}
+	}
+}
+
+func benchPlace(b *testing.B, batch int, wp bool, place func(*UFFD, *Pagemap, uintptr, []byte) error) {
 	const regionPages = 16384 // 64 MiB
 	ps := PageSize()
-	u, mem, base := newMissing(b, regionPages)
+	var u *UFFD
+	var pm *Pagemap
+	var mem []byte
+	var base uintptr
+	if wp {
+		u, pm, mem, base = newMissingWP(b, regionPages)
+	} else {
+		u, mem, base = newMissing(b, regionPages)
+	}
 	src := make([]byte, batch*ps)
 	for i := range src {
 		src[i] = byte(i*31 + 1)
@@ -53,7 +102,7 @@ func benchPlace(b *testing.B, batch int, place func(*UFFD, uintptr, []byte) erro
 			next = 0
 			b.StartTimer()
 		}
-		if err := place(u, base+uintptr(next*ps), src); err != nil {
+		if err := place(u, pm, base+uintptr(next*ps), src); err != nil {
 			b.Fatal(err)
 		}
 		next += batch

@@ -12,6 +12,11 @@
 //     FeatureWPUnpopulated is write-protected once; the kernel then resolves
 //     write faults itself and only records "written" in the page table, and
 //     Pagemap.ScanWritten reads (and re-arms) that record for any process.
+//   - Both at once (verifying the destination): a region registered in
+//     MISSING and WP modes on a WP_ASYNC userfaultfd, whose pages are placed
+//     write-protected (CopyWP; zero pages with ZeroPage then WriteProtect,
+//     UFFDIO_ZEROPAGE having no WP mode), records the first write to each
+//     placed page; MISSING faults are delivered as before.
 //
 // # The Go scheduler pitfall, and why the memory lives in a child process
 //

@@ -75,6 +75,30 @@ func (p *Pagemap) Close() error {
 // opened with FeatureWPAsync|FeatureWPUnpopulated (PM_SCAN_CHECK_WPASYNC: the
 // scan fails with EPERM otherwise). Unmapped holes in the range are skipped.
 func (p *Pagemap) ScanWritten(start, end uintptr, clean bool, out []Region) ([]Region, error) {
+	flags := uint64(pmScanCheckWPAsync)
+	if clean {
+		flags |= pmScanWPMatching
+	}
+	return p.scan(start, end, flags, PageIsWritten, PageIsWritten, out)
+}
+
+// Scan appends to out the runs of pages in [start, end) whose page
+// categories (PageIs* bits), restricted to mask, equal want, in address
+// order with adjacent runs merged; e.g. mask PageIsPFNZero and want 0 finds
+// the pages not mapped to the shared zero page. It changes nothing and
+// works on any memory. Unmapped holes have the categories the kernel gives
+// them: none, or on WP_ASYNC-tracked memory PageIsWPAllowed|PageIsWritten
+// (measured on Linux 6.18, see TestWPAsyncOnMissingMemory).
+func (p *Pagemap) Scan(start, end uintptr, mask, want uint64, out []Region) ([]Region, error) {
+	if mask == 0 {
+		return out, errors.New("PAGEMAP_SCAN: empty category mask")
+	}
+	return p.scan(start, end, 0, mask, want&mask, out)
+}
+
+// scan runs PAGEMAP_SCAN over [start, end) for the pages whose categories
+// under mask equal want, looping until the walk reaches end.
+func (p *Pagemap) scan(start, end uintptr, flags, mask, want uint64, out []Region) ([]Region, error) {
 	if start%pageSize != 0 || end%pageSize != 0 || end < start {
 		return out, fmt.Errorf("PAGEMAP_SCAN: range [%#x,%#x) is not page-aligned", start, end)
 	}
@@ -83,20 +107,17 @@ func (p *Pagemap) ScanWritten(start, end uintptr, clean bool, out []Region) ([]R
 	if p.fd < 0 {
 		return out, fmt.Errorf("PAGEMAP_SCAN on pid %d: %w", p.pid, ErrClosed)
 	}
-	flags := uint64(pmScanCheckWPAsync)
-	if clean {
-		flags |= pmScanWPMatching
-	}
 	for cur := uint64(start); cur < uint64(end); {
 		arg := pmScanArg{
-			size:         pmScanArgLen,
-			flags:        flags,
-			start:        cur,
-			end:          uint64(end),
-			vec:          unsafe.Pointer(&p.vec[0]),
-			vecLen:       uint64(len(p.vec)),
-			categoryMask: PageIsWritten,
-			returnMask:   PageIsWritten,
+			size:             pmScanArgLen,
+			flags:            flags,
+			start:            cur,
+			end:              uint64(end),
+			vec:              unsafe.Pointer(&p.vec[0]),
+			vecLen:           uint64(len(p.vec)),
+			categoryInverted: mask &^ want,
+			categoryMask:     mask,
+			returnMask:       mask,
 		}
 		r, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(p.fd), ioctlPagemapScan, uintptr(unsafe.Pointer(&arg)))
 		if errno != 0 {

@@ -293,9 +293,22 @@ func (u *UFFD) fill(op string, dst, length uintptr, wake bool, step func(off uin
 // already present keep their contents and yield an error matching ErrExist
 // after the rest is copied.
 func (u *UFFD) Copy(dst uintptr, src []byte, wake bool) error {
-	var mode uint64
+	return u.copy(dst, src, 0, wake)
+}
+
+// CopyWP is Copy with UFFDIO_COPY_MODE_WP: the pages are placed
+// write-protected, in the same page-table update that maps them, so no
+// write can reach them unprotected. The range must be registered with
+// RegisterWP (as well as RegisterMissing); with FeatureWPAsync the first
+// write to each page is then recorded for Pagemap.ScanWritten, exactly as
+// after WriteProtect.
+func (u *UFFD) CopyWP(dst uintptr, src []byte, wake bool) error {
+	return u.copy(dst, src, copyModeWP, wake)
+}
+
+func (u *UFFD) copy(dst uintptr, src []byte, mode uint64, wake bool) error {
 	if !wake {
-		mode = copyModeDontwake
+		mode |= copyModeDontwake
 	}
 	if len(src) == 0 {
 		return checkRange("UFFDIO_COPY", dst, 0)
@@ -315,7 +328,13 @@ func (u *UFFD) Copy(dst uintptr, src []byte, wake bool) error {
 }
 
 // ZeroPage maps zero pages on [dst, dst+length) with UFFDIO_ZEROPAGE; same
-// conventions as Copy.
+// conventions as Copy. UFFDIO_ZEROPAGE has no write-protect mode: the zero
+// pages it maps are not protected, and a page already carrying a
+// write-protect marker (WriteProtect on a never-populated page, with
+// FeatureWPUnpopulated) counts as present (ErrExist). To track writes to
+// zero pages, place them without waking, WriteProtect them, then Wake, and
+// look with Pagemap.Scan for pages no longer on the zero page (PageIsPFNZero):
+// those were written in between (a write to a zero page replaces it).
 func (u *UFFD) ZeroPage(dst, length uintptr, wake bool) error {
 	var mode uint64
 	if !wake {
