@@ -19,7 +19,7 @@ import (
 
 // runPair runs one migration of src to the destination the factory makes,
 // with the source's context under the test's control.
-func runPair(t *testing.T, ctx context.Context, src Source, factory Factory, dopt DestOptions) (st *Stats, serr error, ds *DestStats, derr error) {
+func runPair(t *testing.T, ctx context.Context, src Source, factory Factory, dopt DestOptions, opt ...Options) (st *Stats, serr error, ds *DestStats, derr error) {
 	t.Helper()
 	a1, a2, b1, b2 := conns(t)
 	done := make(chan struct{})
@@ -29,7 +29,11 @@ func runPair(t *testing.T, ctx context.Context, src Source, factory Factory, dop
 		defer close(done)
 		ds, derr = RunDest(dctx, b1, b2, factory, dopt)
 	}()
-	st, serr = RunSource(ctx, src, a1, a2, Options{Mode: wire.ModePostcopy, BatchPages: 8, WindowBytes: 64 << 10})
+	o := Options{Mode: wire.ModePostcopy, BatchPages: 8, WindowBytes: 64 << 10}
+	if len(opt) > 0 {
+		o = opt[0]
+	}
+	st, serr = RunSource(ctx, src, a1, a2, o)
 	<-done
 	return
 }
@@ -183,18 +187,8 @@ func TestPageSetChangesInThePause(t *testing.T) {
 			// The guest gave 40, 41, 200 back while pre-copy ran: unreadable.
 			src.unreadable = map[uint64]bool{40: true, 41: true, 200: true}
 			dst := &setDest{memDest: newMemDest([]uint64{100, 300, 11})}
-			a1, a2, b1, b2 := conns(t)
-			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-			defer cancel()
-			var ds *DestStats
-			var derr error
-			done := make(chan struct{})
-			go func() {
-				defer close(done)
-				ds, derr = RunDest(ctx, b1, b2, func(*wire.DomainHeader) (Dest, error) { return dst, nil }, DestOptions{})
-			}()
-			st, err := RunSource(ctx, src, a1, a2, Options{Mode: mode, BatchPages: 8, WindowBytes: 64 << 10, MaxRounds: 2})
-			<-done
+			st, err, ds, derr := runPair(t, context.Background(), src, func(*wire.DomainHeader) (Dest, error) { return dst, nil },
+				DestOptions{}, Options{Mode: mode, BatchPages: 8, WindowBytes: 64 << 10, MaxRounds: 2})
 			require.NoError(t, err)
 			require.NoError(t, derr)
 			require.NotNil(t, ds)
@@ -226,16 +220,8 @@ func TestPageSetChangesInThePause(t *testing.T) {
 func TestUnreadableRAMStopsBeforeGo(t *testing.T) {
 	src := &balloonSource{memSource: newMemSource(256, 0), unreadable: map[uint64]bool{77: true}, reads: map[uint64]int{}}
 	dst := &setDest{memDest: newMemDest(nil)}
-	a1, a2, b1, b2 := conns(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		_, _ = RunDest(ctx, b1, b2, func(*wire.DomainHeader) (Dest, error) { return dst, nil }, DestOptions{})
-	}()
-	_, err := RunSource(ctx, src, a1, a2, Options{Mode: wire.ModeHybrid, BatchPages: 8, WindowBytes: 64 << 10})
-	<-done
+	_, err, _, _ := runPair(t, context.Background(), src, func(*wire.DomainHeader) (Dest, error) { return dst, nil },
+		DestOptions{}, Options{Mode: wire.ModeHybrid, BatchPages: 8, WindowBytes: 64 << 10})
 	requireWhere(t, err, RunsAtSource)
 	require.ErrorContains(t, err, "page 77")
 	require.True(t, src.resumed)

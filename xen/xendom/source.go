@@ -13,6 +13,7 @@ import (
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
 	"github.com/xl-postcopy/xl-postcopy/xen/engine"
 	"github.com/xl-postcopy/xl-postcopy/xen/ptwalk"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
 
 // Backend is the engine.Info.Backend of Xen domains.
@@ -62,12 +63,8 @@ type Range struct {
 
 func toRanges(gfns []uint64) []Range {
 	var r []Range
-	for _, g := range gfns {
-		if n := len(r); n > 0 && r[n-1].First+r[n-1].Count == g {
-			r[n-1].Count++
-			continue
-		}
-		r = append(r, Range{First: g, Count: 1})
+	for _, x := range wire.RangesOf(gfns) {
+		r = append(r, Range{First: x.First, Count: x.Count})
 	}
 	return r
 }
