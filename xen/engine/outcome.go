@@ -18,9 +18,6 @@ const (
 	// PausedAtSource: undoing the migration failed; the domain is paused
 	// at the source with all its memory and nothing runs it elsewhere.
 	PausedAtSource
-	// RunsAtDestination: the destination runs the domain; the source copy
-	// is paused with all its memory until the destination holds every page.
-	RunsAtDestination
 	// AfterGo: the destination may be running the domain (GO was sent);
 	// the source copy is kept paused with all its memory and is never
 	// resumed, so the domain never runs twice.
@@ -33,8 +30,6 @@ func (w Where) String() string {
 		return "runs at the source"
 	case PausedAtSource:
 		return "paused at the source"
-	case RunsAtDestination:
-		return "runs at the destination"
 	case AfterGo:
 		return "source copy paused, destination may run it"
 	}

@@ -58,8 +58,9 @@ func setup(t *testing.T) (*xenstoretest.Server, *xenstore.Client, *xenstore.Clie
 	return s, dom0, guest
 }
 
-// respond plays a minimal daemon: it answers every new request with ack.
-func respond(t *testing.T, guest *xenstore.Client, ack func(nonce string) Ack) {
+// watchRequests runs handle on every value of the request key the guest
+// sees, until the test ends.
+func watchRequests(t *testing.T, guest *xenstore.Client, handle func(ctx context.Context, v string)) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	t.Cleanup(func() { cancel(); <-done })
@@ -74,26 +75,39 @@ func respond(t *testing.T, guest *xenstore.Client, ack func(nonce string) Ack) {
 				return
 			case <-w.Events():
 			}
-			v, err := guest.Read(ctx, Key(KeyRequest))
-			if err != nil {
-				continue
-			}
-			nonce, ok := ParseRequest(v)
-			if !ok {
-				continue
-			}
-			a := ack(nonce)
-			err = guest.Update(ctx, func(tx *xenstore.Tx) error {
-				if err := tx.Write(ctx, Key(KeyReleased), fmt.Sprint(a.ReleasedKB)); err != nil {
-					return err
-				}
-				return tx.Write(ctx, Key(KeyAck), a.String())
-			})
-			if err != nil && ctx.Err() == nil {
-				t.Errorf("responder: %v", err)
+			if v, err := guest.Read(ctx, Key(KeyRequest)); err == nil {
+				handle(ctx, v)
 			}
 		}
 	}()
+}
+
+// answer writes a daemon's answer in one transaction: released_kb, the
+// hold key (if hold is not nil) and the ack.
+func answer(t *testing.T, ctx context.Context, guest *xenstore.Client, a Ack, hold *HoldStatus) {
+	err := guest.Update(ctx, func(tx *xenstore.Tx) error {
+		if err := tx.Write(ctx, Key(KeyReleased), fmt.Sprint(a.ReleasedKB)); err != nil {
+			return err
+		}
+		if hold != nil {
+			if err := tx.Write(ctx, Key(KeyHold), hold.String()); err != nil {
+				return err
+			}
+		}
+		return tx.Write(ctx, Key(KeyAck), a.String())
+	})
+	if err != nil && ctx.Err() == nil {
+		t.Errorf("responder: %v", err)
+	}
+}
+
+// respond plays a minimal daemon: it answers every new request with ack.
+func respond(t *testing.T, guest *xenstore.Client, ack func(nonce string) Ack) {
+	watchRequests(t, guest, func(ctx context.Context, v string) {
+		if nonce, ok := ParseRequest(v); ok {
+			answer(t, ctx, guest, ack(nonce), nil)
+		}
+	})
 }
 
 func TestRequestBalloon(t *testing.T) {
@@ -238,51 +252,22 @@ func TestHoldStatusFormat(t *testing.T) {
 // respondHold plays a daemon that knows balloon-hold: it grants holds,
 // rejects bad ones, and records the hold-end requests it sees.
 func respondHold(t *testing.T, guest *xenstore.Client, ends chan<- string) {
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	t.Cleanup(func() { cancel(); <-done })
-	w, err := guest.Watch(ctx, Key(KeyRequest))
-	require.NoError(t, err)
-	go func() {
-		defer close(done)
-		defer w.Close()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-w.Events():
-			}
-			v, err := guest.Read(ctx, Key(KeyRequest))
-			if err != nil {
-				continue
-			}
-			r, perr := ParseAnyRequest(v)
-			switch {
-			case errors.Is(perr, ErrNotRequest):
-				continue
-			case r.Kind == HoldEnd:
-				ends <- r.Nonce
-				continue
-			}
-			a := Ack{Nonce: r.Nonce, TargetKB: 90112, OK: true, ReleasedKB: 4096}
-			hold := HoldStatus{Nonce: r.Nonce, Held: true, Until: time.Unix(1700000000, 0).Add(r.Hold)}
-			if perr != nil {
-				a, hold = Ack{Nonce: r.Nonce, TargetKB: 131072, Err: perr.Error()}, HoldStatus{}
-			}
-			err = guest.Update(ctx, func(tx *xenstore.Tx) error {
-				if err := tx.Write(ctx, Key(KeyReleased), fmt.Sprint(a.ReleasedKB)); err != nil {
-					return err
-				}
-				if err := tx.Write(ctx, Key(KeyHold), hold.String()); err != nil {
-					return err
-				}
-				return tx.Write(ctx, Key(KeyAck), a.String())
-			})
-			if err != nil && ctx.Err() == nil {
-				t.Errorf("responder: %v", err)
-			}
+	watchRequests(t, guest, func(ctx context.Context, v string) {
+		r, perr := ParseAnyRequest(v)
+		switch {
+		case errors.Is(perr, ErrNotRequest):
+			return
+		case r.Kind == HoldEnd:
+			ends <- r.Nonce
+			return
 		}
-	}()
+		a := Ack{Nonce: r.Nonce, TargetKB: 90112, OK: true, ReleasedKB: 4096}
+		hold := HoldStatus{Nonce: r.Nonce, Held: true, Until: time.Unix(1700000000, 0).Add(r.Hold)}
+		if perr != nil {
+			a, hold = Ack{Nonce: r.Nonce, TargetKB: 131072, Err: perr.Error()}, HoldStatus{}
+		}
+		answer(t, ctx, guest, a, &hold)
+	})
 }
 
 func TestRequestHoldEndHold(t *testing.T) {
