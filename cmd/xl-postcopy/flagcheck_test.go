@@ -125,3 +125,16 @@ func TestMaxLabMem(t *testing.T) {
 	assert.Positive(t, avail)
 	assert.NotEmpty(t, from)
 }
+
+func TestCheckPagingOps(t *testing.T) {
+	for _, ok := range []string{"auto", "per-gfn"} {
+		require.NoError(t, checkPagingOps("paging-ops", ok))
+	}
+	for _, bad := range []string{"", "batched", "PER-GFN", "libxc"} {
+		err := checkPagingOps("dest-paging-ops", bad)
+		require.Error(t, err, bad)
+		assert.True(t, errors.As(err, new(usageError)), "%q: a usage error (exit 2)", bad)
+		assert.Contains(t, err.Error(), "--dest-paging-ops")
+		assert.Contains(t, err.Error(), "want auto or per-gfn")
+	}
+}

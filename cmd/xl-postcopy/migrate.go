@@ -41,6 +41,7 @@ type migrateFlags struct {
 	hold       time.Duration
 	xlTimeout  time.Duration
 	progressTO time.Duration
+	destPaging string
 }
 
 func init() {
@@ -62,6 +63,7 @@ func init() {
 			fs.DurationVar(&f.hold, "balloon-hold", 10*time.Minute, "with --balloon: guest-balloon keeps its target this long at most while the migration runs (the destination ends the hold when the domain is complete)")
 			fs.DurationVar(&f.progressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the other side after this long without a record from it (both sides send keepalives meanwhile); before the switchover the domain then runs on here")
 			fs.DurationVar(&f.xlTimeout, "xl-timeout", xendom.DefaultXLTimeout, "limit for each xl command here and at the destination (xl create of the destination domain, renames, destroy)")
+			fs.StringVar(&f.destPaging, "dest-paging-ops", "auto", "how the destination pages: auto (one hypercall a batch where the hypervisor has scripts/xen-patches/0001-mem-paging-batch.patch, else one a page) or per-gfn (one a page always)")
 			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
 			fs.BoolVar(&f.asJSON, "json", false, "print the statistics as one JSON object on stdout")
 			fs.BoolVar(&f.debug, "debug", false, "print the backend's and the engine's steps to stderr")
@@ -81,6 +83,9 @@ func init() {
 			if f.hybridRnds < 1 {
 				return usagef("--hybrid-rounds %d: must be at least 1", f.hybridRnds)
 			}
+			if err := checkPagingOps("dest-paging-ops", f.destPaging); err != nil {
+				return err
+			}
 			return runMigrate(f, args[0], args[1])
 		},
 	})
@@ -88,6 +93,7 @@ func init() {
 	var listenTok, attachTok string
 	var recvDebug bool
 	var recvXLTimeout, recvProgressTO time.Duration
+	var recvPaging string
 	register(&command{
 		name:    "migrate-receive",
 		args:    "[options]",
@@ -99,6 +105,7 @@ func init() {
 			fs.BoolVar(&recvDebug, "debug", false, "print the backend's steps to stderr")
 			fs.DurationVar(&recvProgressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the source after this long without a record from it")
 			fs.DurationVar(&recvXLTimeout, "xl-timeout", xendom.DefaultXLTimeout, "limit for each xl command (xl create of the new domain, renames, destroy)")
+			fs.StringVar(&recvPaging, "paging-ops", "auto", "auto (batched paging hypercalls where the hypervisor has them) or per-gfn")
 		},
 		run: func(fs *pflag.FlagSet, args []string) error {
 			if len(args) != 0 {
@@ -110,9 +117,20 @@ func init() {
 			if recvXLTimeout <= 0 || recvProgressTO <= 0 {
 				return usagef("--xl-timeout %v, --progress-timeout %v: must be positive durations", recvXLTimeout, recvProgressTO)
 			}
-			return runMigrateReceive(urgentFD, listenTok, recvDebug, recvXLTimeout, recvProgressTO)
+			if err := checkPagingOps("paging-ops", recvPaging); err != nil {
+				return err
+			}
+			return runMigrateReceive(urgentFD, listenTok, recvDebug, recvXLTimeout, recvProgressTO, recvPaging == "per-gfn")
 		},
 	})
+}
+
+// checkPagingOps refuses a --paging-ops value other than auto and per-gfn.
+func checkPagingOps(flag, v string) error {
+	if v != "auto" && v != "per-gfn" {
+		return usagef("--%s %q: want auto or per-gfn", flag, v)
+	}
+	return nil
 }
 
 func debugf(on bool, who string) func(string, ...any) {
@@ -265,6 +283,10 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	}
 	var recv *receiver
 	extra := []string{"--xl-timeout", f.xlTimeout.String(), "--progress-timeout", f.progressTO.String()}
+	if f.destPaging != "auto" {
+		// Only when asked: an older receiver without the flag still works.
+		extra = append(extra, "--paging-ops", f.destPaging)
+	}
 	if f.debug {
 		extra = append(extra, "--debug")
 	}
@@ -403,7 +425,7 @@ func (s stdioConn) Read(b []byte) (int, error)  { return s.r.Read(b) }
 func (s stdioConn) Write(b []byte) (int, error) { return s.w.Write(b) }
 func (s stdioConn) Close() error                { return errors.Join(s.r.Close(), s.w.Close()) }
 
-func runMigrateReceive(urgentFD int, listenTok string, debug bool, xlTimeout, progressTO time.Duration) error {
+func runMigrateReceive(urgentFD int, listenTok string, debug bool, xlTimeout, progressTO time.Duration, perGFN bool) error {
 	logf := debugf(debug, "migrate-receive")
 	if urgentFD < 0 && listenTok == "" {
 		return usagef("migrate-receive needs --urgent-fd or --urgent-listen (it is started by `xl-postcopy migrate`)")
@@ -433,6 +455,7 @@ func runMigrateReceive(urgentFD int, listenTok string, debug bool, xlTimeout, pr
 		return err
 	}
 	defer x.Close()
+	x.SetPerGFN(perGFN)
 	var dest *xendom.Dest
 	inner := xendom.NewFactory(xendom.DestOptions{HV: x, XL: xendom.XL{Timeout: xlTimeout}, Logf: debugf(debug, "xen-dest")})
 	factory := func(h *wire.DomainHeader) (engine.Dest, error) {

@@ -58,6 +58,9 @@ type DestStats struct {
 	SetAdded        uint64  `json:"set_added"`       // populated in the pause: the source's guest took them again
 	SetKeptPaged    uint64  `json:"set_kept_paged"`  // given back at the source while still paged out here: left so
 	AbsentTouched   uint64  `json:"absent_touched"`  // paging requests for gfns the guest had given back: a zero page
+	// PagingOps is how paging reached the hypervisor: "batched" (the ops
+	// of scripts/xen-patches), "per-gfn" (one hypercall a gfn), "libxc".
+	PagingOps string `json:"paging_ops,omitempty"`
 }
 
 // Dest is the domain being received.
@@ -335,68 +338,107 @@ func (d *Dest) reconcile() error {
 }
 
 // evictAll pages out every gfn that will come from the source, before
-// the source even pauses: domain creation is setup, not downtime.
+// the source even pauses: domain creation is setup, not downtime. The gfns
+// go to the hypervisor evictBatch at a time.
 func (d *Dest) evictAll() error {
 	start := time.Now()
+	var todo []uint64
+	for i := range d.gfns {
+		if d.state[i] != stResident && d.state[i] != stAbsent {
+			todo = append(todo, uint64(i))
+		}
+	}
 	var failed []uint64
 	var firstErr error
-	n := 0
-	for i, g := range d.gfns {
-		if d.state[i] == stResident || d.state[i] == stAbsent {
-			continue
+	for at := 0; at < len(todo); at += evictBatch {
+		chunk := todo[at:min(at+evictBatch, len(todo))]
+		f, err := d.pageOutIdx(chunk)
+		failed = append(failed, f...)
+		if err != nil && firstErr == nil {
+			firstErr = err
 		}
-		n++
-		err := d.pageOut(g)
-		if err != nil {
-			failed = append(failed, uint64(i))
-			if firstErr == nil {
-				firstErr = fmt.Errorf("gfn %#x: %w", g, err)
-			}
-		}
-		if i%4096 == 0 {
-			d.opt.Progress("evict", i, len(d.gfns))
-		}
+		d.opt.Progress("evict", at+len(chunk), len(todo))
 	}
 	if len(failed) > 0 {
 		// A page still referenced (a mapping being torn down) is refused
 		// with EBUSY; one more try after a pause.
 		time.Sleep(200 * time.Millisecond)
-		still := failed[:0]
-		for _, i := range failed {
-			g := d.gfns[i]
-			err := d.pageOut(g)
-			if err != nil {
-				still = append(still, i)
-			}
-		}
+		still, _ := d.pageOutIdx(failed)
 		if len(still) > 0 {
 			return fmt.Errorf("page out %d of %d gfns of the new domain failed (first: %v)", len(still), len(d.gfns), firstErr)
 		}
 	}
-	d.opt.Progress("evict", len(d.gfns), len(d.gfns))
+	n := len(todo)
+	d.opt.Progress("evict", n, n)
 	d.mu.Lock()
 	d.stats.Evicted = uint64(n)
 	d.stats.EvictMs = msSince(start)
+	d.stats.PagingOps = d.pagingOps()
 	d.mu.Unlock()
-	d.opt.Logf("paged out %d gfns in %v (%d kept resident for the core pages, %d absent)", n, time.Since(start).Round(time.Millisecond), len(d.gfns)-n-int(d.stats.Absent), d.stats.Absent)
+	d.opt.Logf("paged out %d gfns in %v (%d kept resident for the core pages, %d absent; paging ops %s)", n, time.Since(start).Round(time.Millisecond), len(d.gfns)-n-int(d.stats.Absent), d.stats.Absent, d.stats.PagingOps)
 	return nil
 }
 
-// pageOut nominates and evicts gfn g: a touch will then fault to us.
-func (d *Dest) pageOut(g uint64) error {
-	if err := d.opt.HV.PagingNominate(d.dom, g); err != nil {
-		return err
+// evictBatch is how many gfns one PageOut call takes at setup: the most a
+// batched hypercall takes, and few enough for progress to move.
+const evictBatch = 512
+
+// pagingOps names how the hypervisor pages ("batched", "per-gfn", "libxc"),
+// or "" when it cannot say.
+func (d *Dest) pagingOps() string {
+	if r, ok := d.opt.HV.(PagingOpsReporter); ok {
+		return r.PagingOps()
 	}
-	return d.opt.HV.PagingEvict(d.dom, g)
+	return ""
 }
 
-// Place implements engine.Dest. A paged-out page goes in with one paging
-// hypercall; pages the domain holds (resident, or placed before in a
-// pre-copy round) are written through one foreign mapping per call.
+// pageOutIdx pages out the gfns at the page indexes idx in as few calls as
+// the hypervisor allows, marks them evicted, and returns the indexes that
+// failed with the first error. A failure does not stop the others.
+func (d *Dest) pageOutIdx(idx []uint64) (failed []uint64, firstErr error) {
+	gfns := make([]uint64, len(idx))
+	for i, p := range idx {
+		gfns[i] = d.gfns[p]
+	}
+	for at := 0; at < len(gfns); {
+		done, err := d.opt.HV.PageOut(d.dom, gfns[at:])
+		done = max(0, min(done, len(gfns)-at))
+		d.mu.Lock()
+		for _, p := range idx[at : at+done] {
+			d.state[p] = stEvicted
+		}
+		d.mu.Unlock()
+		at += done
+		if err == nil {
+			if done == 0 && at < len(gfns) {
+				return append(failed, idx[at:]...), fmt.Errorf("page out gfn %#x: the hypervisor did nothing", gfns[at])
+			}
+			continue
+		}
+		if at >= len(gfns) {
+			break
+		}
+		failed = append(failed, idx[at])
+		if firstErr == nil {
+			firstErr = fmt.Errorf("gfn %#x: %w", gfns[at], err)
+		}
+		at++
+	}
+	return failed, firstErr
+}
+
+// Place implements engine.Dest. Paged-out pages go in with as few paging
+// hypercalls as the hypervisor allows (one for all of them with the
+// batched ops); pages the domain holds (resident, or placed before in a
+// pre-copy round) are written through one foreign mapping per call. The
+// faults of every page placed are answered, also when a later one fails.
 func (d *Dest) Place(pages []engine.Page) error {
 	var wake []xenctrl.Request
 	var wIdx, wGFN []uint64
 	var wBuf []byte
+	var lIdx, lGFN []uint64
+	var lBuf []byte
+	inLoad := map[uint64]int{} // page index → its slot in lIdx (a page twice in one call)
 	for _, p := range pages {
 		if p.PFN >= uint64(len(d.gfns)) {
 			return fmt.Errorf("page index %d beyond the domain's %d pages", p.PFN, len(d.gfns))
@@ -420,63 +462,101 @@ func (d *Dest) Place(pages []engine.Page) error {
 		case stAbsent:
 			return fmt.Errorf("page index %d (gfn %#x) holds no memory: nothing may be placed there", p.PFN, g)
 		case stEvicted:
+			if k, ok := inLoad[p.PFN]; ok {
+				copy(lBuf[k*PageSize:(k+1)*PageSize], data)
+				continue
+			}
+			inLoad[p.PFN] = len(lIdx)
+			lIdx, lGFN = append(lIdx, p.PFN), append(lGFN, g)
+			lBuf = append(lBuf, data...)
 		default:
 			wIdx, wGFN = append(wIdx, p.PFN), append(wGFN, g)
 			wBuf = append(wBuf, data...)
-			continue
 		}
-		t0 := time.Now()
-		if err := d.opt.HV.PagingLoad(d.dom, g, data); err != nil {
-			if !errors.Is(err, syscall.ENOENT) {
-				return fmt.Errorf("load gfn %#x: %w", g, err)
-			}
-			// ENOENT: the gfn is no longer paged out — the resumed guest
-			// gave it back (its balloon) and Xen's DROP_PAGE request is
-			// still on the ring, or it populated it again. Either way the
-			// page is not the guest's memory any more.
-			d.mu.Lock()
-			d.state[p.PFN] = stDropped
-			d.stats.DroppedOnLoad++
-			wake = append(wake, d.pending[p.PFN]...)
-			delete(d.pending, p.PFN)
-			d.mu.Unlock()
-			continue
-		}
-		d.mu.Lock()
-		d.stats.LoadMs += msSince(t0)
-		d.stats.Loaded++
-		d.state[p.PFN] = stLoaded
-		wake = append(wake, d.pending[p.PFN]...)
-		delete(d.pending, p.PFN)
-		d.mu.Unlock()
 	}
-	if len(wGFN) > 0 {
-		t0 := time.Now()
-		failed, err := d.opt.HV.WritePages(d.dom, wGFN, wBuf)
-		if err == nil && len(failed) > 0 {
-			err = fmt.Errorf("gfn %#x cannot be mapped", wGFN[failed[0]])
-		}
-		if err != nil {
-			return fmt.Errorf("write %d resident gfns: %w", len(wGFN), err)
-		}
-		d.mu.Lock()
-		d.stats.LoadMs += msSince(t0)
-		for _, i := range wIdx {
-			if d.state[i] == stResident {
-				d.stats.ResidentWritten++
-			} else {
-				d.stats.Overwritten++
-			}
-			d.state[i] = stLoaded
-			wake = append(wake, d.pending[i]...)
-			delete(d.pending, i)
-		}
-		d.mu.Unlock()
+	w, err := d.load(lIdx, lGFN, lBuf)
+	wake = append(wake, w...)
+	if err == nil && len(wGFN) > 0 {
+		w, err = d.write(wIdx, wGFN, wBuf)
+		wake = append(wake, w...)
 	}
 	if len(wake) > 0 {
-		return d.respond(wake)
+		err = errors.Join(err, d.respond(wake))
 	}
-	return nil
+	return err
+}
+
+// load makes the paged-out pages idx (gfns, contents buf) resident and
+// returns the paging requests now to be answered: those of every page
+// loaded, also when a later one failed.
+func (d *Dest) load(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) {
+	var wake []xenctrl.Request
+	for at := 0; at < len(gfns); {
+		t0 := time.Now()
+		done, err := d.opt.HV.LoadPages(d.dom, gfns[at:], buf[at*PageSize:])
+		done = max(0, min(done, len(gfns)-at))
+		d.mu.Lock()
+		d.stats.LoadMs += msSince(t0)
+		d.stats.Loaded += uint64(done)
+		for _, p := range idx[at : at+done] {
+			d.state[p] = stLoaded
+			wake = append(wake, d.pending[p]...)
+			delete(d.pending, p)
+		}
+		d.mu.Unlock()
+		at += done
+		switch {
+		case err == nil && at < len(gfns) && done == 0:
+			return wake, fmt.Errorf("load gfn %#x: the hypervisor did nothing", gfns[at])
+		case err == nil:
+			continue
+		case at >= len(gfns):
+			return wake, fmt.Errorf("load: %w", err)
+		case !errors.Is(err, syscall.ENOENT):
+			return wake, fmt.Errorf("load gfn %#x: %w", gfns[at], err)
+		}
+		// ENOENT: the gfn is no longer paged out — the resumed guest gave
+		// it back (its balloon) and Xen's DROP_PAGE request is still on
+		// the ring, or it populated it again. Either way the page is not
+		// the guest's memory any more.
+		p := idx[at]
+		d.mu.Lock()
+		d.state[p] = stDropped
+		d.stats.DroppedOnLoad++
+		wake = append(wake, d.pending[p]...)
+		delete(d.pending, p)
+		d.mu.Unlock()
+		at++
+	}
+	return wake, nil
+}
+
+// write writes pages the domain holds through one foreign mapping and
+// returns the paging requests now to be answered.
+func (d *Dest) write(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) {
+	t0 := time.Now()
+	failed, err := d.opt.HV.WritePages(d.dom, gfns, buf)
+	if err == nil && len(failed) > 0 {
+		err = fmt.Errorf("gfn %#x cannot be mapped", gfns[failed[0]])
+	}
+	if err != nil {
+		return nil, fmt.Errorf("write %d resident gfns: %w", len(gfns), err)
+	}
+	var wake []xenctrl.Request
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.stats.LoadMs += msSince(t0)
+	for _, i := range idx {
+		if d.state[i] == stResident {
+			d.stats.ResidentWritten++
+		} else {
+			d.stats.Overwritten++
+		}
+		d.state[i] = stLoaded
+		wake = append(wake, d.pending[i]...)
+		delete(d.pending, i)
+	}
+	return wake, nil
 }
 
 // ChangePageSet implements engine.PageSetter: in the pause, gfns the
@@ -564,6 +644,8 @@ func (d *Dest) respond(reqs []xenctrl.Request) error {
 // pre-copy round are paged out again, so that a touch asks for the new
 // version.
 func (d *Dest) Discard(pfns []uint64) error {
+	var out []uint64
+	seen := map[uint64]bool{}
 	for _, p := range pfns {
 		if p >= uint64(len(d.gfns)) {
 			return fmt.Errorf("page index %d beyond the domain's %d pages", p, len(d.gfns))
@@ -571,17 +653,13 @@ func (d *Dest) Discard(pfns []uint64) error {
 		d.mu.Lock()
 		st := d.state[p]
 		d.mu.Unlock()
-		if st == stEvicted {
-			continue
+		if st != stEvicted && !seen[p] {
+			seen[p] = true
+			out = append(out, p)
 		}
-		g := d.gfns[p]
-		err := d.pageOut(g)
-		if err != nil {
-			return fmt.Errorf("page out re-dirtied gfn %#x: %w", g, err)
-		}
-		d.mu.Lock()
-		d.state[p] = stEvicted
-		d.mu.Unlock()
+	}
+	if _, err := d.pageOutIdx(out); err != nil {
+		return fmt.Errorf("page out re-dirtied %w", err)
 	}
 	return nil
 }
@@ -641,7 +719,7 @@ func (d *Dest) ringLoop() {
 				// The guest touched a gfn it gave back before the pause
 				// (left paged out here): nothing comes from the source;
 				// a fresh page is zeroes, as a repopulated one would be.
-				if err := d.opt.HV.PagingLoad(d.dom, req.GFN, d.zero); err != nil && !errors.Is(err, syscall.ENOENT) {
+				if _, err := d.opt.HV.LoadPages(d.dom, []uint64{req.GFN}, d.zero); err != nil && !errors.Is(err, syscall.ENOENT) {
 					d.opt.Logf("zero page for given-back gfn %#x: %v", req.GFN, err)
 				}
 				answer = append(answer, req)
@@ -743,17 +821,12 @@ func (d *Dest) evictLateResident() error {
 		}
 	}
 	d.mu.Unlock()
-	for _, i := range late {
-		g := d.gfns[i]
-		err := d.pageOut(g)
-		if err != nil {
-			return fmt.Errorf("page out resident gfn %#x that the source did not send: %w", g, err)
-		}
-		d.mu.Lock()
-		d.state[i] = stEvicted
-		d.stats.ResidentLate++
-		d.mu.Unlock()
+	if _, err := d.pageOutIdx(late); err != nil {
+		return fmt.Errorf("page out resident %w that the source did not send", err)
 	}
+	d.mu.Lock()
+	d.stats.ResidentLate += uint64(len(late))
+	d.mu.Unlock()
 	if len(late) > 0 {
 		d.opt.Logf("%d resident gfns were not sent before the resume: paged out", len(late))
 	}

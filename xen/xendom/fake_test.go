@@ -106,6 +106,11 @@ type fakeHV struct {
 
 	hvmReads     int // HVM context saves (running or paused domains)
 	writeBatches int // WritePages calls
+	pageOutCalls int // PageOut calls
+	loadCalls    int // LoadPages calls
+	// preemptAt, if > 0, makes PageOut and LoadPages stop after that many
+	// gfns without an error, as a preempted batched hypercall does.
+	preemptAt int
 }
 
 func newFakeHV() *fakeHV {
@@ -506,6 +511,47 @@ func (h *fakeHV) CleanDirty(id uint32, pages uint64, dst []uint64) ([]uint64, er
 	slices.Sort(gs)
 	d.dirty = map[uint64]bool{}
 	return append(dst, gs...), nil
+}
+
+// PageOut pages gfns out one at a time, like the per-gfn path; preemptAt
+// makes it stop early as the batched hypercall does when preempted.
+func (h *fakeHV) PageOut(id uint32, gfns []uint64) (int, error) {
+	h.mu.Lock()
+	h.pageOutCalls++
+	n := len(gfns)
+	if h.preemptAt > 0 {
+		n = min(n, h.preemptAt)
+	}
+	h.mu.Unlock()
+	for i, g := range gfns[:n] {
+		if err := h.PagingNominate(id, g); err != nil {
+			return i, err
+		}
+		if err := h.PagingEvict(id, g); err != nil {
+			return i, err
+		}
+	}
+	return n, nil
+}
+
+// LoadPages loads gfns one at a time, stopping at the first failure.
+func (h *fakeHV) LoadPages(id uint32, gfns []uint64, data []byte) (int, error) {
+	h.mu.Lock()
+	h.loadCalls++
+	n := len(gfns)
+	if h.preemptAt > 0 {
+		n = min(n, h.preemptAt)
+	}
+	h.mu.Unlock()
+	if len(data) < len(gfns)*PageSize {
+		return 0, fmt.Errorf("load %d gfns from %d bytes: %w", len(gfns), len(data), syscall.EINVAL)
+	}
+	for i, g := range gfns[:n] {
+		if err := h.PagingLoad(id, g, data[i*PageSize:(i+1)*PageSize]); err != nil {
+			return i, err
+		}
+	}
+	return n, nil
 }
 
 func (h *fakeHV) PagingNominate(id uint32, g uint64) error {

@@ -13,6 +13,7 @@ package xendom
 
 import (
 	"fmt"
+	"os"
 	"sync"
 	"time"
 
@@ -50,10 +51,21 @@ type Hypervisor interface {
 	// CleanDirty returns the gfns written since the last call (below
 	// pages) and clears the log.
 	CleanDirty(dom uint32, pages uint64, dst []uint64) ([]uint64, error)
-	PagingNominate(dom uint32, gfn uint64) error
-	PagingEvict(dom uint32, gfn uint64) error
-	PagingLoad(dom uint32, gfn uint64, page []byte) error
+	// PageOut nominates and evicts gfns, so that a touch raises a paging
+	// request, and returns how many, in order, were paged out; on an
+	// error gfns[done] is the gfn that failed.
+	PageOut(dom uint32, gfns []uint64) (done int, err error)
+	// LoadPages makes paged-out gfns resident with their contents (4096
+	// bytes a gfn, in order) and returns how many were loaded; on an
+	// error gfns[done] failed (ENOENT: it was not paged out any more).
+	LoadPages(dom uint32, gfns []uint64, data []byte) (done int, err error)
 	EnablePaging(dom uint32) (Ring, error)
+}
+
+// PagingOpsReporter is implemented by a Hypervisor that can say how its
+// paging ops reach Xen ("batched", "per-gfn", "libxc").
+type PagingOpsReporter interface {
+	PagingOps() string
 }
 
 // Ring is a domain's vm_event paging ring (*xenctrl.PagingRing).
@@ -104,6 +116,13 @@ type Xen struct {
 	// (push, fault replies, checksums).
 	mapErrMu sync.Mutex
 	mapErr   error
+	// batches hold the hypercall buffers of PageOut and LoadPages; two,
+	// so that the ring loop's zero-page loads never wait for a long
+	// Place. Empty when libxencall could not give us any: then the
+	// libxc calls, one a gfn, do the work.
+	batches chan *xenctrl.PagingBatch
+	all     []*xenctrl.PagingBatch
+	perGFN  bool
 }
 
 func (x *Xen) lastMapError() error {
@@ -119,7 +138,44 @@ func OpenXen() (*Xen, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Xen{Handle: h, dirty: map[uint32]*xenctrl.DirtyBitmap{}}, nil
+	x := &Xen{Handle: h, dirty: map[uint32]*xenctrl.DirtyBitmap{}}
+	x.batches = make(chan *xenctrl.PagingBatch, 2)
+	for range 2 {
+		b, err := xenctrl.OpenPagingBatch()
+		if err != nil {
+			// Not fatal: the libxc path works, only slower.
+			fmt.Fprintf(os.Stderr, "xl-postcopy: no hypercall buffers for batched paging (%v): paging one libxc call a page\n", err)
+			break
+		}
+		x.all = append(x.all, b)
+		x.batches <- b
+	}
+	return x, nil
+}
+
+// SetPerGFN(true) keeps paging to one hypercall a gfn even on a hypervisor
+// with the batched ops of scripts/xen-patches (--paging-ops per-gfn).
+func (x *Xen) SetPerGFN(on bool) {
+	x.perGFN = on
+	for _, b := range x.all {
+		b.PerGFN(on)
+	}
+}
+
+// PagingOps implements PagingOpsReporter: "batched" (the patched
+// hypervisor's ops), "per-gfn" (one hypercall a gfn from hypercall
+// buffers), "libxc" (one libxc call a gfn), or "unknown" before the first
+// paging op.
+func (x *Xen) PagingOps() string {
+	if len(x.all) == 0 {
+		return "libxc"
+	}
+	for _, b := range x.all {
+		if o := b.Ops(); o != xenctrl.OpsUnknown {
+			return o.String()
+		}
+	}
+	return xenctrl.OpsUnknown.String()
 }
 
 // Close releases the hypervisor handles.
@@ -127,7 +183,46 @@ func (x *Xen) Close() error {
 	for _, b := range x.dirty {
 		b.Close()
 	}
+	for _, b := range x.all {
+		b.Close()
+	}
 	return x.Handle.Close()
+}
+
+// PageOut implements Hypervisor.
+func (x *Xen) PageOut(dom uint32, gfns []uint64) (int, error) {
+	if len(x.all) == 0 {
+		for i, g := range gfns {
+			if err := x.Handle.PagingNominate(dom, g); err != nil {
+				return i, err
+			}
+			if err := x.Handle.PagingEvict(dom, g); err != nil {
+				return i, err
+			}
+		}
+		return len(gfns), nil
+	}
+	b := <-x.batches
+	defer func() { x.batches <- b }()
+	return b.PageOut(dom, gfns)
+}
+
+// LoadPages implements Hypervisor.
+func (x *Xen) LoadPages(dom uint32, gfns []uint64, data []byte) (int, error) {
+	if len(data) < len(gfns)*PageSize {
+		return 0, fmt.Errorf("load %d pages from a %d-byte buffer", len(gfns), len(data))
+	}
+	if len(x.all) == 0 {
+		for i, g := range gfns {
+			if err := x.Handle.PagingLoad(dom, g, data[i*PageSize:(i+1)*PageSize]); err != nil {
+				return i, err
+			}
+		}
+		return len(gfns), nil
+	}
+	b := <-x.batches
+	defer func() { x.batches <- b }()
+	return b.Load(dom, gfns, data)
 }
 
 // WritePages implements Hypervisor.
