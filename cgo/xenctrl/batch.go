@@ -81,11 +81,14 @@ func (p *PagingBatch) PerGFN(on bool) {
 	p.perGFN = on
 }
 
-// Ops is how the calls reach the hypervisor: OpsUnknown until Probe (or
-// the first PageOut or Load) ran.
+// Ops is how the calls reach the hypervisor: OpsPerGFN when forced,
+// otherwise OpsUnknown until Probe (or the first PageOut or Load) ran.
 func (p *PagingBatch) Ops() PagingOps {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.perGFN {
+		return OpsPerGFN
+	}
 	return p.ops
 }
 

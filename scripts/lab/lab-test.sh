@@ -15,7 +15,7 @@ lab_build_all
 log "images ready after $((SECONDS - t0)) s"
 
 serial=$LAB_CACHE/serial-test.log
-timeout_s=${LAB_TIMEOUT:-1500}
+timeout_s=${LAB_TIMEOUT:-1800}
 lab_qemu_args test
 log "booting Xen + dom0 under QEMU TCG (timeout ${timeout_s} s, serial log $serial)"
 # Show the lab's own lines as they come (all of the console with LAB_VERBOSE=1).

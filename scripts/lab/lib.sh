@@ -17,7 +17,7 @@ LAB_XEN_CONFIG_EXTRA=(CONFIG_SHADOW_PAGING=y CONFIG_UNSUPPORTED=y CONFIG_MEM_PAG
 LAB_PACKAGES=(
 	qemu-system-x86 xen-hypervisor-4.17-amd64 xen-utils-4.17 linux-image-amd64
 	busybox-static libxen-dev flex bison python3 build-essential cpio xz-utils
-	gzip kmod file xenstore-utils dpkg-dev ca-certificates
+	gzip kmod file xenstore-utils dpkg-dev patch ca-certificates
 )
 
 log() { printf '[lab %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
@@ -92,9 +92,15 @@ lab_kernel() {
 lab_build_xen() {
 	local out=$LAB_CACHE/xen.elf key
 	[[ -f /boot/xen-4.17-amd64.config ]] || die "/boot/xen-4.17-amd64.config missing: install xen-hypervisor-4.17-amd64"
+	lab_xen_patch_list
 	key=$( {
 		echo "$LAB_XEN_SRC_VERSION ${LAB_XEN_CONFIG_EXTRA[*]}"
 		cat /boot/xen-4.17-amd64.config
+		local p
+		for p in "${LAB_XEN_PATCH_FILES[@]}"; do
+			basename "$p"
+			cat "$p"
+		done
 	} | hash_of)
 	if [[ -f $out ]] && stamp_ok xen "$key"; then
 		log "hypervisor: cached $out"
@@ -117,6 +123,7 @@ lab_build_xen() {
 		mv "$d" "$bdir/src"
 		rm -rf "$bdir/dl"
 	fi
+	lab_patch_xen "$bdir"
 	log "hypervisor: configuring and building (about 2 minutes on 2 cores)"
 	cp /boot/xen-4.17-amd64.config "$bdir/src/xen/.config"
 	printf '%s\n' "${LAB_XEN_CONFIG_EXTRA[@]}" >>"$bdir/src/xen/.config"
@@ -134,6 +141,49 @@ lab_build_xen() {
 	mv "$out.tmp" "$out"
 	stamp_set xen "$key"
 	log "hypervisor: built $out"
+}
+
+# lab_xen_patch_list sets LAB_XEN_PATCH_FILES to the project's hypervisor patches
+# (scripts/xen-patches/*.patch) when LAB_XEN_PATCHES is 1 (the default), to none when 0.
+lab_xen_patch_list() {
+	[[ ${LAB_XEN_PATCHES:-1} =~ ^[01]$ ]] || die "LAB_XEN_PATCHES must be 0 or 1, not '$LAB_XEN_PATCHES'"
+	LAB_XEN_PATCH_FILES=()
+	if [[ ${LAB_XEN_PATCHES:-1} == 1 ]]; then
+		local p
+		for p in "$LAB_REPO"/scripts/xen-patches/*.patch; do
+			[[ -f $p ]] && LAB_XEN_PATCH_FILES+=("$p")
+		done
+	fi
+}
+
+# lab_patch_xen BDIR makes the source tree in BDIR/src carry exactly the patches of
+# LAB_XEN_PATCH_FILES: a copy of each applied patch is kept in BDIR/applied, so a
+# patch that changed or is no longer wanted is reversed with the text it was applied with.
+lab_patch_xen() {
+	local bdir=$1 p name want
+	mkdir -p "$bdir/applied"
+	for p in "$bdir"/applied/*.patch; do
+		[[ -f $p ]] || continue
+		name=$(basename "$p")
+		want=
+		local q
+		for q in "${LAB_XEN_PATCH_FILES[@]}"; do
+			[[ $(basename "$q") == "$name" ]] && cmp -s "$q" "$p" && want=1
+		done
+		[[ -n $want ]] && continue
+		log "hypervisor: reversing $name"
+		patch -d "$bdir/src" -p1 -R -s <"$p" >>"$LAB_CACHE/xen-patch.log" 2>&1 ||
+			die "reversing the hypervisor patch $name failed: remove $bdir to start from a fresh source"
+		rm -f "$p"
+	done
+	for p in "${LAB_XEN_PATCH_FILES[@]}"; do
+		name=$(basename "$p")
+		[[ -f $bdir/applied/$name ]] && continue
+		log "hypervisor: applying $name"
+		patch -d "$bdir/src" -p1 -N -s <"$p" >>"$LAB_CACHE/xen-patch.log" 2>&1 ||
+			die "the hypervisor patch $name does not apply to xen=$LAB_XEN_SRC_VERSION (see $LAB_CACHE/xen-patch.log)"
+		cp "$p" "$bdir/applied/$name"
+	done
 }
 
 # ---- initramfs images -------------------------------------------------------------------
@@ -428,6 +478,6 @@ lab_qemu_args() {
 		-display none -vga none -net none -no-reboot -monitor none
 		-kernel "$LAB_CACHE/xen.elf"
 		-append "console=com1 com1=115200,8n1 dom0_mem=1024M,max:1024M loglvl=all guest_loglvl=all smap=0 ${LAB_XEN_ARGS-spec-ctrl=eager-fpu asid=0}"
-		-initrd "$kernel console=hvc0 earlyprintk=xen rdinit=/init lab.mode=$mode lab.builtin=${LAB_BUILTIN:-1} lab.scenario_timeout=${LAB_SCENARIO_TIMEOUT:-480} lab.pc_policies=$pol,$LAB_CACHE/dom0-initrd.gz"
+		-initrd "$kernel console=hvc0 earlyprintk=xen rdinit=/init lab.mode=$mode lab.builtin=${LAB_BUILTIN:-1} lab.scenario_timeout=${LAB_SCENARIO_TIMEOUT:-480} lab.pc_policies=$pol lab.xen_patches=${LAB_XEN_PATCHES:-1},$LAB_CACHE/dom0-initrd.gz"
 	)
 }

@@ -122,7 +122,6 @@ type Xen struct {
 	// libxc calls, one a gfn, do the work.
 	batches chan *xenctrl.PagingBatch
 	all     []*xenctrl.PagingBatch
-	perGFN  bool
 }
 
 func (x *Xen) lastMapError() error {
@@ -156,7 +155,6 @@ func OpenXen() (*Xen, error) {
 // SetPerGFN(true) keeps paging to one hypercall a gfn even on a hypervisor
 // with the batched ops of scripts/xen-patches (--paging-ops per-gfn).
 func (x *Xen) SetPerGFN(on bool) {
-	x.perGFN = on
 	for _, b := range x.all {
 		b.PerGFN(on)
 	}

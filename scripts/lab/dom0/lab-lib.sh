@@ -647,3 +647,18 @@ lab_progress_after() {
 	echo "$_s2"
 }
 
+
+# lab_dest_kv ERRFILE prints the receiver's figures from xl-postcopy migrate --debug's
+# stderr (its "domain N complete: {...}" line): how paging reached the hypervisor and
+# where the destination's setup and loads spent their time.
+lab_dest_kv() {
+	_c=$(grep 'migrate-receive: domain .* complete: ' "$1" 2>/dev/null | tail -n 1)
+	_f() { echo "$_c" | sed -n "s/.*[{ ]$1:\([^ }]*\).*/\1/p"; }
+	echo "paging_ops=$(_f PagingOps) dest_create_ms=$(_f CreateMs) dest_evict_ms=$(_f EvictMs) dest_evicted=$(_f Evicted) dest_load_ms=$(_f LoadMs) dest_loaded=$(_f Loaded)"
+}
+
+# lab_want_paging_ops: the paging ops the receiver should have found ("batched" on the
+# lab's patched hypervisor, "per-gfn" with LAB_XEN_PATCHES=0).
+lab_want_paging_ops() {
+	if [ "${LAB_XEN_PATCHES:-1}" = 1 ]; then echo batched; else echo per-gfn; fi
+}
