@@ -49,11 +49,11 @@ func init() {
 	register(&command{
 		name:    "migrate",
 		args:    "[options] <domain> <host>",
-		summary: "live-migrate a Xen domain to host with post-copy (PVH/HVM with HAP), hybrid or pre-copy (dom0)",
+		summary: "live-migrate a Xen domain to host with post-copy or hybrid (PVH with HAP) or pre-copy (any domain, done by xl migrate) (dom0)",
 		setup: func(fs *pflag.FlagSet) {
 			fs.StringVarP(&f.ssh, "ssh", "s", "ssh", "command that reaches host (the receiver runs as `CMD HOST xl-postcopy migrate-receive`); '' runs the receiver locally, host is then only a label")
 			fs.StringVarP(&f.config, "config", "C", "", "xl config file the destination creates the domain from (default /etc/xen/NAME.cfg or /etc/xen/NAME)")
-			fs.StringVar(&f.mode, "mode", "postcopy", "postcopy, hybrid or precopy (PV and non-HAP HVM domains: precopy only, done by `xl migrate`)")
+			fs.StringVar(&f.mode, "mode", "postcopy", "postcopy, hybrid or precopy (PV, HVM and non-HAP domains: precopy only, done by `xl migrate`)")
 			fs.StringVar(&f.prepaging, "prepaging", "dual", "post-copy push order: "+strings.Join(engine.PolicyNames, ", "))
 			fs.BoolVar(&f.balloon, "balloon", true, "if guest-balloon runs in the guest, ask it to give its free memory back first (those pages are then not sent)")
 			fs.DurationVar(&f.record, "record", time.Second, "pre-record policies: longest recording of the trajectory before the switchover")
@@ -240,8 +240,10 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		return fmt.Errorf("name of domain %d: %w", dom, err)
 	}
 	if refuse := xendom.RefusePostcopy(info); refuse != nil {
-		// No vm_event paging for this domain (PV, or HVM on shadow
-		// paging): post-copy and hybrid are impossible, pre-copy is xl's.
+		// No vm_event paging for this domain (PV, or shadow paging),
+		// or an HVM device model whose state we do not move: post-copy
+		// and hybrid are refused before anything is touched, pre-copy
+		// is xl's.
 		if mode != wire.ModePrecopy {
 			return fmt.Errorf("domain %s: %w", name, refuse)
 		}

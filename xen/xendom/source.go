@@ -167,13 +167,37 @@ type Source struct {
 	outside uint64
 }
 
-// RefusePostcopy says why dom cannot be a post-copy source, or nil.
+// Refusal kinds: why a domain cannot be migrated with post-copy or hybrid.
+const (
+	RefusedPV          = "pv"           // no vm_event paging for PV guests
+	RefusedShadow      = "shadow"       // HVM/PVH without HAP: no vm_event paging
+	RefusedDeviceModel = "device-model" // HVM: its device model's state is not moved yet
+)
+
+// RefusedError says why a domain cannot be migrated with post-copy or
+// hybrid. Nothing was touched when it is returned; `--mode precopy` (done
+// by `xl migrate`) can still move every such domain.
+type RefusedError struct {
+	Kind   string // RefusedPV, RefusedShadow, RefusedDeviceModel
+	Reason string
+}
+
+func (e *RefusedError) Error() string { return e.Reason + ": use --mode precopy (done by `xl migrate`)" }
+
+// RefusePostcopy says why dom cannot be a post-copy source, or nil; the
+// error is a *RefusedError.
 func RefusePostcopy(info xenctrl.DomainInfo) error {
 	switch {
 	case !info.HVM:
-		return errors.New("post-copy needs vm_event paging, which Xen offers only to HVM and PVH guests, and this is a PV domain: use --mode precopy")
+		return &RefusedError{Kind: RefusedPV, Reason: "post-copy needs vm_event paging, which Xen offers only to HVM and PVH guests, and this is a PV domain"}
 	case !info.HAP:
-		return errors.New("post-copy needs vm_event paging, which needs HAP (hap=1 in the domain config and a CPU with EPT/NPT); this domain uses shadow paging: use --mode precopy")
+		return &RefusedError{Kind: RefusedShadow, Reason: "post-copy needs vm_event paging, which needs HAP (hap=1 in the domain config and a CPU with EPT/NPT); this domain uses shadow paging"}
+	case !info.PVH:
+		// libxl gives every HVM guest a qemu-xen device model (PCI,
+		// disks, NIC, VGA, serial); its state is not in the HVM context
+		// we send, so the destination's fresh device model would run
+		// the guest with its devices reset: wrong, silently.
+		return &RefusedError{Kind: RefusedDeviceModel, Reason: "this is an HVM domain, whose emulated devices live in its device model (qemu-xen); xl-postcopy does not move the device model's state yet, and the guest would resume with its devices reset"}
 	}
 	return nil
 }

@@ -399,6 +399,15 @@ func TestRefusePostcopy(t *testing.T) {
 	require.Contains(t, err.Error(), "HAP")
 	require.Contains(t, err.Error(), "--mode precopy")
 	require.NoError(t, RefusePostcopy(xenctrl.DomainInfo{HVM: true, PVH: true, HAP: true}))
+	// HVM: its device model's state would be lost (issue 15).
+	err = RefusePostcopy(xenctrl.DomainInfo{HVM: true, HAP: true})
+	var re *RefusedError
+	require.ErrorAs(t, err, &re)
+	require.Equal(t, RefusedDeviceModel, re.Kind)
+	require.Contains(t, err.Error(), "device model")
+	require.Contains(t, err.Error(), "--mode precopy")
+	require.ErrorAs(t, RefusePostcopy(xenctrl.DomainInfo{}), &re)
+	require.Equal(t, RefusedPV, re.Kind)
 
 	// NewSource refuses too, before touching the guest.
 	hv := newFakeHV()
