@@ -182,7 +182,9 @@ type RefusedError struct {
 	Reason string
 }
 
-func (e *RefusedError) Error() string { return e.Reason + ": use --mode precopy (done by `xl migrate`)" }
+func (e *RefusedError) Error() string {
+	return e.Reason + ": use --mode precopy (done by `xl migrate`)"
+}
 
 // RefusePostcopy says why dom cannot be a post-copy source, or nil; the
 // error is a *RefusedError.
