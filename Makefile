@@ -4,7 +4,7 @@ export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 BIN := bin
 
-.PHONY: all deps build run test vet unit fuzz integration bench lab-test lab-shell clean
+.PHONY: all deps build run test vet unit fuzz integration bench lab-test lab-bench lab-shell clean
 
 all: build
 
@@ -64,6 +64,14 @@ integration: build
 # pre-record migration (about 6 more minutes).
 lab-test:
 	scripts/lab/lab-test.sh
+
+# The measurement run (not in make test; root, about 40 minutes): the light guest's
+# post-copy against xl migrate, the paging primitives, and the heavy writer of
+# scripts/lab/bench/, each post-copy with dual and record+lr+dbscan.
+LAB_BENCH_SCENARIOS = scripts/lab/dom0/scenarios/50-postcopy-migrate.sh scripts/lab/dom0/scenarios/60-paging-bench.sh $(wildcard scripts/lab/bench/*.sh)
+lab-bench:
+	LAB_BUILTIN=0 LAB_PC_POLICIES=$${LAB_PC_POLICIES:-dual:record+lr+dbscan} LAB_TIMEOUT=$${LAB_TIMEOUT:-4800} \
+		LAB_EXTRA_SCENARIOS="$(LAB_BENCH_SCENARIOS)" scripts/lab/lab-test.sh
 
 lab-shell:
 	scripts/lab/lab-shell.sh

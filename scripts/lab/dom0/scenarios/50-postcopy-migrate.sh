@@ -17,83 +17,9 @@
 n=lab-pc
 pv=lab-pcpv
 
-pc_dump() {
-	echo "--- xl-postcopy stderr ($1)"
-	tail -n 60 "/tmp/pc-$1.err" 2>/dev/null
-	xl list
-	_lab_dump "$n"
-	_f=$LAB_CONSOLE_DIR/guest-$n--incoming.log
-	[ -f "$_f" ] && { echo "--- head $_f"; tr -d '\r' <"$_f" | grep -v '^progress ' | head -n 60; }
-	if [ -f "$_f" ] && grep -q -E 'BUG|Oops|panic|WARNING|general protection' "$_f"; then
-		echo "--- first oops in $_f"
-		tr -d '\r' <"$_f" | grep -v '^progress ' | grep -n -E -A45 -B12 'BUG|Oops|panic|WARNING|general protection' | head -n 90
-	fi
-	_id=$(lab_domid "$n")
-	if [ -n "$_id" ]; then
-		# Is the guest alive without its console? guestprog dirties pages all the time.
-		xl-postcopy trace "$_id" --interval 100ms --duration 3s -o /tmp/pc-alive.trace 2>&1 | tail -n 2 | sed 's/^/alive-trace: /'
-		for _x in /usr/lib/xen-4.17/bin/xenctx xenctx; do
-			[ -x "$_x" ] || command -v "$_x" >/dev/null 2>&1 || continue
-			"$_x" -a "$_id" 0 2>&1 | head -n 30 | sed 's/^/xenctx: /'
-			break
-		done
-		xenstore-ls "/local/domain/$_id" 2>&1 | head -n 40 | sed 's/^/xenstore: /'
-	fi
-	xl dmesg | grep -v 'HVM.*save:\|HVM.*restore:' | tail -n 25
-}
-
-# pc_migrate LABEL [xl-postcopy option ...]: one post-copy migration of $n with checks.
-pc_migrate() {
-	_l=$1
-	shift
-	_id=$(lab_domid "$n")
-	_seq0=$(lab_last_progress "$(lab_console_log "$n")")
-	lab_watch_start "$_id" "$_l"
-	_t0=$(lab_now)
-	xl-postcopy migrate -s '' -C "/tmp/$n.cfg" --json --debug $PC_MIGRATE_OPTS "$@" "$n" localhost >"/tmp/pc-$_l.json" 2>"/tmp/pc-$_l.err"
-	_rc=$?
-	_wall=$(lab_since "$_t0")
-	_dt=$(lab_watch_end "$_l")
-	_j=/tmp/pc-$_l.json
-	_kv="wall_s=$_wall watched_downtime_ms=${_dt:-none} downtime_ms=$(jget "$_j" downtime_ms) total_ms=$(jget "$_j" total_time_ms)"
-	_kv="$_kv bytes=$(jget "$_j" total_bytes) pages=$(jget "$_j" pages) pages_sent=$(jget "$_j" pages_sent)"
-	_kv="$_kv core_pages=$(jget "$_j" core_pages) network_faults=$(jget "$_j" network_faults) faults=$(jget "$_j" faults)"
-	_kv="$_kv resent_pages=$(jget "$_j" resent_pages) redundant_pages=$(jget "$_j" redundant_pages) verified=$(jget "$_j" verified)"
-	_kv="$_kv verified_from=$(jget "$_j" verified_from) verified_pages=$(jget "$_j" verified_pages) guest_written_pages=$(jget "$_j" guest_written_pages) seq_before=$_seq0"
-	_kv="$_kv ram_pages=$(jget2 "$_j" ram_pages) page_table_pages=$(jget2 "$_j" page_table_pages) per_cpu_pages=$(jget2 "$_j" per_cpu_pages)"
-	_kv="$_kv suspend_ms=$(jget2 "$_j" suspend_ms) balloon_released_kb=$(jget2 "$_j" released_kb)"
-	_kv="$_kv resident_hint=$(jget2 "$_j" resident_hint) hint_stale=$(jget2 "$_j" hint_stale) hint_missed=$(jget2 "$_j" hint_missed)"
-	_kv="$_kv $(lab_dest_kv "/tmp/pc-$_l.err")"
-	if [ "$_rc" != 0 ]; then
-		lab_result "postcopy-$_l" FAIL reason=exit-$_rc $_kv
-		pc_dump "$_l"
-		return 1
-	fi
-	if [ "$(jget "$_j" verified)" != true ] || [ "$(jget "$_j" verified_from)" != memory ] ||
-		[ "$(jget "$_j" resent_pages)" != 0 ] || [ "$(jget "$_j" redundant_pages)" != 0 ]; then
-		lab_result "postcopy-$_l" FAIL reason=unsound-stats $_kv
-		return 1
-	fi
-	# The fast path: the lab's hypervisor carries scripts/xen-patches (LAB_XEN_PATCHES=1).
-	_want=$(lab_want_paging_ops)
-	case " $_kv " in
-	*" paging_ops=$_want "*) ;;
-	*)
-		lab_result "postcopy-$_l" FAIL reason=paging-ops-not-$_want $_kv
-		return 1
-		;;
-	esac
-	if ! _after=$(lab_progress_after "$n" "$_seq0"); then
-		lab_result "postcopy-$_l" FAIL reason=no-progress-after $_kv
-		pc_dump "$_l"
-		return 1
-	fi
-	lab_result "postcopy-$_l" PASS $_kv seq_after=$_after
-	# Where the downtime went (the engine's --debug timeline of the pause).
-	grep -E 'since pause' "/tmp/pc-$_l.err" | head -n 25 | sed "s/^/lab: pc-$_l: /"
-	eval "pc_dt_$(echo "$_l" | tr -c 'a-z0-9\n' _)=\${_dt:-none}"
-	return 0
-}
+# pc_migrate LABEL [xl-postcopy option ...]: one post-copy migration of $n with checks
+# (lab_pc_migrate in lab-lib.sh).
+pc_migrate() { lab_pc_migrate "$n" "$@"; }
 
 # Extra options for every xl-postcopy migrate (e.g. --balloon=false).
 PC_MIGRATE_OPTS=${PC_MIGRATE_OPTS:-}
