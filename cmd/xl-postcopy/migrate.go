@@ -374,7 +374,8 @@ func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {
 		fmt.Fprintf(w, "page set          %d given back and %d taken again by the guest before the pause, %d given back after the resume, %d unreadable reads (none sent)\n",
 			st.DroppedPages, st.AddedPages, st.GuestDroppedPages, st.UnreadableReads)
 	}
-	fmt.Fprintf(w, "core state        %d pages before resume (%d page-table pages); guest hints: %s\n", st.CorePages, xs.PageTablePages, xs.GuestHints)
+	fmt.Fprintf(w, "core state        %d pages in the pause (%d page-table pages), %d sent before it (%d of them again in the pause); guest hints: %s\n",
+		st.CorePages, xs.PageTablePages, st.EarlyCorePages, st.EarlyCoreRedirtied, xs.GuestHints)
 	if st.Mode != "precopy" {
 		fmt.Fprintf(w, "network faults    %d, p50 %.0f us, p99 %.0f us, waits summed %.1f ms\n", st.NetworkFaults, st.FaultLatencyP50Us, st.FaultLatencyP99Us, st.FaultWaitMs)
 	}

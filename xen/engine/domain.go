@@ -111,6 +111,16 @@ type Source interface {
 	Destroy() error
 }
 
+// EarlyCorer is implemented by sources that know, before the pause, pages
+// the destination will need before it resumes (the Xen backend's resident
+// hint: page tables and per-CPU areas found at setup). In post-copy the
+// engine sends them while the domain still runs, with write tracking on,
+// and in the pause sends again only those written since; CorePFNs in the
+// pause may still list them (pages already there and clean are skipped).
+type EarlyCorer interface {
+	EarlyCorePFNs() []uint64
+}
+
 // Relinquisher is implemented by sources that mark the domain as given up
 // right before the destination is told to run it (the Xen backend renames
 // it NAME--migratedaway, as xl does), so that two copies never share a

@@ -143,6 +143,7 @@ type source struct {
 	unreadableReads atomic.Uint64
 	resent          atomic.Uint64   // transmissions of a page after its first
 	sentEver        *prepage.Bitmap // pages transmitted at least once (guarded by mu)
+	early           *prepage.Bitmap // core pages sent before the pause (guarded by mu; nil: none)
 	faultsSeen      atomic.Uint64
 	phase           atomic.Value // string
 	round           atomic.Int64
@@ -348,6 +349,13 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 	} else {
 		st.SetupTimeMs = ms(time.Since(s.start))
+		if rec == nil {
+			// (With a recording the dirty log serves the recorder, which
+			// consumes it: the core pages then all go in the pause.)
+			if err := s.sendEarlyCore(st); err != nil {
+				return st, s.notStarted(err)
+			}
+		}
 	}
 	if rec != nil {
 		if err := s.finishRecording(ctx, rec, st); err != nil {
@@ -404,6 +412,29 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 		dirty = prepage.SortedUnique(append(dirty, last...))
 		dbg(fmt.Sprintf("final dirty log: %d pages", len(dirty)))
+	} else if s.early != nil {
+		// The early core pages written since they were sent go again
+		// with the core pages; the others are there already.
+		last, err := s.dom.DirtyPages(nil)
+		if err != nil {
+			_ = s.dom.StopDirtyLog()
+			return resumeHere(fmt.Errorf("dirty log of the early core pages: %w", err))
+		}
+		stopLog = func() {
+			stopLog = func() {}
+			if err := s.dom.StopDirtyLog(); err != nil && s.opt.Logf != nil {
+				s.opt.Logf("stop dirty log: %v", err)
+			}
+		}
+		s.mu.Lock()
+		for _, p := range last {
+			if p < s.info.NumPages && s.early.Test(p) {
+				s.sent.Clear(p)
+				st.EarlyCoreRedirtied++
+			}
+		}
+		s.mu.Unlock()
+		dbg(fmt.Sprintf("early core pages: %d of %d written since they were sent", st.EarlyCoreRedirtied, st.EarlyCorePages))
 	}
 
 	// The page set as it is in the pause: pages the guest gave back since
@@ -632,6 +663,49 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		return st, fmt.Errorf("migration complete and verified, but destroying the source copy failed: %w", err)
 	}
 	return st, nil
+}
+
+// sendEarlyCore sends the core pages the source knows before the pause
+// (EarlyCorer), with the dirty log on so that the pause sends again only
+// those written since. They travel as pre-copy pages: the destination may
+// overwrite them until it resumes.
+func (s *source) sendEarlyCore(st *Stats) error {
+	ec, ok := s.dom.(EarlyCorer)
+	if !ok {
+		return nil
+	}
+	var early []uint64
+	for _, p := range prepage.SortedUnique(ec.EarlyCorePFNs()) {
+		if p < s.info.NumPages && !s.absent.Test(p) {
+			early = append(early, p)
+		}
+	}
+	if len(early) == 0 {
+		return nil
+	}
+	if err := s.dom.StartDirtyLog(); err != nil {
+		return fmt.Errorf("start dirty log for the early core pages: %w", err)
+	}
+	if err := s.sendPages(wire.PhasePrecopy, early); err != nil {
+		_ = s.dom.StopDirtyLog()
+		return fmt.Errorf("early core pages: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// A page that could not be read was not sent: the pause settles it.
+	unread := map[uint64]bool{}
+	for _, p := range s.unreadable {
+		unread[p] = true
+	}
+	s.early = prepage.NewBitmap(s.info.NumPages)
+	for _, p := range early {
+		if !unread[p] {
+			s.early.Set(p)
+			s.sent.Set(p)
+			st.EarlyCorePages++
+		}
+	}
+	return nil
 }
 
 // rootCause prefers the first recorded failure (often the destination's

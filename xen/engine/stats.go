@@ -28,14 +28,22 @@ type Stats struct {
 	ZeroPages uint64 `json:"zero_pages"`
 	// ResentPages counts every transmission of a page after its first,
 	// in every phase: pre-copy's re-sends of pages the guest wrote again
-	// (its inherent cost), hybrid's re-sends of discarded pages. 0 in
-	// post-copy. (QEMU's "duplicate" means zero pages: ZeroPages here.)
+	// (its inherent cost), hybrid's re-sends of discarded pages; in
+	// post-copy the early core pages written again before the pause
+	// (EarlyCoreRedirtied). (QEMU's "duplicate" means zero pages:
+	// ZeroPages here.)
 	ResentPages uint64 `json:"resent_pages"`
 	// RedundantPages reached the destination after it held that same
 	// version (after the resume): wasted transmissions. Must be 0.
 	RedundantPages uint64 `json:"redundant_pages"`
 	PrecopyRounds  int    `json:"precopy_rounds"`
 	CorePages      uint64 `json:"core_pages"`
+	// EarlyCorePages were sent before the pause, while the domain ran
+	// with write tracking (post-copy with a source that knows its core
+	// pages at setup); EarlyCoreRedirtied of them were written again and
+	// sent once more in the pause (counted in ResentPages too).
+	EarlyCorePages     uint64 `json:"early_core_pages"`
+	EarlyCoreRedirtied uint64 `json:"early_core_redirtied"`
 	DiscardedPages uint64 `json:"discarded_pages"`
 	// DroppedPages left the domain between the setup and the pause (its
 	// balloon gave them back): not sent. AddedPages joined it: sent in the

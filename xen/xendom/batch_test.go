@@ -168,3 +168,31 @@ func TestPagingInBatches(t *testing.T) {
 		require.Empty(t, r.hv.errs)
 	}
 }
+
+// The core pages found at setup go before the pause; in the pause only
+// the one the guest wrote since goes again, with its new contents, and
+// nothing else of the core is sent then.
+func TestEarlyCorePagesBeforeThePause(t *testing.T) {
+	r := newRig(t)
+	r.hv.onSuspend = func(dom uint32) {
+		if dom != r.src.id {
+			return
+		}
+		d := r.hv.doms[dom]
+		d.mem[0x201] = pageOf("written while suspending", 0x201) // a per-CPU page
+		d.dirty[0x201] = true
+	}
+	r.startDestGuest(20, 5)
+	r.migrate(t, wire.ModePostcopy)
+	r.requireSound(t)
+	core := uint64(len(kernelPTGFNs) + 2*PerCPUSpan/PageSize)
+	require.Equal(t, core, r.st.EarlyCorePages)
+	require.Equal(t, uint64(1), r.st.EarlyCoreRedirtied)
+	require.Equal(t, uint64(1), r.st.ResentPages)
+	require.Equal(t, uint64(1), r.st.CorePages, "the pause sent more than the re-dirtied core page")
+	dst := r.destDom(t)
+	r.checkSameMemory(t, dst)
+	r.hv.mu.Lock()
+	defer r.hv.mu.Unlock()
+	require.Equal(t, pageOf("written while suspending", 0x201), dst.mem[0x201])
+}

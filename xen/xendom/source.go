@@ -594,6 +594,10 @@ func (s *Source) CoreState() ([]byte, error) {
 	return json.Marshal(coreState{TSC: tsc, HVM: hvm})
 }
 
+// EarlyCorePFNs implements engine.EarlyCorer: the resident hint, the core
+// pages found at setup, which the engine sends before the pause.
+func (s *Source) EarlyCorePFNs() []uint64 { return slices.Clone(s.hint) }
+
 // CorePFNs implements engine.Source: the page-table pages of every vCPU,
 // found by walking from its CR3. The guest's own accesses fault their
 // page tables in like any page, but the hypervisor walks them in software

@@ -221,7 +221,10 @@ func TestPostcopyMigrationEndToEnd(t *testing.T) {
 
 	require.True(t, r.st.Verified)
 	require.Zero(t, r.st.RedundantPages)
-	require.Equal(t, uint64(len(r.srcRAM())), r.st.PagesSent, "every RAM page exactly once")
+	// Every RAM page once, and the early core pages the running guest
+	// wrote after they went once more in the pause.
+	require.Equal(t, uint64(len(r.srcRAM()))+r.st.EarlyCoreRedirtied, r.st.PagesSent, "every RAM page exactly once")
+	require.Equal(t, r.st.EarlyCoreRedirtied, r.st.ResentPages)
 	require.NotNil(t, r.src.snapshot, "the source guest never suspended")
 
 	dst := r.destDom(t)
@@ -269,6 +272,10 @@ func TestPostcopyMigrationEndToEnd(t *testing.T) {
 	require.Equal(t, core, ds.Resident)
 	require.Equal(t, core, ds.ResidentWritten)
 	require.Zero(t, ds.ResidentLate)
+	// They went before the pause; in the pause only those written since.
+	require.Equal(t, core, r.st.EarlyCorePages)
+	require.LessOrEqual(t, r.st.EarlyCoreRedirtied, core)
+	require.Equal(t, r.st.EarlyCoreRedirtied, ds.Overwritten)
 	require.Equal(t, uint64(fRAMPages)-core, ds.Evicted)
 	r.hv.mu.Lock()
 	for _, g := range kernelPTGFNs {
@@ -345,10 +352,18 @@ func TestFailureBeforeSuspendKeepsSourceRunning(t *testing.T) {
 }
 
 // A failure after the guest suspended but before GO (a page-table page
-// cannot be loaded) resumes the suspended guest with a fast resume.
+// cannot be loaded) resumes the suspended guest with a fast resume. The
+// page went before the pause with the early core pages; the guest writes
+// it while suspending, so it goes again in the pause, and that write fails.
 func TestFailureAfterSuspendResumesSource(t *testing.T) {
 	r := newRig(t)
-	r.hv.loadErrGFN[111] = true // a kernel PDPT: a core page, loaded before GO
+	r.hv.onSuspend = func(dom uint32) {
+		if dom != r.src.id {
+			return
+		}
+		r.hv.doms[dom].dirty[111] = true // a kernel PDPT: a core page, loaded before GO
+		r.hv.loadErrGFN[111] = true
+	}
 	r.startDestGuest(10, 1)
 	r.migrate(t, wire.ModePostcopy)
 	require.Error(t, r.serr)

@@ -79,7 +79,7 @@ wait "$mpid"
 rc=$?
 kv="rc=$rc moved_at_source=$moved1 moved_at_dest=$moved2 mem_before_mib=$mem0 verified=$(jget "$j" verified)"
 kv="$kv verified_from=$(jget "$j" verified_from) verified_pages=$(jget "$j" verified_pages) guest_written_pages=$(jget "$j" guest_written_pages)"
-kv="$kv resent_pages=$(jget "$j" resent_pages) redundant_pages=$(jget "$j" redundant_pages)"
+kv="$kv resent_pages=$(jget "$j" resent_pages) early_core_redirtied=$(jget "$j" early_core_redirtied) redundant_pages=$(jget "$j" redundant_pages)"
 kv="$kv dropped_pages=$(jget "$j" dropped_pages) added_pages=$(jget "$j" added_pages) guest_dropped_pages=$(jget "$j" guest_dropped_pages)"
 kv="$kv unreadable_reads=$(jget "$j" unreadable_reads) unreadable_pages=$(jget2 "$j" unreadable_pages) absent_pages=$(jget2 "$j" absent_pages)"
 kv="$kv pages=$(jget "$j" pages) pages_sent=$(jget "$j" pages_sent) network_faults=$(jget "$j" network_faults)"
@@ -93,7 +93,7 @@ elif [ "$moved1" != yes ] || [ "$moved2" != yes ]; then
 	reason=balloon-not-moved
 elif [ "$(jget "$j" verified)" != true ] || [ "$(jget "$j" verified_from)" != memory ]; then
 	reason=not-verified
-elif [ "$(jget "$j" resent_pages)" != 0 ] || [ "$(jget "$j" redundant_pages)" != 0 ]; then
+elif [ "$(jget "$j" resent_pages)" != "$(jget "$j" early_core_redirtied)" ] || [ "$(jget "$j" redundant_pages)" != 0 ]; then
 	reason=pages-sent-twice
 elif [ "$(jget "$j" dropped_pages)" = 0 ]; then
 	reason=no-page-dropped-in-the-pause
