@@ -44,7 +44,7 @@ type Stats struct {
 	// sent once more in the pause (counted in ResentPages too).
 	EarlyCorePages     uint64 `json:"early_core_pages"`
 	EarlyCoreRedirtied uint64 `json:"early_core_redirtied"`
-	DiscardedPages uint64 `json:"discarded_pages"`
+	DiscardedPages     uint64 `json:"discarded_pages"`
 	// DroppedPages left the domain between the setup and the pause (its
 	// balloon gave them back): not sent. AddedPages joined it: sent in the
 	// pause. GuestDroppedPages were given back by the resumed guest at the
