@@ -393,6 +393,17 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 	}
 	dbg("paused")
+	// Switching tracking off can take a while (it touches every page-table
+	// entry); the paused domain writes nothing, so it waits until the
+	// destination runs.
+	stopLater := func() {
+		stopLog = func() {
+			stopLog = func() {}
+			if err := s.dom.StopDirtyLog(); err != nil && s.opt.Logf != nil {
+				s.opt.Logf("stop dirty log: %v", err)
+			}
+		}
+	}
 	if s.opt.Mode != wire.ModePostcopy {
 		// The loop left the last round's dirty pages unsent; add the
 		// writes between that round and the pause.
@@ -401,15 +412,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			_ = s.dom.StopDirtyLog()
 			return resumeHere(fmt.Errorf("final dirty log: %w", err))
 		}
-		// Switching tracking off can take a while (it touches every
-		// page-table entry); the paused domain writes nothing, so it waits
-		// until the destination runs.
-		stopLog = func() {
-			stopLog = func() {}
-			if err := s.dom.StopDirtyLog(); err != nil && s.opt.Logf != nil {
-				s.opt.Logf("stop dirty log: %v", err)
-			}
-		}
+		stopLater()
 		dirty = prepage.SortedUnique(append(dirty, last...))
 		dbg(fmt.Sprintf("final dirty log: %d pages", len(dirty)))
 	} else if s.early != nil {
@@ -420,12 +423,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			_ = s.dom.StopDirtyLog()
 			return resumeHere(fmt.Errorf("dirty log of the early core pages: %w", err))
 		}
-		stopLog = func() {
-			stopLog = func() {}
-			if err := s.dom.StopDirtyLog(); err != nil && s.opt.Logf != nil {
-				s.opt.Logf("stop dirty log: %v", err)
-			}
-		}
+		stopLater()
 		s.mu.Lock()
 		for _, p := range last {
 			if p < s.info.NumPages && s.early.Test(p) {

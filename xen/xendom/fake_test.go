@@ -513,16 +513,22 @@ func (h *fakeHV) CleanDirty(id uint32, pages uint64, dst []uint64) ([]uint64, er
 	return append(dst, gs...), nil
 }
 
-// PageOut pages gfns out one at a time, like the per-gfn path; preemptAt
-// makes it stop early as the batched hypercall does when preempted.
-func (h *fakeHV) PageOut(id uint32, gfns []uint64) (int, error) {
+// batchCall counts a batched call in *calls and says how many of its n
+// gfns it does (preemptAt).
+func (h *fakeHV) batchCall(calls *int, n int) int {
 	h.mu.Lock()
-	h.pageOutCalls++
-	n := len(gfns)
+	defer h.mu.Unlock()
+	*calls++
 	if h.preemptAt > 0 {
 		n = min(n, h.preemptAt)
 	}
-	h.mu.Unlock()
+	return n
+}
+
+// PageOut pages gfns out one at a time, like the per-gfn path; preemptAt
+// makes it stop early as the batched hypercall does when preempted.
+func (h *fakeHV) PageOut(id uint32, gfns []uint64) (int, error) {
+	n := h.batchCall(&h.pageOutCalls, len(gfns))
 	for i, g := range gfns[:n] {
 		if err := h.PagingNominate(id, g); err != nil {
 			return i, err
@@ -536,13 +542,7 @@ func (h *fakeHV) PageOut(id uint32, gfns []uint64) (int, error) {
 
 // LoadPages loads gfns one at a time, stopping at the first failure.
 func (h *fakeHV) LoadPages(id uint32, gfns []uint64, data []byte) (int, error) {
-	h.mu.Lock()
-	h.loadCalls++
-	n := len(gfns)
-	if h.preemptAt > 0 {
-		n = min(n, h.preemptAt)
-	}
-	h.mu.Unlock()
+	n := h.batchCall(&h.loadCalls, len(gfns))
 	if len(data) < len(gfns)*PageSize {
 		return 0, fmt.Errorf("load %d gfns from %d bytes: %w", len(gfns), len(data), syscall.EINVAL)
 	}
