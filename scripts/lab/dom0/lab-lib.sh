@@ -619,7 +619,8 @@ jget2() { sed -n "s/^    \"$2\": \([^,{]*\),*\$/\1/p" "$1" | head -n 1 | tr -d '
 
 # lab_watch_start DOMID LABEL starts the outside downtime ruler.
 lab_watch_start() {
-	xl-postcopy lab-downtime --timeout 300s "$1" >"/tmp/dt-$2.txt" 2>&1 &
+	# (A heavy writer's post-copy under TCG took ~10 minutes: the ruler must outlast it.)
+	xl-postcopy lab-downtime --timeout 1800s "$1" >"/tmp/dt-$2.txt" 2>&1 &
 	_wpid=$!
 }
 
