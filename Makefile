@@ -65,7 +65,7 @@ integration: build
 lab-test:
 	scripts/lab/lab-test.sh
 
-# The measurement run (not in make test; root, about 40 minutes): the light guest's
+# The measurement run (not in make test; root, about 30 minutes): the light guest's
 # post-copy against xl migrate, the paging primitives, and the heavy writer of
 # scripts/lab/bench/, each post-copy with dual and record+lr+dbscan.
 LAB_BENCH_SCENARIOS = scripts/lab/dom0/scenarios/50-postcopy-migrate.sh scripts/lab/dom0/scenarios/60-paging-bench.sh $(wildcard scripts/lab/bench/*.sh)
