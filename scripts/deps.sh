@@ -25,3 +25,14 @@ if ! command -v go >/dev/null 2>&1 && [ ! -x /usr/local/go/bin/go ]; then
 	echo "deps: Go is not installed: install Go 1.26 or newer (https://go.dev/dl) into /usr/local/go" >&2
 	exit 1
 fi
+
+# The linter make test runs, pinned so that a new release's checks cannot
+# turn a clean tree red overnight; installed once, into GOPATH/bin.
+STATICCHECK_VERSION=2026.2.2 # what -version prints; the module version is:
+STATICCHECK_MODULE=v0.8.2
+export PATH="/usr/local/go/bin:$PATH"
+sc="$(go env GOPATH)/bin/staticcheck"
+if ! "$sc" -version 2>/dev/null | grep -q "^staticcheck $STATICCHECK_VERSION "; then
+	echo "deps: installing staticcheck $STATICCHECK_VERSION" >&2
+	go install "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_MODULE"
+fi

@@ -14,34 +14,6 @@ import (
 	"unsafe"
 )
 
-// MaxPagingBatch is the most gfns one PagingBatch call hands to C at once;
-// longer lists are split.
-const MaxPagingBatch = C.XP_BATCH_MAX
-
-// PagingOps says how a PagingBatch reaches the hypervisor.
-type PagingOps int
-
-const (
-	// OpsUnknown: not probed yet (Probe needs a domain with paging on).
-	OpsUnknown PagingOps = iota
-	// OpsPerGFN: one XENMEM_paging_op hypercall a gfn (stock Xen), from
-	// hypercall buffers, one cgo call a batch.
-	OpsPerGFN
-	// OpsBatched: one hypercall a batch, the ops added by
-	// scripts/xen-patches/0001-mem-paging-batch.patch.
-	OpsBatched
-)
-
-func (o PagingOps) String() string {
-	switch o {
-	case OpsPerGFN:
-		return "per-gfn"
-	case OpsBatched:
-		return "batched"
-	}
-	return "unknown"
-}
-
 // PagingBatch pages gfns out and in, many a call. It owns a libxencall
 // handle and about 2 MiB of locked hypercall buffers, so no page costs the
 // mlock/munlock that xc_mem_paging_load does for every call. One goroutine

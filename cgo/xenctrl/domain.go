@@ -27,48 +27,6 @@ const (
 	shutdownCrash  = C.SHUTDOWN_crash
 )
 
-// DomainInfo describes one domain (from XEN_DOMCTL_getdomaininfo).
-type DomainInfo struct {
-	ID             uint32
-	Dying          bool
-	Crashed        bool // shut down with reason "crash"
-	Shutdown       bool
-	ShutdownReason uint32 // SHUTDOWN_* code, meaningful if Shutdown
-	Paused         bool
-	Blocked        bool
-	Running        bool
-	HVM            bool // HVM or PVH container
-	PVH            bool // HVM container without emulated PIC (PVH)
-	HAP            bool // hardware-assisted paging (EPT/NPT)
-	Debugged       bool
-	XenstoreDomain bool
-
-	TotPages         uint64 // pages currently allocated
-	MaxPages         uint64 // allocation limit
-	OutstandingPages uint64
-	SharedPages      uint64
-	PagedPages       uint64 // pages paged out by a vm_event pager
-	SharedInfoFrame  uint64 // GMFN of the shared_info page
-	CPUTime          time.Duration
-	OnlineVCPUs      uint32
-	MaxVCPUID        uint32
-	CPUPool          uint32
-	EmulationFlags   uint32 // XEN_X86_EMU_*
-	GPAddrBits       uint8
-	Handle           [16]byte // the domain's UUID
-}
-
-// Kind is "pv", "pvh" or "hvm".
-func (d DomainInfo) Kind() string {
-	switch {
-	case !d.HVM:
-		return "pv"
-	case d.PVH:
-		return "pvh"
-	}
-	return "hvm"
-}
-
 // domInfoFromC converts the flattened C struct.
 func domInfoFromC(c *C.xp_dominfo) DomainInfo {
 	f := uint32(c.flags)
@@ -225,13 +183,6 @@ func (h *Handle) SetVCPUContext(dom, vcpu uint32, ctx []byte) error {
 	return h.result("xc_vcpu_setcontext", dom, fmt.Sprintf("vcpu %d", vcpu), int64(rc), err)
 }
 
-// PageTableRoot is where a vCPU's page-table walk starts.
-type PageTableRoot struct {
-	CR3     uint64 // the register as Xen reports it
-	Frame   uint64 // CR3 decoded to a frame number
-	Machine bool   // Frame is a machine frame (PV); else a guest pfn (HVM/PVH)
-}
-
 // VCPUPageTableRoot reads CR3 of a vCPU: for HVM/PVH from the HVM CPU save
 // record (a guest-physical address), for PV from the vCPU context (a
 // machine frame; translate with the m2p before using it as a pfn).
@@ -297,13 +248,6 @@ func (h *Handle) SetHVMContext(dom uint32, ctx []byte) error {
 	return h.result("xc_domain_hvm_setcontext", dom, "", int64(rc), err)
 }
 
-// HVM parameters used by the project (xen/hvm/params.h).
-const (
-	HVMParamStorePFN      = C.HVM_PARAM_STORE_PFN
-	HVMParamConsolePFN    = C.HVM_PARAM_CONSOLE_PFN
-	HVMParamPagingRingPFN = C.HVM_PARAM_PAGING_RING_PFN // 27
-)
-
 // HVMParam reads an HVM parameter.
 func (h *Handle) HVMParam(dom uint32, param int) (uint64, error) {
 	if err := h.alive(); err != nil {
@@ -324,32 +268,6 @@ func (h *Handle) SetHVMParam(dom uint32, param int, value uint64) error {
 	}
 	rc, err := C.xc_hvm_param_set(h.xch, C.uint32_t(dom), C.uint32_t(param), C.uint64_t(value))
 	return h.result("xc_hvm_param_set", dom, fmt.Sprintf("param %d", param), int64(rc), err)
-}
-
-// PageType is the type Xen reports for a frame (XEN_DOMCTL_PFINFO_*): the
-// top four bits of a 32-bit value.
-type PageType uint32
-
-// Page types.
-const (
-	PageNormal  PageType = C.XEN_DOMCTL_PFINFO_NOTAB
-	PageL1      PageType = C.XEN_DOMCTL_PFINFO_L1TAB
-	PageL2      PageType = C.XEN_DOMCTL_PFINFO_L2TAB
-	PageL3      PageType = C.XEN_DOMCTL_PFINFO_L3TAB
-	PageL4      PageType = C.XEN_DOMCTL_PFINFO_L4TAB
-	PagePinned  PageType = C.XEN_DOMCTL_PFINFO_LPINTAB // flag, ORed with L1..L4
-	PageInvalid PageType = C.XEN_DOMCTL_PFINFO_XTAB    // not in the physmap
-	PageXAlloc  PageType = C.XEN_DOMCTL_PFINFO_XALLOC
-	PageBroken  PageType = C.XEN_DOMCTL_PFINFO_BROKEN
-	pageMask    PageType = C.XEN_DOMCTL_PFINFO_LTAB_MASK
-)
-
-// IsPageTable reports whether t is an L1..L4 page-table page (PV only:
-// HVM page tables are ordinary guest pages to Xen).
-func (t PageType) IsPageTable() bool {
-	// XTAB, XALLOC and BROKEN have type bits 7, 6 and 5, outside L1..L4.
-	k := t & C.XEN_DOMCTL_PFINFO_LTABTYPE_MASK
-	return k >= PageL1 && k <= PageL4
 }
 
 // pageTypeBatch is the most frames XEN_DOMCTL_getpageframeinfo3 takes.

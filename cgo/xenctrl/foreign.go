@@ -11,15 +11,6 @@ import (
 	"unsafe"
 )
 
-// Prot is the protection of a foreign mapping.
-type Prot int
-
-// Mapping protections (mmap's PROT_*).
-const (
-	ProtRead      Prot = syscall.PROT_READ
-	ProtReadWrite Prot = syscall.PROT_READ | syscall.PROT_WRITE
-)
-
 // Mapping is a batch of another domain's pages mapped contiguously into
 // this process, page i at offset i*PageSize. Mapping can partly succeed:
 // Err(i) says whether page i is usable. The memory is not Go memory; it is
@@ -78,10 +69,7 @@ func (m *Mapping) Err(i int) error {
 	if m.errs[i] == 0 {
 		return nil
 	}
-	en := syscall.Errno(m.errs[i])
-	if en < 0 {
-		en = -en
-	}
+	en := mapErrno(int(m.errs[i]))
 	return &Error{Op: "xenforeignmemory_map", Dom: m.dom, HasDom: true, Detail: fmt.Sprintf("pfn %#x", m.pfns[i]), Errno: en}
 }
 

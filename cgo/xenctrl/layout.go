@@ -18,27 +18,6 @@ import (
 // private page. Test files cannot import "C", so the tests call these
 // unexported functions.
 
-// Layout is a set of sizes and offsets of Xen ABI structures as compiled
-// into this binary, for checks against the documented ABI.
-type Layout struct {
-	VMEventRequestSize      uint64
-	VMEventUnionOffset      uint64
-	VMEventDataOffset       uint64
-	VMEventRingEntries      uint64 // requests per one-page ring
-	VMEventInterfaceVersion uint64
-	VCPUContextSize         uint64
-	XenPFNSize              uint64
-	DomainInfoSize          uint64
-	HVMCPUSaveCode          uint64
-	HVMCPUSaveLength        uint64
-	HVMCPUCR3Offset         uint64
-	// HVMCPUOffsets are the offsets of rsp, rip, cr0, cr3, cr4, gs_base,
-	// shadow_gs and msr_efer in the CPU save record, for parsers that read
-	// the HVM context in pure Go (xen/xendom).
-	HVMCPUOffsets   [8]uint64
-	PagingRingParam uint64
-}
-
 // ABILayout reports the compiled-in layout.
 func ABILayout() Layout {
 	var l C.xp_layout

@@ -8,7 +8,6 @@ import "C"
 import (
 	"errors"
 	"fmt"
-	"math/bits"
 	"syscall"
 	"unsafe"
 )
@@ -81,13 +80,6 @@ type DirtyBitmap struct {
 	d     *C.xp_dirty
 }
 
-// DirtyStats is what one PEEK or CLEAN reported.
-type DirtyStats struct {
-	Pages      uint64 // pfns covered by the returned bitmap
-	FaultCount uint32 // shadow faults since the last CLEAN
-	DirtyCount uint32 // pages dirtied since the last CLEAN
-}
-
 // NewDirtyBitmap prepares PEEK/CLEAN over pfns [0, pages).
 func (h *Handle) NewDirtyBitmap(dom uint32, pages uint64) (*DirtyBitmap, error) {
 	if err := h.alive(); err != nil {
@@ -152,24 +144,4 @@ func (b *DirtyBitmap) Close() {
 		C.xp_dirty_free(b.h.xch, b.d)
 	}
 	b.d = nil
-}
-
-// AppendSetBits appends to dst, in ascending order, the index of every set
-// bit of bitmap below limit, and returns the extended slice.
-func AppendSetBits(dst []uint64, bitmap []uint64, limit uint64) []uint64 {
-	for w, word := range bitmap {
-		base := uint64(w) * 64
-		if base >= limit {
-			break
-		}
-		for word != 0 {
-			bit := uint64(bits.TrailingZeros64(word))
-			if base+bit >= limit {
-				break
-			}
-			dst = append(dst, base+bit)
-			word &= word - 1
-		}
-	}
-	return dst
 }

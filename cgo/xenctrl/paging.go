@@ -12,26 +12,6 @@ import (
 	"unsafe"
 )
 
-// vm_event constants from xen/vm_event.h.
-const (
-	// VMEventInterfaceVersion must be in every response, or Xen 4.17
-	// drops it ("vm_event interface version mismatch") and the vCPU that
-	// faulted never resumes.
-	VMEventInterfaceVersion = C.VM_EVENT_INTERFACE_VERSION
-	// FlagVCPUPaused: the vCPU waits for the response; copy it back so Xen
-	// unpauses the vCPU.
-	FlagVCPUPaused = C.VM_EVENT_FLAG_VCPU_PAUSED
-	// FlagForeign: the request came from a foreign mapping, not a vCPU.
-	FlagForeign = C.VM_EVENT_FLAG_FOREIGN
-	// ReasonMemPaging is the reason of paging requests.
-	ReasonMemPaging = C.VM_EVENT_REASON_MEM_PAGING
-	// PagingDropPage: the guest dropped a paged-out page (ballooned it);
-	// nothing is to be loaded.
-	PagingDropPage = C.MEM_PAGING_DROP_PAGE
-	// PagingEvictFail: an eviction raced with a guest access.
-	PagingEvictFail = C.MEM_PAGING_EVICT_FAIL
-)
-
 // pagingHint explains the usual reasons vm_event paging cannot be enabled.
 func pagingHint(errno syscall.Errno) string {
 	switch errno {
@@ -46,46 +26,6 @@ func pagingHint(errno syscall.Errno) string {
 		return "a pager is already attached to this domain"
 	}
 	return ""
-}
-
-// Request is one vm_event request read from the paging ring.
-type Request struct {
-	Version     uint32 // VMEventInterfaceVersion for a matching hypervisor
-	Flags       uint32 // FlagVCPUPaused, FlagForeign, ...
-	Reason      uint32 // ReasonMemPaging for the paging ring
-	VCPUID      uint32
-	AltP2MIdx   uint16
-	GFN         uint64 // paging requests only
-	P2MType     uint32 // paging requests only
-	PagingFlags uint32 // PagingDropPage, PagingEvictFail
-}
-
-// Response answers a Request. PutResponse always sends version
-// VMEventInterfaceVersion.
-type Response struct {
-	Flags       uint32
-	Reason      uint32
-	VCPUID      uint32
-	AltP2MIdx   uint16
-	GFN         uint64
-	P2MType     uint32
-	PagingFlags uint32
-}
-
-// ResponseFor is the response that resumes req, built as a pager should:
-// the vCPU, reason, gfn and altp2m view are echoed, and the request flags
-// (above all FlagVCPUPaused, which makes Xen unpause the vCPU) and paging
-// flags (PagingDropPage: nothing to restore) are copied.
-func ResponseFor(req Request) Response {
-	return Response{
-		Flags:       req.Flags,
-		Reason:      req.Reason,
-		VCPUID:      req.VCPUID,
-		AltP2MIdx:   req.AltP2MIdx,
-		GFN:         req.GFN,
-		P2MType:     req.P2MType,
-		PagingFlags: req.PagingFlags,
-	}
 }
 
 func requestFromC(c *C.xp_vm_event) Request {
@@ -149,15 +89,6 @@ func (h *Handle) EnablePaging(dom uint32) (*PagingRing, error) {
 // (ReqProd) and consumes responses: after it consumed response n it sets
 // RspEvent to n+1, so RspEvent lagging RspProd+1 means responses sit
 // unread. ReqCons and RspProdPvt are our back end's private indexes.
-type RingState struct {
-	ReqProd, ReqEvent, RspProd, RspEvent uint32
-	ReqCons, RspProdPvt                  uint32
-}
-
-func (s RingState) String() string {
-	return fmt.Sprintf("req_prod=%d req_cons=%d req_event=%d rsp_prod=%d rsp_event=%d",
-		s.ReqProd, s.ReqCons, s.ReqEvent, s.RspProd, s.RspEvent)
-}
 
 // State reads the ring's indexes (diagnostics: are requests produced, are
 // our responses consumed?).

@@ -11,35 +11,6 @@ import (
 	"syscall"
 )
 
-// Shutdown reasons (SHUTDOWN_* of xen/sched.h), as carried by
-// DomainInfo.ShutdownReason and taken by ShutdownDomain.
-const (
-	ShutdownPoweroff uint32 = C.SHUTDOWN_poweroff // 0: exited normally
-	ShutdownReboot   uint32 = C.SHUTDOWN_reboot   // 1: restart wanted
-	ShutdownSuspend  uint32 = C.SHUTDOWN_suspend  // 2: suspended, state may be saved
-	ShutdownCrash    uint32 = C.SHUTDOWN_crash    // 3: the guest crashed
-	shutdownMax      uint32 = C.SHUTDOWN_MAX      // highest reason Xen accepts
-)
-
-// TSC modes of TSCInfo.Mode. Xen keeps these in a private header
-// (asm-x86/time.h), so they are spelled out here; the values are ABI, part
-// of the migration stream.
-const (
-	TSCModeDefault       uint32 = 0 // native rdtsc unless the TSC is unreliable across hosts
-	TSCModeAlwaysEmulate uint32 = 1 // rdtsc always traps and is emulated
-	TSCModeNeverEmulate  uint32 = 2 // native rdtsc even if it may jump
-)
-
-// TSCInfo is a domain's time-stamp-counter state, which a migration copies
-// from source to destination so that the guest's TSC neither jumps nor
-// changes frequency (XEN_DOMCTL_gettscinfo / settscinfo).
-type TSCInfo struct {
-	Mode        uint32 // TSCMode*
-	ElapsedNsec uint64 // guest time elapsed, the TSC offset base
-	GTSCkHz     uint32 // guest TSC frequency in kHz
-	Incarnation uint32 // bumped on each migration/restore; guests may watch it
-}
-
 // ResumeDomain resumes dom after it shut down with ShutdownSuspend
 // (xc_domain_resume). With fast, the resume is cooperative: the guest's
 // SCHEDOP_shutdown(SHUTDOWN_suspend) hypercall returns 1, "suspend

@@ -1,17 +1,3 @@
-// Package xenctrl is the project's only binding to the Xen 4.17 tool
-// libraries (libxenctrl, libxenforeignmemory, libxenevtchn, libxenstore).
-// C types never leave it: every call takes and returns Go types, and every
-// failure is an *Error that names the libxc call and the domain and wraps
-// the errno as a syscall.Errno, so errors.Is(err, syscall.EPERM) works.
-//
-// The package builds and links wherever libxen-dev is installed, but only
-// works inside a Xen control domain (dom0): Open fails elsewhere with an
-// error that says so (errors.Is(err, ErrNotDom0)).
-//
-// A Handle is safe for concurrent use by several goroutines (libxenctrl
-// handles are re-entrant unless opened NON_REENTRANT, which we never do),
-// except that Close must not race with other calls. Mappings, dirty
-// bitmaps and paging rings are owned by one goroutine at a time.
 package xenctrl
 
 /*
@@ -29,75 +15,6 @@ import (
 	"syscall"
 	"unsafe"
 )
-
-// PrivcmdPath is the device through which dom0 issues hypercalls; its
-// absence is how we know we are not in a Xen control domain.
-const PrivcmdPath = "/dev/xen/privcmd"
-
-// PageSize is the Xen page size on x86.
-const PageSize = C.XC_PAGE_SIZE
-
-// ErrNotDom0 is matched (errors.Is) by the error Open returns when the
-// process does not run in a Xen dom0.
-var ErrNotDom0 = errors.New("not running in a Xen dom0")
-
-// ErrClosed is returned by calls on a closed Handle.
-var ErrClosed = errors.New("xenctrl: handle is closed")
-
-// notDom0Error is Open's error when the privcmd device is missing.
-type notDom0Error struct{ path string }
-
-func (e *notDom0Error) Error() string {
-	return fmt.Sprintf("not running in a Xen dom0 (%s missing): run xl-postcopy as root in the "+
-		"control domain of a Xen host; if this is dom0, load the driver (modprobe xen-privcmd) "+
-		"and mount xenfs (mount -t xenfs xenfs /proc/xen)", e.path)
-}
-
-func (e *notDom0Error) Is(target error) bool { return target == ErrNotDom0 }
-
-// Error is a failed libxc/libxenforeignmemory/libxenevtchn call.
-type Error struct {
-	Op     string        // the C call, e.g. "xc_domain_pause"
-	Dom    uint32        // domain id the call was about
-	HasDom bool          // false for calls that are not about one domain
-	Detail string        // extra context, e.g. "pfn 0x1234"
-	Errno  syscall.Errno // errno reported by the call
-	Hint   string        // what an administrator can do about it, if known
-}
-
-func (e *Error) Error() string {
-	s := e.Op
-	switch {
-	case e.HasDom && e.Detail != "":
-		s += fmt.Sprintf("(dom %d, %s)", e.Dom, e.Detail)
-	case e.HasDom:
-		s += fmt.Sprintf("(dom %d)", e.Dom)
-	case e.Detail != "":
-		s += "(" + e.Detail + ")"
-	}
-	s += ": " + e.Errno.Error()
-	if e.Hint != "" {
-		s += " (" + e.Hint + ")"
-	}
-	return s
-}
-
-// Unwrap makes errors.Is(err, syscall.EXXX) work.
-func (e *Error) Unwrap() error { return e.Errno }
-
-// errnoOf turns a failed call's return value and cgo errno into an Errno.
-// libxc mostly returns -1 with errno set, a few calls return -errno, and a
-// call can fail without setting errno at all (then EIO).
-func errnoOf(rc int64, err error) syscall.Errno {
-	var en syscall.Errno
-	if errors.As(err, &en) && en != 0 {
-		return en
-	}
-	if rc < -1 && rc > -4096 {
-		return syscall.Errno(-rc)
-	}
-	return syscall.EIO
-}
 
 // Handle is an open connection to the hypervisor (an xc_interface).
 type Handle struct {

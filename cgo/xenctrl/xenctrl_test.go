@@ -1,3 +1,5 @@
+//go:build cgo
+
 package xenctrl
 
 import (
@@ -337,4 +339,13 @@ func TestShutdownDomainRejectsBadReason(t *testing.T) {
 	require.ErrorAs(t, err, &xe)
 	assert.Equal(t, "xc_domain_shutdown(dom 4, reason 99: not a SHUTDOWN_* code (max 5)): invalid argument", xe.Error())
 	assert.ErrorIs(t, h.ShutdownDomain(4, shutdownMax), ErrClosed, "the highest valid reason passes the check")
+}
+
+// xenforeignmemory_map reports a paged-out page as -ENOENT in its err
+// array; the Errno must match syscall.ENOENT.
+func TestMapErrnoIsPositive(t *testing.T) {
+	assert.Equal(t, syscall.ENOENT, mapErrno(-int(syscall.ENOENT)))
+	assert.Equal(t, syscall.EFAULT, mapErrno(int(syscall.EFAULT)))
+	err := &Error{Op: "xenforeignmemory_map", Errno: mapErrno(-int(syscall.ENOENT))}
+	assert.ErrorIs(t, err, syscall.ENOENT)
 }

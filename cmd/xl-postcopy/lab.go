@@ -218,12 +218,6 @@ func progressLine(p engine.Progress) string {
 		p.Phase, p.Round, pct, p.Pages, fmtBytes(p.Bytes), p.Faults, p.Elapsed.Seconds())
 }
 
-// signalContext is cancelled on SIGINT/SIGTERM (the Xen commands' handling;
-// the lab commands use catchInterrupts).
-func signalContext() (context.Context, context.CancelFunc) {
-	return signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-}
-
 // interrupts turns SIGINT and SIGTERM into an orderly stop of a lab run:
 // the first signal cancels ctx, so that the run stops, ends its lab guests
 // and returns, and the command then removes the link's namespaces and

@@ -219,7 +219,7 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		return err
 	}
 	defer x.Close()
-	dom, err := resolveDomain(x.Handle, domArg)
+	dom, err := resolveDomain(x, domArg)
 	if err != nil {
 		return err
 	}

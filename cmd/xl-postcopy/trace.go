@@ -1,3 +1,5 @@
+//go:build cgo
+
 package main
 
 import (
@@ -7,10 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"os/signal"
-	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
@@ -18,7 +17,6 @@ import (
 
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
 	"github.com/xl-postcopy/xl-postcopy/xen/trace"
-	"github.com/xl-postcopy/xl-postcopy/xen/xendom"
 )
 
 // `xl-postcopy trace` records which pages a running domain writes, round by
@@ -191,43 +189,6 @@ func (x *xenDirty) Pages() uint64 { return x.pages }
 func (x *xenDirty) Clean(dst []uint64) error {
 	_, err := x.bm.Clean(dst)
 	return err
-}
-
-// parseDomainArg returns the domid if arg is a number, else ok=false.
-func parseDomainArg(arg string) (dom uint32, ok bool, err error) {
-	if arg == "" {
-		return 0, false, usagef("empty domain")
-	}
-	if arg[0] < '0' || arg[0] > '9' {
-		return 0, false, nil
-	}
-	v, err := strconv.ParseUint(arg, 10, 16)
-	if err != nil || v >= 0x7ff0 { // DOMID_FIRST_RESERVED
-		return 0, false, usagef("domain id %q is not a valid domid (0..32751)", arg)
-	}
-	return uint32(v), true, nil
-}
-
-// resolveDomain turns a domid or name into a domid: xenstore first, then
-// `xl domid NAME` (which also knows names xenstore has not got yet).
-func resolveDomain(h *xenctrl.Handle, arg string) (uint32, error) {
-	dom, ok, err := parseDomainArg(arg)
-	if err != nil || ok {
-		return dom, err
-	}
-	dom, xsErr := h.LookupDomain(arg)
-	if xsErr == nil {
-		return dom, nil
-	}
-	xlCmd := exec.Command("xl", "domid", arg)
-	xlCmd.Env = xendom.CleanEnv()
-	out, xlErr := xlCmd.Output()
-	if xlErr == nil {
-		if v, perr := strconv.ParseUint(strings.TrimSpace(string(out)), 10, 16); perr == nil {
-			return uint32(v), nil
-		}
-	}
-	return 0, fmt.Errorf("domain %q not found (xenstore: %v; xl domid: %v)", arg, xsErr, xlErr)
 }
 
 func runTrace(fs *pflag.FlagSet, args []string) (err error) {

@@ -1,10 +1,11 @@
+//go:build cgo
+
 package main
 
 import (
 	"bytes"
 	"context"
 	"errors"
-	"io"
 	"os"
 	"strings"
 	"sync"
@@ -17,29 +18,6 @@ import (
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
 	"github.com/xl-postcopy/xl-postcopy/xen/trace"
 )
-
-// captureStderr runs f with os.Stderr redirected and returns what it wrote.
-func captureStderr(t *testing.T, f func()) string {
-	t.Helper()
-	r, w, err := os.Pipe()
-	require.NoError(t, err)
-	old := os.Stderr
-	os.Stderr = w
-	var buf bytes.Buffer
-	done := make(chan struct{})
-	go func() { io.Copy(&buf, r); close(done) }()
-	defer func() {
-		os.Stderr = old
-		w.Close()
-		<-done
-		r.Close()
-	}()
-	f()
-	w.Close()
-	<-done
-	os.Stderr = old
-	return buf.String()
-}
 
 func TestTraceOutsideDom0(t *testing.T) {
 	if _, err := os.Stat(xenctrl.PrivcmdPath); err == nil {

@@ -214,10 +214,8 @@ func TestNoPSI(t *testing.T) {
 	// A kernel without PSI (CONFIG_PSI off or default-disabled): MemAvailable
 	// alone must still drive growth.
 	cfg := DefaultConfig(maxKB)
-	p, err := NewPolicy(cfg)
-	require.NoError(t, err)
 	cfg.MaxKB = 256 * mib // room above, so the amount is not capped
-	p, err = NewPolicy(cfg)
+	p, err := NewPolicy(cfg)
 	require.NoError(t, err)
 	d := p.Step(Sample{Mem: Meminfo{MemTotal: 70000, MemFree: 2000, MemAvailable: 9000}, TargetKB: 90000})
 	assert.Equal(t, Grow, d.Action)

@@ -52,23 +52,30 @@ type dest struct {
 	bw   *wire.Writer // replies on the bulk connection
 	uw   *wire.Writer // fault requests; only the fault loop writes
 
-	mu         sync.Mutex
-	present    *prepage.Bitmap // placed, being placed, or absent
-	absent     *prepage.Bitmap // no memory there: nothing to place or verify
-	nPresent   uint64
-	requested  *prepage.Bitmap // a fault request went to the source
-	faulted    *prepage.Bitmap // distinct pfns the guest faulted on
-	faultAt    map[uint64]time.Time
-	lat        []time.Duration
-	crc        []uint32
-	resumed    bool
-	allIn      chan struct{} // closed when every page is present after resume
-	stats      DestStats
-	zeroCRC    uint32
-	received   atomic.Uint64
-	credited   uint64
-	retries    uint64 // placements tried again after the backend failed them
-	retrying   int    // pages waiting to be placed again: not complete yet
+	mu        sync.Mutex
+	present   *prepage.Bitmap // placed, being placed, or absent
+	absent    *prepage.Bitmap // no memory there: nothing to place or verify
+	nPresent  uint64
+	requested *prepage.Bitmap // a fault request went to the source
+	faulted   *prepage.Bitmap // distinct pfns the guest faulted on
+	faultAt   map[uint64]time.Time
+	lat       []time.Duration
+	crc       []uint32
+	resumed   bool
+	allIn     chan struct{} // closed when every page is present after resume
+	stats     DestStats
+	zeroCRC   uint32
+	received  atomic.Uint64
+	credited  uint64
+	retries   uint64 // placements tried again after the backend failed them
+	// placing counts the pages counted present whose Place has not
+	// returned yet (in flight, or waiting to be placed again): while it is
+	// not 0 the migration is not complete, even with nPresent at its end.
+	// (nPresent counts a page when a record claims it, before the backend
+	// holds it; without this, another stream's last page could end the
+	// migration while a batch was still being placed, and the read-back
+	// found those pages missing.)
+	placing    int
 	stopCancel func()
 	alive      *liveness
 	failOnce   sync.Once
@@ -528,6 +535,7 @@ func (d *dest) place(b *wire.PageBatch) error {
 		keep = append(keep, p)
 		keepCRC = append(keepCRC, crcs[i])
 	}
+	d.placing += len(keep)
 	resumed := d.resumed
 	d.mu.Unlock()
 	if len(keep) == 0 {
@@ -536,14 +544,14 @@ func (d *dest) place(b *wire.PageBatch) error {
 	if err := d.dom.Place(keep); err != nil {
 		err = fmt.Errorf("place %d pages from pfn %#x: %w", len(keep), keep[0].PFN, err)
 		if !resumed {
+			d.mu.Lock()
+			d.placing -= len(keep)
+			d.mu.Unlock()
 			return err
 		}
 		// After the resume this is the only copy that runs: nothing
 		// about one batch may end it. The pages are kept and placed
-		// again until the backend takes them.
-		d.mu.Lock()
-		d.retrying += len(keep)
-		d.mu.Unlock()
+		// again until the backend takes them (still counted in placing).
 		go d.retryPlace(copyPages(keep), slices.Clone(keepCRC), err)
 		return nil
 	}
@@ -590,9 +598,6 @@ func (d *dest) retryPlace(pages []Page, crcs []uint32, first error) {
 		d.retries++
 		d.mu.Unlock()
 		if err = d.dom.Place(pages); err == nil {
-			d.mu.Lock()
-			d.retrying -= len(pages)
-			d.mu.Unlock()
 			d.placed(pages, crcs)
 			return
 		}
@@ -613,7 +618,8 @@ func (d *dest) placed(keep []Page, keepCRC []uint32) {
 			delete(d.faultAt, p.PFN)
 		}
 	}
-	complete := d.resumed && d.nPresent == d.hdr.NumPages && d.retrying == 0
+	d.placing -= len(keep)
+	complete := d.resumed && d.nPresent == d.hdr.NumPages && d.placing == 0
 	d.mu.Unlock()
 	if complete {
 		d.closeAllIn()
@@ -748,7 +754,7 @@ func (d *dest) resume(core []byte) error {
 	d.mu.Lock()
 	d.resumed = true
 	d.resumedAt = time.Now()
-	complete := d.nPresent == d.hdr.NumPages
+	complete := d.nPresent == d.hdr.NumPages && d.placing == 0
 	d.mu.Unlock()
 	go d.urgentReader()
 	go d.faultLoop()
@@ -837,7 +843,10 @@ func (d *dest) urgentReader() {
 			d.fail(fmt.Errorf("urgent connection: unexpected %v", rec.Type))
 			return
 		}
-		if err := wire.DecodePageBatch(rec.Body, &pb); err == nil {
+		// err is the loop's: a decode or place failure must not be
+		// shadowed (it once was, and the faulting vCPU waited for ever).
+		err = wire.DecodePageBatch(rec.Body, &pb)
+		if err == nil {
 			err = d.place(&pb)
 		}
 		if err != nil {

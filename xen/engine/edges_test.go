@@ -467,3 +467,66 @@ func TestSlowDomainCreationIsNotSilence(t *testing.T) {
 	require.NoError(t, derr)
 	require.True(t, st.Verified)
 }
+
+// rewriteUrgent relays the source's urgent stream to the destination and
+// rewrites the first page batch with a valid checksum but a pfn beyond the
+// domain: a record that decodes but cannot be placed.
+func rewriteUrgent(t *testing.T, fromSource net.Conn) net.Conn {
+	t.Helper()
+	toDest, relay := net.Pipe()
+	go func() { _, _ = io.Copy(fromSource, relay) }() // faults, destination → source
+	go func() {
+		defer relay.Close()
+		var h [wire.HeaderSize]byte
+		if _, err := io.ReadFull(fromSource, h[:]); err != nil {
+			return
+		}
+		if _, err := relay.Write(h[:]); err != nil {
+			return
+		}
+		r, w := wire.NewReader(fromSource), wire.NewWriter(relay)
+		rewritten := false
+		for {
+			rec, err := r.Next()
+			if err != nil {
+				return
+			}
+			if rec.Type == wire.TypePageBatch && !rewritten {
+				var pb wire.PageBatch
+				if wire.DecodePageBatch(rec.Body, &pb) == nil {
+					rewritten = true
+					pb.Entries[0] = pb.Entries[0]&^wire.PFNMask | 1<<40
+					err = w.WritePageBatch(pb.Phase, pb.PageSize, pb.Entries, pb.Data)
+				}
+			} else {
+				err = w.WriteRecord(rec.Type, rec.Body)
+			}
+			if err != nil || w.Flush() != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() { toDest.Close() })
+	return toDest
+}
+
+// A fault reply that decodes but cannot be placed ends the destination's
+// side with that reason; it was once dropped (the error was shadowed) and
+// the vCPU left waiting on the page.
+func TestUnplaceableFaultReplyFailsTheDestination(t *testing.T) {
+	src := newMemSource(4096, 0)
+	dst := newMemDest([]uint64{4000, 4001, 17, 3000})
+	a1, a2, b1, b2 := conns(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var derr error
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, derr = RunDest(ctx, b1, rewriteUrgent(t, b2), func(*wire.DomainHeader) (Dest, error) { return dst, nil }, DestOptions{})
+	}()
+	_, _ = RunSource(ctx, src, a1, a2, Options{Mode: wire.ModePostcopy, BatchPages: 8, WindowBytes: 64 << 10})
+	<-done
+	require.Error(t, derr)
+	require.Contains(t, derr.Error(), "urgent connection: page batch: pfn 0x10000000000 beyond the domain")
+}

@@ -196,3 +196,24 @@ func TestEarlyCorePagesBeforeThePause(t *testing.T) {
 	defer r.hv.mu.Unlock()
 	require.Equal(t, pageOf("written while suspending", 0x201), dst.mem[0x201])
 }
+
+// A request still on the ring when the loop stops (a vCPU touched a page
+// as the last one came in) is answered before paging is disabled: the
+// vCPU would otherwise stay paused on a ring that is gone.
+func TestCloseAnswersRequestsLeftOnTheRing(t *testing.T) {
+	h, d, ring := bareDest(t, 300, 301)
+	require.NoError(t, d.Place(pagesFor(d, 0, 1)))
+	d.closed = make(chan struct{})
+	d.loopDone = make(chan struct{})
+	close(d.loopDone) // the ring loop has stopped
+	h.mu.Lock()
+	ring.reqs = append(ring.reqs, xenctrl.Request{Flags: xenctrl.FlagVCPUPaused, Reason: xenctrl.ReasonMemPaging, VCPUID: 1, GFN: 301})
+	before := ring.answered[301]
+	h.mu.Unlock()
+	require.NoError(t, d.Close())
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	require.Equal(t, before+1, ring.answered[301], "the request left on the ring was answered")
+	require.True(t, ring.closed)
+	require.Empty(t, h.errs)
+}

@@ -857,12 +857,51 @@ func (d *Dest) Close() error {
 	if complete && d.ring != nil {
 		d.ringMu.Lock()
 		defer d.ringMu.Unlock()
+		// Requests the loop had not taken off the ring when it stopped
+		// are answered first: every page is in, and a vCPU paused on a
+		// request must not outlive the ring that would answer it.
+		if err := d.drainRing(); err != nil {
+			return err
+		}
 		err := d.ring.Close()
 		d.ring = nil
 		if err != nil {
 			return fmt.Errorf("disable paging: %w", err)
 		}
 	}
+	return nil
+}
+
+// drainRing answers every request still on the ring (Close, with ringMu
+// held, once every page is in).
+func (d *Dest) drainRing() error {
+	var left []xenctrl.Request
+	for {
+		req, ok, err := d.ring.GetRequest()
+		if !ok {
+			break
+		}
+		if err != nil {
+			d.opt.Logf("paging request: %v", err)
+		}
+		left = append(left, req)
+	}
+	if len(left) == 0 {
+		return nil
+	}
+	d.mu.Lock()
+	d.stats.Requests += uint64(len(left))
+	d.stats.PlainResponses += uint64(len(left))
+	d.mu.Unlock()
+	for _, r := range left {
+		if err := d.ring.PutResponse(xenctrl.ResponseFor(r)); err != nil {
+			return fmt.Errorf("answer the paging request for gfn %#x before disabling paging: %w", r.GFN, err)
+		}
+	}
+	if err := d.ring.Notify(); err != nil {
+		return fmt.Errorf("notify Xen of %d paging responses: %w", len(left), err)
+	}
+	d.opt.Logf("%d paging requests answered as paging was disabled", len(left))
 	return nil
 }
 

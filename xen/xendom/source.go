@@ -434,8 +434,8 @@ func (s *Source) ReadPages(pfns []uint64, buf []byte) error {
 		s.stats.UnreadablePages += uint64(len(failed))
 		s.mu.Unlock()
 		var why error = errors.New("not mappable")
-		if x, ok := s.opt.HV.(*Xen); ok {
-			why = x.lastMapError()
+		if x, ok := s.opt.HV.(interface{ lastMapError() error }); ok {
+			why = x.lastMapError() // Xen's errno for the first page
 		}
 		bad := make([]uint64, len(failed))
 		for i, f := range failed {
