@@ -90,6 +90,12 @@ lab-bench:
 lab-shell:
 	scripts/lab/lab-shell.sh
 
+# Debian 12 packages in bin/deb: xl-postcopy (dom0: binary, man pages, bash completion)
+# and xl-postcopy-guest (static guest-balloon, systemd unit); dpkg-buildpackage/debhelper
+# (installed if missing). Install with dpkg -i bin/deb/*.deb.
+deb: deps
+	scripts/deb/build.sh $(BIN)/deb
+
 bench: build
 	$(BIN)/xl-postcopy bench --link 1gbit --out docs/bench
 

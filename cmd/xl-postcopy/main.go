@@ -31,6 +31,17 @@ type command struct {
 
 var commands = map[string]*command{}
 
+// flagSet is c's options as the command line, --help, the man pages and
+// the bash completion all see them (one definition, so they cannot drift).
+func (c *command) flagSet() *pflag.FlagSet {
+	fs := pflag.NewFlagSet("xl-postcopy "+c.name, pflag.ContinueOnError)
+	fs.SortFlags = false
+	if c.setup != nil {
+		c.setup(fs)
+	}
+	return fs
+}
+
 func register(c *command) {
 	if _, dup := commands[c.name]; dup {
 		panic("duplicate command " + c.name)
@@ -103,13 +114,9 @@ func runMain(argv []string) int {
 		}
 		return 2
 	}
-	fs := pflag.NewFlagSet("xl-postcopy "+c.name, pflag.ContinueOnError)
-	fs.SortFlags = false
+	fs := c.flagSet()
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "Usage: xl-postcopy %s %s\n\n%s\n\nOptions:\n%s", c.name, c.args, c.summary, fs.FlagUsages())
-	}
-	if c.setup != nil {
-		c.setup(fs)
 	}
 	if err := fs.Parse(rest); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
