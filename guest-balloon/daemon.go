@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
-	"log"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -49,7 +49,7 @@ func (o options) currentPath() string { return filepath.Join(o.balloonDir(), "in
 
 type daemon struct {
 	opt        options
-	log        *log.Logger
+	log        *slog.Logger
 	out        io.Writer // decisions in --dry-run/--once
 	xs         *xenstore.Client
 	pol        *dsb.Policy
@@ -95,7 +95,7 @@ func readKB(path string) (uint64, error) {
 	return v, nil
 }
 
-func newDaemon(ctx context.Context, opt options, logger *log.Logger, out io.Writer) (*daemon, error) {
+func newDaemon(ctx context.Context, opt options, logger *slog.Logger, out io.Writer) (*daemon, error) {
 	d := &daemon{opt: opt, log: logger, out: out, start: time.Now()}
 	t, err := readKB(opt.targetPath())
 	if errors.Is(err, fs.ErrNotExist) {
@@ -148,8 +148,8 @@ func newDaemon(ctx context.Context, opt options, logger *log.Logger, out io.Writ
 		d.close()
 		return nil, err
 	}
-	d.log.Printf("domain memory %d kB, target %d kB, reserve %d kB, floor %d kB, step %d kB",
-		maxKB, t, cfg.ReserveKB(), cfg.FloorKB(), cfg.ShrinkStepKB())
+	d.log.Info(fmt.Sprintf("domain memory %d kB, target %d kB, reserve %d kB, floor %d kB, step %d kB",
+		maxKB, t, cfg.ReserveKB(), cfg.FloorKB(), cfg.ShrinkStepKB()))
 	return d, nil
 }
 
@@ -177,7 +177,7 @@ func (d *daemon) sample() (dsb.Sample, error) {
 		}
 	} else if !d.psiWarned {
 		d.psiWarned = true
-		d.log.Printf("no memory pressure information (%v): relying on MemAvailable; boot the guest with psi=1 for PSI", err)
+		d.log.Info(fmt.Sprintf("no memory pressure information (%v): relying on MemAvailable; boot the guest with psi=1 for PSI", err))
 	}
 	if s.TargetKB, err = readKB(d.opt.targetPath()); err != nil {
 		return s, fmt.Errorf("reading the balloon target: %w", err)
@@ -220,7 +220,7 @@ func (d *daemon) domainTargetEvent(ctx context.Context) bool {
 	v, err := d.xs.Read(ctx, domainTargetKey)
 	if err != nil {
 		if !errors.Is(err, xenstore.ErrNotFound) {
-			d.log.Printf("reading %s: %v", domainTargetKey, err)
+			d.log.Warn(fmt.Sprintf("reading %s: %v", domainTargetKey, err))
 		}
 		return false
 	}
@@ -231,7 +231,7 @@ func (d *daemon) domainTargetEvent(ctx context.Context) bool {
 	case first:
 		return false
 	case v != prev:
-		d.log.Printf("the domain's %s changed from %s to %s kB (xl mem-set?): following it", domainTargetKey, prev, v)
+		d.log.Info(fmt.Sprintf("the domain's %s changed from %s to %s kB (xl mem-set?): following it", domainTargetKey, prev, v))
 		d.ownTarget = 0
 		return false
 	default:
@@ -256,7 +256,7 @@ func (d *daemon) reassert() error {
 	if err := d.setTarget(own); err != nil {
 		return err
 	}
-	d.log.Printf("%s was re-announced (a restore or migration) and the balloon went to %d kB: back to %d kB", domainTargetKey, cur, own)
+	d.log.Info(fmt.Sprintf("%s was re-announced (a restore or migration) and the balloon went to %d kB: back to %d kB", domainTargetKey, cur, own))
 	return nil
 }
 
@@ -292,7 +292,8 @@ func (d *daemon) tick(ctx context.Context) error {
 			return err
 		}
 		if !d.opt.dryRun {
-			d.log.Printf("%s %d -> %d kB: %s", dec.Action, s.TargetKB, dec.TargetKB, dec.Reason)
+			d.log.Info(fmt.Sprintf("%s %d -> %d kB: %s", dec.Action, s.TargetKB, dec.TargetKB, dec.Reason),
+				"action", dec.Action, "from_kb", s.TargetKB, "to_kb", dec.TargetKB)
 		}
 	}
 	if dec.TargetKB != d.pubTarget || time.Since(d.lastPub) >= d.opt.heartbeat {
@@ -325,7 +326,7 @@ func (d *daemon) publish(ctx context.Context, s dsb.Sample, dec dsb.Decision, st
 		if pc, err := d.classify(); err == nil {
 			kv = append(kv, [2]string{control.KeyPages, pc.Summary()})
 		} else {
-			d.log.Printf("kpageflags: %v", err)
+			d.log.Warn(fmt.Sprintf("kpageflags: %v", err))
 		}
 	}
 	err := d.xs.Update(ctx, func(tx *xenstore.Tx) error {
@@ -426,10 +427,10 @@ func (d *daemon) handleRequest(ctx context.Context) error {
 		// migrate anyway, and a still balloon is what it needs.
 		d.startHold(req.Nonce, req.Hold)
 	}
-	d.log.Printf("%s %s: %s (target %d kB, released %d kB): %s", req.Kind, req.Nonce, ack.String(), dec.TargetKB, released, dec.Reason)
+	d.log.Info(fmt.Sprintf("%s %s: %s (target %d kB, released %d kB): %s", req.Kind, req.Nonce, ack.String(), dec.TargetKB, released, dec.Reason))
 	if perr == nil {
 		if err := d.publish(ctx, s, dec, "running"); err != nil {
-			d.log.Print(err)
+			d.log.Warn(err.Error())
 		}
 	}
 	err = d.xs.Update(ctx, func(tx *xenstore.Tx) error {
@@ -452,12 +453,12 @@ func (d *daemon) handleRequest(ctx context.Context) error {
 func (d *daemon) startHold(nonce string, dur time.Duration) {
 	if d.hold != nil {
 		d.hold.timer.Stop()
-		d.log.Printf("hold %s replaced by %s", d.hold.nonce, nonce)
+		d.log.Info(fmt.Sprintf("hold %s replaced by %s", d.hold.nonce, nonce))
 	}
 	until := time.Now().Add(dur)
 	d.hold = &hold{nonce: nonce, until: until, timer: time.NewTimer(dur)}
 	d.holdStatus = control.HoldStatus{Nonce: nonce, Held: true, Until: until}
-	d.log.Printf("holding the balloon for dom0 (%s) until %s, or until hold-end:%s", nonce, until.Format(time.TimeOnly), nonce)
+	d.log.Info(fmt.Sprintf("holding the balloon for dom0 (%s) until %s, or until hold-end:%s", nonce, until.Format(time.TimeOnly), nonce))
 }
 
 // endHold ends the hold in force, if any, and says so in xenstore.
@@ -469,9 +470,9 @@ func (d *daemon) endHold(ctx context.Context, why, msg string) {
 	nonce := d.hold.nonce
 	d.hold = nil
 	d.holdStatus = control.HoldStatus{Nonce: nonce, Ended: why}
-	d.log.Printf("hold %s ended (%s): %s; following the policy again", nonce, why, msg)
+	d.log.Info(fmt.Sprintf("hold %s ended (%s): %s; following the policy again", nonce, why, msg))
 	if err := d.writeHold(ctx); err != nil {
-		d.log.Print(err)
+		d.log.Warn(err.Error())
 	}
 }
 
@@ -535,7 +536,7 @@ func (d *daemon) shutdown() error {
 		if err := d.setTarget(d.origTarget); err != nil {
 			errs = append(errs, err)
 		} else {
-			d.log.Printf("stopping: target restored to %d kB", d.origTarget)
+			d.log.Info(fmt.Sprintf("stopping: target restored to %d kB", d.origTarget))
 		}
 	}
 	if d.xs != nil {
@@ -544,7 +545,7 @@ func (d *daemon) shutdown() error {
 		defer cancel()
 		if d.hold != nil {
 			d.hold.timer.Stop()
-			d.log.Printf("hold %s ended: stopping", d.hold.nonce)
+			d.log.Info(fmt.Sprintf("hold %s ended: stopping", d.hold.nonce))
 			d.holdStatus = control.HoldStatus{Nonce: d.hold.nonce, Ended: control.HoldEndedStopped}
 			d.hold = nil
 		}
@@ -560,7 +561,7 @@ func (d *daemon) shutdown() error {
 }
 
 // run is the daemon: one step with --once, else a loop until ctx ends.
-func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) error {
+func run(ctx context.Context, opt options, logger *slog.Logger, out io.Writer) error {
 	d, err := newDaemon(ctx, opt, logger, out)
 	if err != nil {
 		return err
@@ -594,7 +595,7 @@ func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) er
 	tk := time.NewTicker(opt.period)
 	defer tk.Stop()
 	if err := d.tick(ctx); err != nil {
-		d.log.Print(err)
+		d.log.Warn(err.Error())
 	}
 	for {
 		select {
@@ -606,7 +607,7 @@ func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) er
 				return errors.Join(fmt.Errorf("xenstore connection lost: %w", d.xs.Err()), serr)
 			}
 			if err := d.handleRequest(ctx); err != nil {
-				d.log.Print(err)
+				d.log.Warn(err.Error())
 			}
 		case _, ok := <-targetEvents:
 			if !ok {
@@ -619,10 +620,10 @@ func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) er
 					// move, so put the target back at once, and
 					// recreate the hold in the (new) home.
 					if err := d.reassert(); err != nil {
-						d.log.Print(err)
+						d.log.Warn(err.Error())
 					}
 					if err := d.writeHold(ctx); err != nil {
-						d.log.Print(err)
+						d.log.Warn(err.Error())
 					}
 				}
 				// Let the kernel's own watch apply memory/target first
@@ -635,13 +636,13 @@ func run(ctx context.Context, opt options, logger *log.Logger, out io.Writer) er
 		case <-reassertAt:
 			reassertAt = nil
 			if err := d.reassert(); err != nil {
-				d.log.Print(err)
+				d.log.Warn(err.Error())
 			}
 		case <-tk.C:
 			// A failed step (a transient read error) is logged, not
 			// fatal: the next period tries again.
 			if err := d.tick(ctx); err != nil {
-				d.log.Print(err)
+				d.log.Warn(err.Error())
 			}
 		}
 	}

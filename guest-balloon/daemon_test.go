@@ -5,7 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"log"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -142,7 +142,7 @@ func TestDaemonShrinksAnswersRequestAndRestores(t *testing.T) {
 	var logs syncBuf
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, g.opt, log.New(&logs, "", 0), &logs) }()
+	go func() { done <- run(ctx, g.opt, slog.New(slog.NewTextHandler(&logs, nil)), &logs) }()
 
 	cfg := dsb.DefaultConfig(maxKB)
 	// Idle: the first period gives back one step, and publishes it.
@@ -195,7 +195,7 @@ func TestDaemonIgnoresAnsweredRequestAfterRestart(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	var logs syncBuf
-	go func() { done <- run(ctx, g.opt, log.New(&logs, "", 0), &logs) }()
+	go func() { done <- run(ctx, g.opt, slog.New(slog.NewTextHandler(&logs, nil)), &logs) }()
 	waitFor(t, "state", func() bool { v, _ := xs.Get(control.Path(domid, control.KeyState)); return v == "running" })
 	time.Sleep(50 * time.Millisecond)
 	v, _ := xs.Get(control.Path(domid, control.KeyAck))
@@ -222,7 +222,7 @@ func TestDaemonSettleTimeoutIsReported(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	var logs syncBuf
-	go func() { done <- run(ctx, g.opt, log.New(&logs, "", 0), &logs) }()
+	go func() { done <- run(ctx, g.opt, slog.New(slog.NewTextHandler(&logs, nil)), &logs) }()
 	dom0, err := xs.Dial(0)
 	require.NoError(t, err)
 	defer dom0.Close()
@@ -238,7 +238,7 @@ func TestOnceDryRun(t *testing.T) {
 	g := newGuestTree(t, 131072, 61000, 81500)
 	g.opt.once, g.opt.dryRun = true, true
 	var out syncBuf
-	require.NoError(t, run(context.Background(), g.opt, log.New(&out, "", 0), &out))
+	require.NoError(t, run(context.Background(), g.opt, slog.New(slog.NewTextHandler(&out, nil)), &out))
 	assert.Equal(t, uint64(131072), g.target(), "dry run writes nothing")
 	assert.Contains(t, out.String(), "shrink target 131072 -> 122880 kB")
 }
@@ -248,7 +248,7 @@ func TestOnceWritesTarget(t *testing.T) {
 	_, sock := newXenstore(t)
 	g.opt.xenstorePath, g.opt.once = sock, true
 	var out syncBuf
-	require.NoError(t, run(context.Background(), g.opt, log.New(&out, "", 0), &out))
+	require.NoError(t, run(context.Background(), g.opt, slog.New(slog.NewTextHandler(&out, nil)), &out))
 	assert.Equal(t, uint64(122880), g.target())
 }
 
@@ -262,7 +262,7 @@ func TestKpageflagsPublished(t *testing.T) {
 	}
 	g.write(g.opt.kpageflagsPath(), string(b))
 	var out syncBuf
-	require.NoError(t, run(context.Background(), g.opt, log.New(&out, "", 0), &out))
+	require.NoError(t, run(context.Background(), g.opt, slog.New(slog.NewTextHandler(&out, nil)), &out))
 	v, ok := xs.Get(control.Path(domid, control.KeyPages))
 	require.True(t, ok)
 	assert.Equal(t, "other=1 nopage=0 offline=0 free=1 pagetable=1 slab=1 anon=0 lru=0", v)
@@ -271,12 +271,12 @@ func TestKpageflagsPublished(t *testing.T) {
 func TestErrors(t *testing.T) {
 	g := newGuestTree(t, 131072, 61000, 81500)
 	require.NoError(t, os.Remove(g.opt.targetPath()))
-	err := run(context.Background(), g.opt, log.New(&syncBuf{}, "", 0), &syncBuf{})
+	err := run(context.Background(), g.opt, slog.New(slog.NewTextHandler(&syncBuf{}, nil)), &syncBuf{})
 	assert.ErrorContains(t, err, "no xen-balloon driver")
 
 	g = newGuestTree(t, 131072, 61000, 81500)
 	g.opt.xenstorePath = filepath.Join(t.TempDir(), "nothing")
-	err = run(context.Background(), g.opt, log.New(&syncBuf{}, "", 0), &syncBuf{})
+	err = run(context.Background(), g.opt, slog.New(slog.NewTextHandler(&syncBuf{}, nil)), &syncBuf{})
 	assert.ErrorContains(t, err, "--dry-run")
 }
 
@@ -302,7 +302,7 @@ func TestDaemonReassertsTargetAfterResume(t *testing.T) {
 	var logs syncBuf
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- run(ctx, g.opt, log.New(&logs, "", 0), &logs) }()
+	go func() { done <- run(ctx, g.opt, slog.New(slog.NewTextHandler(&logs, nil)), &logs) }()
 	waitFor(t, "a shrink step", func() bool { return g.target() < maxKB })
 	own := g.target()
 	waitFor(t, "published state", func() bool { v, _ := xs.Get(control.Path(domid, control.KeyState)); return v == "running" })

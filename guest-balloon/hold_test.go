@@ -2,7 +2,7 @@ package main
 
 import (
 	"context"
-	"log"
+	"log/slog"
 	"net"
 	"path/filepath"
 	"strconv"
@@ -54,7 +54,7 @@ func startHoldRig(t *testing.T, adjust func(g *guestTree, xs *xenstoretest.Serve
 	r := &holdRig{t: t, g: g, xs: xs, logs: &syncBuf{}, done: make(chan error, 1)}
 	ctx, cancel := context.WithCancel(context.Background())
 	r.cancel = cancel
-	go func() { r.done <- run(ctx, g.opt, log.New(r.logs, "", 0), r.logs) }()
+	go func() { r.done <- run(ctx, g.opt, slog.New(slog.NewTextHandler(r.logs, nil)), r.logs) }()
 	t.Cleanup(r.stop)
 	waitFor(t, "published state", func() bool { return r.get(domid, control.KeyState) == "running" })
 	return r

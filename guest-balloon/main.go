@@ -23,7 +23,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log"
+	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
@@ -64,6 +65,7 @@ func realMain(argv []string) int {
 	fs.Float64Var(&opt.reserveFrac, "reserve-fraction", def.ReserveFraction, "reserve as a fraction of the domain's memory")
 	fs.Uint64Var(&floorMB, "floor-mb", def.FloorMinKB/1024, "absolute part of the floor (MiB): the target never goes below max(this, fraction)")
 	fs.Float64Var(&opt.floorFrac, "floor-fraction", def.FloorFraction, "floor as a fraction of the domain's memory")
+	logFormat := fs.String("log-format", "text", "log lines on stderr as text (key=value, as journald shows them) or json (one object a line)")
 	fs.Uint64Var(&stepMB, "step-mb", def.ShrinkStepMinKB/1024, "most MiB given back per period (or 2% of the domain's memory if larger)")
 	fs.Usage = func() {
 		fmt.Fprintf(os.Stderr, "Usage: guest-balloon [options]\n\nDynamic self-ballooning daemon for Xen guests.\n\nOptions:\n%s", fs.FlagUsages())
@@ -87,10 +89,29 @@ func realMain(argv []string) int {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	logger := log.New(os.Stderr, "guest-balloon: ", 0)
+	logger, err := newLogger(os.Stderr, *logFormat)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "guest-balloon: %v\n", err)
+		return 2
+	}
 	if err := run(ctx, opt, logger, os.Stdout); err != nil {
-		logger.Print(err)
+		logger.Error(err.Error())
 		return 1
 	}
 	return 0
+}
+
+// newLogger is the daemon's log: text by default, JSON lines with
+// --log-format json, each line tagged with the daemon's name.
+func newLogger(w io.Writer, format string) (*slog.Logger, error) {
+	var h slog.Handler
+	switch format {
+	case "text":
+		h = slog.NewTextHandler(w, nil)
+	case "json":
+		h = slog.NewJSONHandler(w, nil)
+	default:
+		return nil, fmt.Errorf("--log-format %q: want text or json", format)
+	}
+	return slog.New(h).With("daemon", "guest-balloon"), nil
 }

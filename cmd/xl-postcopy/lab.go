@@ -78,6 +78,7 @@ func (f *labFlags) register(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.progressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the other side after this long without a record from it (both send keepalives)")
 	fs.DurationVar(&f.controlTO, "control-timeout", lab.DefaultControlTimeout, "limit for each control call to a lab guest process (a stopped guest fails it)")
 	fs.BoolVar(&f.debug, "debug", false, "print the engine's switchover timings to stderr")
+	addLogFormat(fs)
 }
 
 // check validates every size, duration and count flag of a run of these
@@ -85,6 +86,9 @@ func (f *labFlags) register(fs *pflag.FlagSet) {
 // workloadFlag names the flag the workloads came from, for the messages.
 // The memory limit is what this host can give (maxLabMem).
 func (f *labFlags) check(workloadFlag string, workloads ...string) error {
+	if err := checkLogFormat(); err != nil {
+		return err
+	}
 	memMax, memWhy := maxLabMem()
 	mem, err := checkSize("mem", f.mem, labMinPages*labPageSize, memMax, true, memWhy)
 	if err != nil {
@@ -182,7 +186,7 @@ func (f *labFlags) engine(mode wire.Mode, policy string) (engine.Options, error)
 	}
 	var logf func(string, ...any)
 	if f.debug {
-		logf = func(format string, args ...any) { fmt.Fprintf(os.Stderr, "debug: "+format+"\n", args...) }
+		logf = debugf(true, "engine")
 	}
 	return engine.Options{
 		Logf: logf, Mode: mode, Prepaging: policy, BatchPages: f.batch, WindowBytes: int(f.winB),

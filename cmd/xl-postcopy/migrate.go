@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -67,6 +68,7 @@ func init() {
 			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
 			fs.BoolVar(&f.asJSON, "json", false, "print the statistics as one JSON object on stdout")
 			fs.BoolVar(&f.debug, "debug", false, "print the backend's and the engine's steps to stderr")
+			addLogFormat(fs)
 		},
 		run: func(fs *pflag.FlagSet, args []string) error {
 			if len(args) != 2 {
@@ -103,6 +105,7 @@ func init() {
 			fs.StringVar(&listenTok, "urgent-listen", "", "accept the urgent stream on the abstract socket @xl-postcopy-`TOKEN`")
 			fs.StringVar(&attachTok, "urgent-attach", "", "relay stdin/stdout to the receiver waiting with --urgent-listen `TOKEN`")
 			fs.BoolVar(&recvDebug, "debug", false, "print the backend's steps to stderr")
+			addLogFormat(fs)
 			fs.DurationVar(&recvProgressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the source after this long without a record from it")
 			fs.DurationVar(&recvXLTimeout, "xl-timeout", xendom.DefaultXLTimeout, "limit for each xl command (xl create of the new domain, renames, destroy)")
 			fs.StringVar(&recvPaging, "paging-ops", "auto", "auto (batched paging hypercalls where the hypervisor has them) or per-gfn")
@@ -110,6 +113,9 @@ func init() {
 		run: func(fs *pflag.FlagSet, args []string) error {
 			if len(args) != 0 {
 				return usagef("unexpected argument %q", args[0])
+			}
+			if err := checkLogFormat(); err != nil {
+				return err
 			}
 			if attachTok != "" {
 				return attachUrgent(attachTok, 30*time.Second)
@@ -133,12 +139,42 @@ func checkPagingOps(flag, v string) error {
 	return nil
 }
 
+// logFormat is --log-format of the command running: how --debug lines and
+// the receiver's log look on stderr.
+var logFormat = "text"
+
+// addLogFormat declares --log-format.
+func addLogFormat(fs *pflag.FlagSet) {
+	fs.StringVar(&logFormat, "log-format", "text", "--debug lines on stderr as text (key=value) or json (one object a line, for log collectors)")
+}
+
+func checkLogFormat() error {
+	if logFormat != "text" && logFormat != "json" {
+		return usagef("--log-format %q: want text or json", logFormat)
+	}
+	return nil
+}
+
+// newLogger is the log of a command: slog on w, at debug level, with
+// the part of the tool that speaks as "who".
+func newLogger(w io.Writer, format, who string) *slog.Logger {
+	opt := &slog.HandlerOptions{Level: slog.LevelDebug}
+	var h slog.Handler = slog.NewTextHandler(w, opt)
+	if format == "json" {
+		h = slog.NewJSONHandler(w, opt)
+	}
+	return slog.New(h).With("who", who)
+}
+
+// debugf is the Logf callback the engine and the backends take: with
+// --debug, each call is one debug record of the command's logger.
 func debugf(on bool, who string) func(string, ...any) {
 	if !on {
 		return func(string, ...any) {}
 	}
+	l := newLogger(os.Stderr, logFormat, who)
 	return func(format string, a ...any) {
-		fmt.Fprintf(os.Stderr, "%s: %s\n", who, fmt.Sprintf(format, a...))
+		l.Debug(fmt.Sprintf(format, a...))
 	}
 }
 
@@ -206,6 +242,9 @@ func balloonFirst(xs *xenstore.Client, dom uint32, hold time.Duration, logf func
 }
 
 func runMigrate(f migrateFlags, domArg, host string) error {
+	if err := checkLogFormat(); err != nil {
+		return err
+	}
 	mode, err := wire.ParseMode(f.mode)
 	if err != nil {
 		return usagef("--mode: %v", err)
@@ -290,7 +329,7 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		extra = append(extra, "--paging-ops", f.destPaging)
 	}
 	if f.debug {
-		extra = append(extra, "--debug")
+		extra = append(extra, "--debug", "--log-format", logFormat)
 	}
 	if f.ssh == "" {
 		self, err := os.Executable()

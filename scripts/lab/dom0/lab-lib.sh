@@ -653,7 +653,7 @@ lab_progress_after() {
 # stderr (its "domain N complete: {...}" line): how paging reached the hypervisor and
 # where the destination's setup and loads spent their time.
 lab_dest_kv() {
-	_c=$(grep 'migrate-receive: domain .* complete: ' "$1" 2>/dev/null | tail -n 1)
+	_c=$(grep -E 'msg="domain [0-9]+ complete: .* who=migrate-receive' "$1" 2>/dev/null | tail -n 1)
 	_f() { echo "$_c" | sed -n "s/.*[{ ]$1:\([^ }]*\).*/\1/p"; }
 	echo "paging_ops=$(_f PagingOps) dest_create_ms=$(_f CreateMs) dest_evict_ms=$(_f EvictMs) dest_evicted=$(_f Evicted) dest_load_ms=$(_f LoadMs) dest_loaded=$(_f Loaded)"
 }

@@ -56,7 +56,7 @@ xl-postcopy migrate -s '' -C "/tmp/$n.cfg" --json --debug --dest-paging-ops per-
 mpid=$!
 moved1=no moved2=no
 # 1. The destination domain exists: the source has listed its pages and not paused yet.
-if wait_line 'xen-dest: new domain' 300; then
+if wait_line 'msg="new domain .* who=xen-dest' 300; then
 	# The source waits (stopped) until the guest has given the pages back: the
 	# destination's setup can end before the balloon moved, and then the pause would
 	# find nothing to drop. 30 s at most, well inside the 60 s progress timeout.
