@@ -18,4 +18,29 @@ PY
 	echo "$verdict"
 	case "$verdict" in PASS*) ;; *) fail=1 ;; esac
 done
+
+# --json-progress over the emulated 1 Gbit link (root: network namespaces), long enough
+# for progress lines every 200 ms; then plot draws the last line's statistics.
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$bin" lab migrate --mode postcopy --prepaging dual --workload zipf --mem 256M --link 1gbit --json-progress >"$tmp/p.jsonl"
+"$bin" plot "$tmp/p.jsonl" -o "$tmp/p.svg" 2>/dev/null
+verdict=$(python3 - "$tmp/p.jsonl" "$tmp/p.svg" <<'PY'
+import json, sys, xml.dom.minidom
+evs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+prog = [e for e in evs if e["event"] == "progress"]
+last = evs[-1]
+rem = [e["pages_remaining"] for e in prog]
+ok = (len(prog) >= 3 and last["event"] == "completed" and last["stats"]["verified"]
+      and all(e["state"] in ("setup", "active", "device", "postcopy-active") for e in prog)
+      and any(e["state"] == "postcopy-active" and e.get("downtime_ms") for e in prog)
+      and rem == sorted(rem, reverse=True) and last["pages_remaining"] == 0
+      and last["bytes"] == last["stats"]["total_bytes"])
+xml.dom.minidom.parse(sys.argv[2])
+print(("PASS" if ok else "FAIL") + " lab migrate --json-progress: %d progress lines, states %s, pages_remaining %s..%s, last %s, plot ok"
+      % (len(prog), "/".join(sorted(set(e["state"] for e in prog))), rem[0] if rem else "-", rem[-1] if rem else "-", last["event"]))
+PY
+) || verdict="FAIL lab migrate --json-progress: $verdict"
+echo "$verdict"
+case "$verdict" in PASS*) ;; *) fail=1 ;; esac
 exit $fail

@@ -364,7 +364,7 @@ func sigName(s os.Signal) string {
 func init() {
 	var lf labFlags
 	var mode, policy, workload string
-	var asJSON bool
+	var asJSON, jsonProg bool
 	register(&command{
 		name:    "lab migrate",
 		args:    "[options]",
@@ -375,10 +375,14 @@ func init() {
 			fs.StringVar(&workload, "workload", "zipf", "what the vCPUs do: "+strings.Join(lab.WorkloadNames, ", "))
 			lf.register(fs)
 			fs.BoolVar(&asJSON, "json", false, "print the statistics as one JSON object on stdout")
+			fs.BoolVar(&jsonProg, "json-progress", false, "JSON lines on stdout while it runs (QEMU-like state, bytes, pages remaining, faults, downtime once known), the last one completed or failed with the statistics; instead of --json")
 		},
-		run: func(fs *pflag.FlagSet, args []string) error {
+		run: func(fs *pflag.FlagSet, args []string) (err error) {
 			if len(args) != 0 {
 				return usagef("unexpected argument %q", args[0])
+			}
+			if asJSON && jsonProg {
+				return usagef("--json and --json-progress: choose one (the last --json-progress line holds the statistics)")
 			}
 			m, err := wire.ParseMode(mode)
 			if err != nil {
@@ -408,19 +412,29 @@ func init() {
 			if err != nil {
 				return err
 			}
-			if isTerminal(os.Stderr) {
+			var jp *jsonProgress
+			switch {
+			case jsonProg:
+				jp = newJSONProgress(os.Stdout, m)
+				eo.Progress = jp.report
+			case isTerminal(os.Stderr):
 				eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
+			}
+			var final *engine.Stats
+			var finalOut any
+			if jp != nil {
+				defer func() { jp.end(final, finalOut, err) }()
 			}
 			linkDesc := "loopback"
 			if l.RateBps > 0 {
 				linkDesc = fmt.Sprintf("%s emulated link (%s ↔ %s)", lf.link, l.SrcNetns, l.DstNetns)
 			}
-			if !asJSON {
+			if !asJSON && !jsonProg {
 				fmt.Fprintf(os.Stderr, "migrating lab domain: %s of memory, workload %s, mode %s, pre-paging %s, over %s\n",
 					fmtBytes(cfg.Pages*4096), workload, mode, policy, linkDesc)
 			}
 			res, err := lab.Run(in.ctx, lab.RunConfig{Domain: cfg, Engine: eo, Link: l, Warmup: lf.warmup, After: lf.after})
-			if eo.Progress != nil {
+			if eo.Progress != nil && jp == nil {
 				fmt.Fprintln(os.Stderr)
 			}
 			if in.signal() != nil {
@@ -440,12 +454,16 @@ func init() {
 				OpsAtEnd   uint64 `json:"ops_at_end"`
 				Continued  bool   `json:"progress_continued"`
 			}{st, workload, res.OpsAtStart, res.OpsAtEnd, res.Continued}
-			if asJSON {
+			switch {
+			case jp != nil:
+				out.Stats.FaultTimeline = nil
+				final, finalOut = st, out
+			case asJSON:
 				out.Stats.FaultTimeline = nil
 				if err := printJSON(out); err != nil {
 					return err
 				}
-			} else {
+			default:
 				printStats(st, res)
 			}
 			if !st.Verified || st.IntegrityErrors != 0 || !res.Continued {

@@ -32,6 +32,7 @@ type migrateFlags struct {
 	mode       string
 	prepaging  string
 	asJSON     bool
+	jsonProg   bool
 	debug      bool
 	balloon    bool
 	receiver   string
@@ -67,6 +68,7 @@ func init() {
 			fs.StringVar(&f.destPaging, "dest-paging-ops", "auto", "how the destination pages: auto (one hypercall a batch where the hypervisor has scripts/xen-patches/0001-mem-paging-batch.patch, else one a page) or per-gfn (one a page always)")
 			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
 			fs.BoolVar(&f.asJSON, "json", false, "print the statistics as one JSON object on stdout")
+			fs.BoolVar(&f.jsonProg, "json-progress", false, "JSON lines on stdout while it runs (QEMU-like state, bytes, pages remaining, faults, downtime once known), the last one completed or failed with the statistics; instead of --json (post-copy and hybrid)")
 			fs.BoolVar(&f.debug, "debug", false, "print the backend's and the engine's steps to stderr")
 			addLogFormat(fs)
 		},
@@ -87,6 +89,9 @@ func init() {
 			}
 			if err := checkPagingOps("dest-paging-ops", f.destPaging); err != nil {
 				return err
+			}
+			if f.asJSON && f.jsonProg {
+				return usagef("--json and --json-progress: choose one (the last --json-progress line holds the statistics)")
 			}
 			return runMigrate(f, args[0], args[1])
 		},
@@ -296,7 +301,7 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	var dsb dsbReport
 	if f.balloon {
 		dsb = balloonFirst(xs, dom, f.hold, logf)
-		if dsb.Asked && !f.asJSON {
+		if dsb.Asked && !f.asJSON && !f.jsonProg {
 			if dsb.OK {
 				fmt.Fprintf(os.Stderr, "guest-balloon released %d kB before the migration (target %d kB)\n", dsb.ReleasedKB, dsb.TargetKB)
 			} else {
@@ -354,11 +359,16 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		eo.Logf = debugf(true, "engine")
 	}
 	eo.OnGo = sigs.passedGo
-	progress := isTerminal(os.Stderr) && !f.debug
-	if progress {
+	var jp *jsonProgress
+	progress := isTerminal(os.Stderr) && !f.debug && !f.jsonProg
+	switch {
+	case f.jsonProg:
+		jp = newJSONProgress(os.Stdout, mode)
+		eo.Progress = jp.report
+	case progress:
 		eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
 	}
-	if !f.asJSON {
+	if !f.asJSON && !f.jsonProg {
 		fmt.Fprintf(os.Stderr, "migrating %s (domain %d, %s, %d RAM pages) to %s: mode %s, pre-paging %s\n",
 			name, dom, info.Kind(), src.Info().NumPages, host, mode, f.prepaging)
 	}
@@ -373,7 +383,13 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		if where, ok := engine.WhereOf(runErr); ok && (where == engine.RunsAtSource || where == engine.PausedAtSource) {
 			endHoldHere()
 		}
-		if st != nil && st.TotalTimeMs > 0 && !f.asJSON {
+		if jp != nil {
+			jp.end(st, struct {
+				*engine.Stats
+				Host string             `json:"host"`
+				Xen  xendom.SourceStats `json:"xen"`
+			}{st, host, src.Stats()}, runErr)
+		} else if st != nil && st.TotalTimeMs > 0 && !f.asJSON {
 			// It got to the end: the figures say what went wrong.
 			printXenStats(os.Stdout, st, src.Stats())
 		}
@@ -388,16 +404,24 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		Xen  xendom.SourceStats `json:"xen"`
 		DSB  dsbReport          `json:"dsb"`
 	}{st, host, src.Stats(), dsb}
-	if f.asJSON {
+	var notVerified error
+	if !st.Verified {
+		notVerified = errors.New("migration finished but the destination's memory does not match the source (see verified, mismatched_pages)")
+	}
+	switch {
+	case jp != nil:
+		out.Stats.FaultTimeline = nil
+		jp.end(st, out, notVerified)
+	case f.asJSON:
 		out.Stats.FaultTimeline = nil
 		if err := printJSON(out); err != nil {
 			return err
 		}
-	} else {
+	default:
 		printXenStats(os.Stdout, st, out.Xen)
 	}
-	if !st.Verified {
-		return errors.New("migration finished but the destination's memory does not match the source (see verified, mismatched_pages)")
+	if notVerified != nil {
+		return notVerified
 	}
 	return nil
 }
@@ -437,25 +461,41 @@ func migrateByXL(f migrateFlags, xs *xenstore.Client, dom uint32, name, host, ki
 		target = "xl migrate-receive"
 	}
 	args = append(args, "-s", f.ssh, name, target)
-	if !f.asJSON {
+	if !f.asJSON && !f.jsonProg {
 		fmt.Fprintf(os.Stderr, "%s (%s) has no vm_event paging: pre-copy by xl %s\n", name, kind, strings.Join(args, " "))
 	}
 	start := time.Now()
+	elapsed := func() float64 { return float64(time.Since(start).Microseconds()) / 1000 }
+	enc := json.NewEncoder(os.Stdout)
+	if f.jsonProg {
+		// xl reports no progress of its own: one line as it starts, one
+		// at its end.
+		_ = enc.Encode(progressEvent{Event: "progress", State: "active", Phase: "xl migrate"})
+	}
 	cmd := exec.Command("xl", args...)
 	cmd.Env = xendom.CleanEnv()
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	err := cmd.Run()
+	stats := struct {
+		Mode        string    `json:"mode"`
+		Domain      string    `json:"domain"`
+		By          string    `json:"by"`
+		TotalTimeMs float64   `json:"total_time_ms"`
+		DSB         dsbReport `json:"dsb"`
+	}{"precopy", name, "xl migrate", elapsed(), dsb}
 	if err != nil {
-		return fmt.Errorf("xl migrate %s: %w", name, err)
+		err = fmt.Errorf("xl migrate %s: %w", name, err)
+		if f.jsonProg {
+			_ = enc.Encode(progressEvent{Event: "failed", State: "failed", ElapsedMs: elapsed(), Error: err.Error(),
+				Where: "as xl migrate left it (see its messages above)"})
+		}
+		return err
 	}
-	if f.asJSON {
-		return json.NewEncoder(os.Stdout).Encode(struct {
-			Mode        string    `json:"mode"`
-			Domain      string    `json:"domain"`
-			By          string    `json:"by"`
-			TotalTimeMs float64   `json:"total_time_ms"`
-			DSB         dsbReport `json:"dsb"`
-		}{"precopy", name, "xl migrate", float64(time.Since(start).Microseconds()) / 1000, dsb})
+	switch {
+	case f.jsonProg:
+		return enc.Encode(progressEvent{Event: "completed", State: "completed", ElapsedMs: stats.TotalTimeMs, Stats: stats})
+	case f.asJSON:
+		return enc.Encode(stats)
 	}
 	return nil
 }

@@ -147,6 +147,7 @@ type source struct {
 	faultsSeen      atomic.Uint64
 	phase           atomic.Value // string
 	round           atomic.Int64
+	downtime        atomic.Int64 // ns from the pause to RESUMED; 0 before
 	start           time.Time
 	zeroPage        []byte
 	stopCancel      func() // detaches the caller's context (at GO)
@@ -217,12 +218,16 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 	defer s.alive.close()
 	defer s.bulk.Close()
 	defer s.urgent.Close()
-	if opt.Progress != nil {
-		done := make(chan struct{})
-		defer close(done)
-		go s.reportProgress(done)
+	done := make(chan struct{})
+	timeline := make(chan []Sample, 1)
+	go func() { timeline <- s.sample(done) }()
+	st, err := s.run(ctx)
+	close(done)
+	tl := <-timeline
+	if st != nil {
+		st.Timeline = append(tl, s.snapshot())
 	}
-	return s.run(ctx)
+	return st, err
 }
 
 func (s *source) fail(err error) {
@@ -246,20 +251,61 @@ func (s *source) failure() error {
 	return s.failed
 }
 
-func (s *source) reportProgress(done chan struct{}) {
-	t := time.NewTicker(s.opt.ProgressEvery)
+// progress is the live snapshot Options.Progress receives.
+func (s *source) progress() Progress {
+	s.mu.Lock()
+	have := s.info.NumPages - s.absent.Count()
+	moved := s.sentEver.Count()
+	s.mu.Unlock()
+	p := Progress{
+		Phase: s.phase.Load().(string), Round: int(s.round.Load()),
+		PagesSent: s.pagesSent.Load(), Pages: s.info.NumPages,
+		Bytes: s.bw.Written() + s.uw.Written(), Faults: s.faultsSeen.Load(),
+		Elapsed: time.Since(s.start), Downtime: time.Duration(s.downtime.Load()),
+	}
+	if moved < have {
+		p.Remaining = have - moved
+	}
+	return p
+}
+
+// snapshot is one timeline sample, now.
+func (s *source) snapshot() Sample {
+	return Sample{AtMs: ms(time.Since(s.start)), Phase: s.phase.Load().(string), Bytes: s.bw.Written() + s.uw.Written(),
+		PagesSent: s.pagesSent.Load(), Faults: s.faultsSeen.Load()}
+}
+
+// thinTimeline keeps every other sample (the later of each pair, so the
+// newest survives).
+func thinTimeline(tl []Sample) []Sample {
+	for i := range len(tl) / 2 {
+		tl[i] = tl[2*i+1]
+	}
+	return tl[:len(tl)/2]
+}
+
+// sample records the timeline and feeds Options.Progress until done,
+// every ProgressEvery; past MaxTimeline samples it keeps every other one
+// and samples half as often.
+func (s *source) sample(done chan struct{}) []Sample {
+	every := s.opt.ProgressEvery
+	t := time.NewTicker(every)
 	defer t.Stop()
+	var tl []Sample
 	for {
 		select {
 		case <-done:
-			return
+			return tl
 		case <-t.C:
-			s.opt.Progress(Progress{
-				Phase: s.phase.Load().(string), Round: int(s.round.Load()),
-				PagesSent: s.pagesSent.Load(), Pages: s.info.NumPages,
-				Bytes: s.bw.Written() + s.uw.Written(), Faults: s.faultsSeen.Load(),
-				Elapsed: time.Since(s.start),
-			})
+			tl = append(tl, s.snapshot())
+			if len(tl) >= MaxTimeline {
+				tl = thinTimeline(tl)
+				every *= 2
+				t.Reset(every)
+			}
+			if s.opt.Progress != nil {
+				s.opt.Progress(s.progress())
+			}
 		}
 	}
 }
@@ -583,6 +629,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		return st, s.afterGo(err)
 	}
 	st.DowntimeMs = ms(time.Since(pausedAt))
+	s.downtime.Store(int64(time.Since(pausedAt)))
 	dbg("resumed received")
 	stopLog()
 	// Memory is frozen since the pause: checksum it while the rest goes

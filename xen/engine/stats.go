@@ -98,6 +98,11 @@ type Stats struct {
 
 	// FaultTimeline counts network faults per 10 ms after resume.
 	FaultTimeline []uint32 `json:"fault_timeline,omitempty"`
+	// Timeline is the source's bytes, page transmissions and faults over
+	// the whole migration, sampled every Options.ProgressEvery (at most
+	// MaxTimeline samples; the last one is the end). `xl-postcopy plot`
+	// draws it.
+	Timeline []Sample `json:"timeline,omitempty"`
 
 	// Filled in by callers that know the link.
 	LinkRateBps  uint64  `json:"link_rate_bps,omitempty"`
@@ -183,11 +188,32 @@ func percentile(xs []time.Duration, p float64) float64 {
 
 // Progress is a live snapshot for a progress display.
 type Progress struct {
-	Phase     string // "precopy", "stop", "postcopy", "verify", "done"
+	Phase     string // "setup", "record", "precopy", "stop", "postcopy", "verify", "done"
 	Round     int
-	PagesSent uint64
+	PagesSent uint64 // page transmissions (a page re-sent counts again)
 	Pages     uint64 // total pages of the domain
+	// Remaining counts the pages that hold memory and were never sent
+	// yet (in pre-copy, pages dirtied again are not counted).
+	Remaining uint64
 	Bytes     uint64
 	Faults    uint64 // fault requests served so far
 	Elapsed   time.Duration
+	// Downtime is from the pause to the destination's RESUMED; 0 until
+	// then.
+	Downtime time.Duration
 }
+
+// Sample is one point of Stats.Timeline: the source's counters at AtMs
+// since the migration started.
+type Sample struct {
+	AtMs      float64 `json:"at_ms"`
+	Phase     string  `json:"phase"`
+	Bytes     uint64  `json:"bytes"`
+	PagesSent uint64  `json:"pages_sent"`
+	Faults    uint64  `json:"faults"`
+}
+
+// MaxTimeline bounds Stats.Timeline: past it, every other sample is
+// dropped and the interval doubles, so a long migration keeps its shape
+// in a bounded record.
+const MaxTimeline = 1024
