@@ -111,6 +111,10 @@ func startGuest(cfg Config, role string) (*guestProc, *net.UnixConn, error) {
 	}
 	exe, err := os.Executable()
 	if err != nil {
+		ctrlP.Close()
+		ctrlC.Close()
+		passP.Close()
+		passC.Close()
 		return nil, nil, fmt.Errorf("find own executable to start the lab guest: %w", err)
 	}
 	cmd := exec.Command(exe)
@@ -121,6 +125,10 @@ func startGuest(cfg Config, role string) (*guestProc, *net.UnixConn, error) {
 	// The guest must not outlive the tool that serves its faults.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
+		ctrlP.Close()
+		ctrlC.Close()
+		passP.Close()
+		passC.Close()
 		return nil, nil, fmt.Errorf("start lab guest: %w", err)
 	}
 	ctrlC.Close()
@@ -128,13 +136,17 @@ func startGuest(cfg Config, role string) (*guestProc, *net.UnixConn, error) {
 	conn, err := net.FileConn(ctrlP)
 	ctrlP.Close()
 	if err != nil {
+		passP.Close()
 		cmd.Process.Kill()
+		cmd.Wait()
 		return nil, nil, err
 	}
 	pc, err := net.FileConn(passP)
 	passP.Close()
 	if err != nil {
+		conn.Close()
 		cmd.Process.Kill()
+		cmd.Wait()
 		return nil, nil, err
 	}
 	g := &guestProc{cfg: cfg, cmd: cmd, ctrl: conn, enc: json.NewEncoder(conn), dec: json.NewDecoder(conn), pid: cmd.Process.Pid}
@@ -311,6 +323,7 @@ func StartSource(cfg Config) (*Source, error) {
 	}
 	pass.Close()
 	if err := g.hello(); err != nil {
+		g.kill() // a guest that never said hello must not be left behind
 		return nil, err
 	}
 	return &Source{g: g}, nil
@@ -462,6 +475,7 @@ func NewDest(h *wire.DomainHeader) (*Dest, error) {
 	}
 	if err := g.hello(); err != nil {
 		unix.Close(fd)
+		g.kill()
 		return nil, err
 	}
 	pm, err := uffd.OpenPagemap(g.pid)

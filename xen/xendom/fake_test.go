@@ -79,6 +79,9 @@ type fdom struct {
 	resumes         []bool // ResumeDomain fast arguments
 	// guest, if set, is the running guest's stop function (source).
 	stopGuest func()
+	// restartGuest starts the guest's writes again after a resume from
+	// suspend (set by runGuest).
+	restartGuest func()
 	// snapshot is the memory at suspend time.
 	snapshot map[uint64][]byte
 }
@@ -290,6 +293,9 @@ func (h *fakeHV) ResumeDomain(id uint32, fast bool) error {
 	}
 	d.info.Shutdown = false
 	d.info.ShutdownReason = 0
+	if restart := d.restartGuest; restart != nil && d.stopGuest == nil {
+		go restart() // its vCPUs run again (runGuest takes h.mu)
+	}
 	return nil
 }
 
@@ -785,6 +791,7 @@ func (h *fakeHV) runGuest(d *fdom, seed int64, pause time.Duration) (writes func
 	}()
 	h.mu.Lock()
 	d.stopGuest = func() { close(stop); <-done }
+	d.restartGuest = func() { h.runGuest(d, seed+1, pause) }
 	h.mu.Unlock()
 	return func() int { nmu.Lock(); defer nmu.Unlock(); return n }
 }
@@ -858,6 +865,7 @@ type fakeXL struct {
 	renames   []string // "dom:name"
 	destroyed []uint32
 	lastDom   uint32
+	ids       []uint32 // every domain created
 }
 
 func (x *fakeXL) CreatePaused(cfgPath, name string) (uint32, error) {
@@ -877,6 +885,7 @@ func (x *fakeXL) CreatePaused(cfgPath, name string) (uint32, error) {
 	x.created = append(x.created, name)
 	x.configs = append(x.configs, string(cfg))
 	x.lastDom = d.id
+	x.ids = append(x.ids, d.id)
 	return d.id, nil
 }
 
