@@ -684,14 +684,7 @@ func (d *Dest) ringLoop() {
 		faults = faults[:0]
 		var answer []xenctrl.Request
 		d.ringMu.Lock()
-		for {
-			req, ok, err := d.ring.GetRequest()
-			if !ok {
-				break
-			}
-			if err != nil {
-				d.opt.Logf("paging request: %v", err)
-			}
+		for _, req := range d.takeRequests() {
 			d.mu.Lock()
 			d.stats.Requests++
 			if req.Flags&xenctrl.FlagForeign != 0 {
@@ -872,20 +865,25 @@ func (d *Dest) Close() error {
 	return nil
 }
 
-// drainRing answers every request still on the ring (Close, with ringMu
-// held, once every page is in).
-func (d *Dest) drainRing() error {
-	var left []xenctrl.Request
+// takeRequests takes every request off the ring (ringMu held).
+func (d *Dest) takeRequests() []xenctrl.Request {
+	var out []xenctrl.Request
 	for {
 		req, ok, err := d.ring.GetRequest()
 		if !ok {
-			break
+			return out
 		}
 		if err != nil {
 			d.opt.Logf("paging request: %v", err)
 		}
-		left = append(left, req)
+		out = append(out, req)
 	}
+}
+
+// drainRing answers every request still on the ring (Close, with ringMu
+// held, once every page is in).
+func (d *Dest) drainRing() error {
+	left := d.takeRequests()
 	if len(left) == 0 {
 		return nil
 	}
