@@ -441,6 +441,13 @@ func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {
 		st.CorePages, xs.PageTablePages, st.EarlyCorePages, st.EarlyCoreRedirtied, xs.GuestHints)
 	if st.Mode != "precopy" {
 		fmt.Fprintf(w, "network faults    %d, p50 %.0f us, p99 %.0f us, waits summed %.1f ms\n", st.NetworkFaults, st.FaultLatencyP50Us, st.FaultLatencyP99Us, st.FaultWaitMs)
+		if st.BlocktimeMs != nil {
+			var per []string
+			for _, v := range st.VCPUBlocktimeMs {
+				per = append(per, fmt.Sprintf("%.1f", v))
+			}
+			fmt.Fprintf(w, "blocktime         %.1f ms all vCPUs blocked at once; per vCPU %s ms\n", *st.BlocktimeMs, strings.Join(per, ", "))
+		}
 	}
 }
 

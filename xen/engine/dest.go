@@ -465,6 +465,14 @@ func (d *dest) run() (*DestStats, error) {
 		g := rep.GuestReport()
 		st.Guest = &g
 	}
+	if bt, ok := d.dom.(Blocktimer); ok {
+		all, per := bt.Blocktime()
+		a := ms(all)
+		st.BlocktimeMs = &a
+		for _, p := range per {
+			st.VCPUBlocktimeMs = append(st.VCPUBlocktimeMs, ms(p))
+		}
+	}
 	blob, err := json.Marshal(&st)
 	if err != nil {
 		return nil, err

@@ -31,6 +31,7 @@ package engine
 
 import (
 	"errors"
+	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
@@ -155,6 +156,16 @@ type Dest interface {
 	Destroy() error
 	// Close stops fault delivery (a blocked ReadFaults returns).
 	Close() error
+}
+
+// Blocktimer is implemented by destinations that know which vCPU waits on
+// which page (Xen's paging requests name the vCPU): QEMU's postcopy
+// blocktime, the time during which all vCPUs were blocked at once, and
+// each vCPU's own blocked time. A destination that cannot know it (the
+// lab's userfaultfd faults name no thread) does not implement it and the
+// figures are omitted.
+type Blocktimer interface {
+	Blocktime() (all time.Duration, perVCPU []time.Duration)
 }
 
 // Reporter is implemented by destinations that can tell what the guest did

@@ -98,6 +98,12 @@ type Stats struct {
 
 	// FaultTimeline counts network faults per 10 ms after resume.
 	FaultTimeline []uint32 `json:"fault_timeline,omitempty"`
+	// BlocktimeMs is QEMU's postcopy-blocktime: the time during which all
+	// the destination's vCPUs were blocked on pages at once;
+	// VCPUBlocktimeMs each vCPU's own (postcopy-vcpu-blocktime). Omitted
+	// where the backend cannot tell which vCPU waits (lab domains).
+	BlocktimeMs     *float64  `json:"postcopy_blocktime_ms,omitempty"`
+	VCPUBlocktimeMs []float64 `json:"postcopy_vcpu_blocktime_ms,omitempty"`
 	// Timeline is the source's bytes, page transmissions and faults over
 	// the whole migration, sampled every Options.ProgressEvery (at most
 	// MaxTimeline samples; the last one is the end). `xl-postcopy plot`
@@ -134,6 +140,10 @@ type DestStats struct {
 	Guest         *GuestReport `json:"guest,omitempty"`
 	// FaultTimeline counts network faults per TimelineBucket after resume.
 	FaultTimeline []uint32 `json:"fault_timeline,omitempty"`
+	// BlocktimeMs and VCPUBlocktimeMs: see Stats; nil where the backend
+	// cannot know them.
+	BlocktimeMs     *float64  `json:"postcopy_blocktime_ms,omitempty"`
+	VCPUBlocktimeMs []float64 `json:"postcopy_vcpu_blocktime_ms,omitempty"`
 }
 
 // merge folds the destination's figures into s.
@@ -144,6 +154,7 @@ func (s *Stats) merge(d *DestStats) {
 	s.FaultLatencyP99Us = d.FaultLatencyP99Us
 	s.FaultWaitMs = d.FaultWaitMs
 	s.FaultTimeline = d.FaultTimeline
+	s.BlocktimeMs, s.VCPUBlocktimeMs = d.BlocktimeMs, d.VCPUBlocktimeMs
 	s.RedundantPages = d.RedundantPages
 	s.GuestDroppedPages = d.GuestDropped
 	s.VerifiedFrom, s.VerifiedPages, s.GuestWrittenPages = d.VerifiedFrom, d.VerifiedPages, d.GuestWritten

@@ -40,6 +40,7 @@ func TestLabVerifiesFromDestinationMemory(t *testing.T) {
 			require.NoError(t, err)
 			st := res.Stats
 			require.Equal(t, "memory", st.VerifiedFrom)
+			require.Nil(t, st.BlocktimeMs, "lab faults name no vCPU: blocktime is omitted, not 0")
 			require.True(t, st.Verified)
 			require.Zero(t, st.MismatchedPages)
 			require.Greater(t, st.VerifiedPages, uint64(0))

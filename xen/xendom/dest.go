@@ -66,6 +66,7 @@ type DestStats struct {
 // Dest is the domain being received.
 type Dest struct {
 	opt  DestOptions
+	bt   *blocktime // QEMU's postcopy blocktime, from the paging requests' vCPUs
 	cfg  DomainConfig
 	dom  uint32
 	gfns []uint64
@@ -130,7 +131,7 @@ func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
 	}
 	d := &Dest{opt: opt, cfg: cfg, gfns: gfns, zero: make([]byte, PageSize), state: make([]uint8, len(gfns)),
 		pending: map[uint64][]xenctrl.Request{}, faults: make(chan []uint64, 64), closed: make(chan struct{}),
-		loopDone: make(chan struct{})}
+		loopDone: make(chan struct{}), bt: newBlocktime(int(max(cfg.VCPUs, h.VCPUs)), time.Now)}
 	resident, err := fromRanges(cfg.Resident, h.NumPages)
 	if err != nil {
 		return nil, fmt.Errorf("resident gfns in the stream: %w", err)
@@ -633,6 +634,9 @@ func (d *Dest) respond(reqs []xenctrl.Request) error {
 		if err := d.ring.PutResponse(xenctrl.ResponseFor(r)); err != nil {
 			return fmt.Errorf("answer the paging request for gfn %#x: %w", r.GFN, err)
 		}
+		if r.Flags&xenctrl.FlagVCPUPaused != 0 {
+			d.bt.unblock(r.VCPUID)
+		}
 	}
 	if err := d.ring.Notify(); err != nil {
 		return fmt.Errorf("notify Xen of %d paging responses: %w", len(reqs), err)
@@ -876,8 +880,20 @@ func (d *Dest) takeRequests() []xenctrl.Request {
 		if err != nil {
 			d.opt.Logf("paging request: %v", err)
 		}
+		if req.Flags&xenctrl.FlagVCPUPaused != 0 {
+			d.bt.block(req.VCPUID)
+		}
 		out = append(out, req)
 	}
+}
+
+// Blocktime implements engine.Blocktimer: QEMU's postcopy blocktime (all
+// vCPUs waiting on paging requests at once) and each vCPU's wait.
+func (d *Dest) Blocktime() (all time.Duration, perVCPU []time.Duration) {
+	if d.bt == nil {
+		return 0, nil
+	}
+	return d.bt.totals()
 }
 
 // drainRing answers every request still on the ring (Close, with ringMu
@@ -894,6 +910,9 @@ func (d *Dest) drainRing() error {
 	for _, r := range left {
 		if err := d.ring.PutResponse(xenctrl.ResponseFor(r)); err != nil {
 			return fmt.Errorf("answer the paging request for gfn %#x before disabling paging: %w", r.GFN, err)
+		}
+		if r.Flags&xenctrl.FlagVCPUPaused != 0 {
+			d.bt.unblock(r.VCPUID)
 		}
 	}
 	if err := d.ring.Notify(); err != nil {

@@ -244,6 +244,16 @@ func TestPostcopyMigrationEndToEnd(t *testing.T) {
 	r.hv.mu.Unlock()
 	require.Greater(t, requests, 0, "no touch faulted through the ring")
 	require.Equal(t, uint64(requests), r.dest.Stats().Requests)
+	// QEMU's blocktime: all vCPUs blocked at once is never longer than
+	// any one vCPU's blocked time; the vCPUs that faulted waited.
+	require.NotNil(t, r.st.BlocktimeMs, "a Xen destination knows its blocktime")
+	require.NotEmpty(t, r.st.VCPUBlocktimeMs)
+	sum := 0.0
+	for _, v := range r.st.VCPUBlocktimeMs {
+		require.LessOrEqual(t, *r.st.BlocktimeMs, v)
+		sum += v
+	}
+	require.Greater(t, sum, 0.0)
 
 	// Page tables were in before the guest ran; the registers and TSC
 	// are the source's.

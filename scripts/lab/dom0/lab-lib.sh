@@ -711,7 +711,7 @@ lab_pc_migrate() {
 	_kv="wall_s=$_wall watched_downtime_ms=${_dt:-none} downtime_ms=$(jget "$_j" downtime_ms) total_ms=$(jget "$_j" total_time_ms)"
 	_kv="$_kv bytes=$(jget "$_j" total_bytes) pages=$(jget "$_j" pages) pages_sent=$(jget "$_j" pages_sent)"
 	_kv="$_kv core_pages=$(jget "$_j" core_pages) early_core_pages=$(jget "$_j" early_core_pages) early_core_redirtied=$(jget "$_j" early_core_redirtied)"
-	_kv="$_kv network_faults=$(jget "$_j" network_faults) faults=$(jget "$_j" faults)"
+	_kv="$_kv network_faults=$(jget "$_j" network_faults) faults=$(jget "$_j" faults) blocktime_ms=$(jget "$_j" postcopy_blocktime_ms)"
 	_kv="$_kv resent_pages=$(jget "$_j" resent_pages) redundant_pages=$(jget "$_j" redundant_pages) verified=$(jget "$_j" verified)"
 	_kv="$_kv verified_from=$(jget "$_j" verified_from) verified_pages=$(jget "$_j" verified_pages) guest_written_pages=$(jget "$_j" guest_written_pages) seq_before=$_seq0"
 	_kv="$_kv ram_pages=$(jget2 "$_j" ram_pages) page_table_pages=$(jget2 "$_j" page_table_pages) per_cpu_pages=$(jget2 "$_j" per_cpu_pages)"
