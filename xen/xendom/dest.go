@@ -630,6 +630,12 @@ func (d *Dest) Dropped() []uint64 {
 func (d *Dest) respond(reqs []xenctrl.Request) error {
 	d.ringMu.Lock()
 	defer d.ringMu.Unlock()
+	return d.answer(reqs)
+}
+
+// answer puts the responses to reqs on the ring (ringMu held), records
+// the vCPUs they resume and notifies Xen once.
+func (d *Dest) answer(reqs []xenctrl.Request) error {
 	for _, r := range reqs {
 		if err := d.ring.PutResponse(xenctrl.ResponseFor(r)); err != nil {
 			return fmt.Errorf("answer the paging request for gfn %#x: %w", r.GFN, err)
@@ -907,16 +913,8 @@ func (d *Dest) drainRing() error {
 	d.stats.Requests += uint64(len(left))
 	d.stats.PlainResponses += uint64(len(left))
 	d.mu.Unlock()
-	for _, r := range left {
-		if err := d.ring.PutResponse(xenctrl.ResponseFor(r)); err != nil {
-			return fmt.Errorf("answer the paging request for gfn %#x before disabling paging: %w", r.GFN, err)
-		}
-		if r.Flags&xenctrl.FlagVCPUPaused != 0 {
-			d.bt.unblock(r.VCPUID)
-		}
-	}
-	if err := d.ring.Notify(); err != nil {
-		return fmt.Errorf("notify Xen of %d paging responses: %w", len(left), err)
+	if err := d.answer(left); err != nil {
+		return fmt.Errorf("before disabling paging: %w", err)
 	}
 	d.opt.Logf("%d paging requests answered as paging was disabled", len(left))
 	return nil
