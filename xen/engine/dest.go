@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/xl-postcopy/xl-postcopy/xen/engine/protocol"
 	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
 	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
@@ -202,26 +203,233 @@ func (d *dest) writeBulk(f func(w *wire.Writer) error) error {
 	return d.bw.Flush()
 }
 
+// destRun is the driver's state between the destination machine's actions.
+type destRun struct {
+	r        *wire.Reader
+	rec      wire.Record
+	before   uint64 // bytes read before rec
+	done     wire.Checksums
+	final    bool
+	core     []byte
+	table    []uint32
+	pb       wire.PageBatch
+	pfns     []uint64
+	back     []uint32        // the destination's memory read back (nil: no ReadBacker)
+	written  *prepage.Bitmap // pages the guest wrote before the read-back
+	verifyMs float64
+	dropped  uint64
+	st       *DestStats
+	ack      wire.Ack
+}
+
+// recordOf names a bulk record for the machine; DONE is decoded here, to
+// know whether it is the last.
+func (d *dest) recordOf(x *destRun) (protocol.Record, error) {
+	switch x.rec.Type {
+	case wire.TypeDomainHeader:
+		return protocol.RecDomainHeader, nil
+	case wire.TypePageBatch:
+		return protocol.RecPageBatch, nil
+	case wire.TypePageSet:
+		return protocol.RecPageSet, nil
+	case wire.TypeDiscard:
+		return protocol.RecDiscard, nil
+	case wire.TypeCoreState:
+		return protocol.RecCoreState, nil
+	case wire.TypeSwitchover:
+		return protocol.RecSwitchover, nil
+	case wire.TypeGo:
+		return protocol.RecGo, nil
+	case wire.TypeKeepalive:
+		return protocol.RecKeepalive, nil
+	case wire.TypeDone:
+		c, final, err := wire.DecodeDone(x.rec.Body)
+		if err != nil {
+			return 0, err
+		}
+		x.done, x.final = c, final
+		if final {
+			return protocol.RecDoneFinal, nil
+		}
+		return protocol.RecDone, nil
+	case wire.TypeError:
+		msg, _ := wire.DecodeBlob(x.rec.Body)
+		return 0, fmt.Errorf("source: %s", msg)
+	}
+	return 0, fmt.Errorf("unexpected %v record", x.rec.Type)
+}
+
+// run drives the destination's machine (protocol.Dest): it reads the bulk
+// stream, lets the machine judge each record, and carries out what it
+// says, until it reports how this side ended.
 func (d *dest) run() (*DestStats, error) {
-	r := wire.NewReader(d.bulk)
-	rec, err := r.Next()
+	x := &destRun{r: wire.NewReader(d.bulk)}
+	m := protocol.NewDest()
+	var acts []protocol.DestAction
+	for {
+		if len(acts) == 0 {
+			if m.Ended() {
+				break
+			}
+			x.before = x.r.BytesRead()
+			rec, err := x.r.Next()
+			if err != nil {
+				if m.State() == protocol.DstHeader {
+					err = fmt.Errorf("read domain header: %w", err)
+				} else {
+					err = fmt.Errorf("bulk connection: %w", err)
+				}
+				acts = m.Step(d.failure(protocol.DevConnClosed, err))
+				continue
+			}
+			x.rec = rec
+			if d.hdr != nil {
+				d.alive.heard()
+			}
+			r, err := d.recordOf(x)
+			if err != nil {
+				kind := protocol.DevProtocol
+				if rec.Type == wire.TypeError {
+					kind = protocol.DevConnClosed
+				}
+				acts = m.Step(d.failure(kind, err))
+				continue
+			}
+			acts = m.Step(protocol.DestEvent{Kind: protocol.DevRecord, Record: r})
+			continue
+		}
+		a := acts[0]
+		acts = acts[1:]
+		if ev, ok := d.do(x, m, a); ok {
+			acts = append(acts, m.Step(ev)...)
+		}
+		if a == protocol.DactDestroy {
+			var derr error
+			if d.dom != nil {
+				derr = d.dom.Destroy()
+			}
+			acts = append(acts, m.Destroyed(derr)...)
+		}
+	}
+	return d.outcome(x, m.Outcome())
+}
+
+// failure is the machine's input for a failure here, with the first
+// recorded failure as its cause.
+func (d *dest) failure(kind protocol.DestEventKind, err error) protocol.DestEvent {
+	return protocol.DestEvent{Kind: kind, Err: d.rootCause(err)}
+}
+
+// do carries out one action; ok is false when it has no result to feed.
+func (d *dest) do(x *destRun, m *protocol.Dest, a protocol.DestAction) (protocol.DestEvent, bool) {
+	fail := func(kind protocol.DestEventKind, err error) (protocol.DestEvent, bool) {
+		return d.failure(kind, err), true
+	}
+	switch a {
+	case protocol.DactCreate:
+		// A bad header and a factory that failed are both the create
+		// action's failure: nothing is left here.
+		if err := d.create(x.rec.Body); err != nil {
+			return fail(protocol.DevBackendError, err)
+		}
+		return protocol.DestEvent{Kind: protocol.DevCreated}, true
+	case protocol.DactSendCreated:
+		if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeCreated) }); err != nil {
+			return fail(protocol.DevConnClosed, fmt.Errorf("domain %q created but the source is gone: %w", d.hdr.Name, err))
+		}
+		return protocol.DestEvent{}, false
+	case protocol.DactAccept:
+		if kind, err := d.accept(x); err != nil {
+			return fail(kind, err)
+		}
+		return protocol.DestEvent{}, false
+	case protocol.DactSendReady:
+		if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeReady) }); err != nil {
+			return fail(protocol.DevConnClosed, err)
+		}
+		return protocol.DestEvent{}, false
+	case protocol.DactDetachCancel:
+		// resume detaches the caller's context itself, atomically with
+		// its check that the caller has not cancelled already.
+		return protocol.DestEvent{}, false
+	case protocol.DactResume:
+		if err := d.resume(x.core); err != nil {
+			// The domain never ran here: the source may resume it, and
+			// must be told so (NOT_RESUMED) to do it.
+			return fail(protocol.DevBackendError, fmt.Errorf("resume the domain (it never ran here): %w", err))
+		}
+		return protocol.DestEvent{Kind: protocol.DevResumed}, true
+	case protocol.DactSendResumed:
+		if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeResumed) }); err != nil {
+			return fail(protocol.DevConnClosed, err)
+		}
+		return protocol.DestEvent{}, false
+	case protocol.DactAwaitAllIn:
+		if err := d.awaitAllIn(x); err != nil {
+			return fail(protocol.DevConnClosed, err)
+		}
+		return protocol.DestEvent{Kind: protocol.DevAllIn}, true
+	case protocol.DactAck:
+		if err := d.sendAck(x); err != nil {
+			return fail(protocol.DevConnClosed, fmt.Errorf("send ACK: %w", err))
+		}
+		return protocol.DestEvent{Kind: protocol.DevAcked}, true
+	case protocol.DactSendError:
+		d.fail(m.Outcome().Err)
+		return protocol.DestEvent{}, false
+	case protocol.DactSendNotResumed:
+		d.failWith(wire.TypeNotResumed, m.Outcome().Err)
+		return protocol.DestEvent{}, false
+	case protocol.DactDestroy, protocol.DactReport:
+		return protocol.DestEvent{}, false // (DactDestroy: in run, which feeds Destroyed)
+	}
+	panic(fmt.Sprintf("engine: destination action %v has no driver", a))
+}
+
+// outcome is what RunDest returns for the machine's verdict.
+func (d *dest) outcome(x *destRun, o protocol.DestOutcome) (*DestStats, error) {
+	if o.OK {
+		if x.ack.Mismatched != 0 {
+			return x.st, &DestError{Domain: d.name(), Where: protocol.RunsHere, Complete: true,
+				Err: fmt.Errorf("%d pages differ from the source's checksums (first pfn %#x)", x.ack.Mismatched, x.ack.FirstMismatch)}
+		}
+		return x.st, nil
+	}
+	e := &DestError{Domain: d.name(), Where: o.Where, Err: o.Err, NeverRan: o.At == protocol.DstResuming}
+	if o.Where == protocol.RunsHere {
+		d.mu.Lock()
+		e.Missing = d.hdr.NumPages - d.nPresent
+		d.mu.Unlock()
+		e.Complete = o.At == protocol.DstAcking
+		if e.Complete {
+			return x.st, e
+		}
+	}
+	return nil, e
+}
+
+func (d *dest) name() string {
+	if d.hdr == nil {
+		return ""
+	}
+	return d.hdr.Name
+}
+
+// create decodes and checks the DOMAIN_HEADER and creates the domain.
+func (d *dest) create(body []byte) error {
+	hdr, err := wire.DecodeDomainHeader(body)
 	if err != nil {
-		return nil, fmt.Errorf("read domain header: %w", err)
+		return err
 	}
-	if rec.Type != wire.TypeDomainHeader {
-		return nil, fmt.Errorf("stream starts with %v, want DOMAIN_HEADER", rec.Type)
-	}
-	d.hdr, err = wire.DecodeDomainHeader(rec.Body)
-	if err != nil {
-		return nil, err
-	}
-	n := d.hdr.NumPages
+	n := hdr.NumPages
 	if n > MaxPages {
-		return nil, fmt.Errorf("stream claims %d pages, more than this receiver hosts (%d: 1 TiB of 4 KiB pages)", n, uint64(MaxPages))
+		return fmt.Errorf("stream claims %d pages, more than this receiver hosts (%d: 1 TiB of 4 KiB pages)", n, uint64(MaxPages))
 	}
-	if d.hdr.VCPUs > MaxVCPUs {
-		return nil, fmt.Errorf("stream claims %d vCPUs, more than %d", d.hdr.VCPUs, MaxVCPUs)
+	if hdr.VCPUs > MaxVCPUs {
+		return fmt.Errorf("stream claims %d vCPUs, more than %d", hdr.VCPUs, MaxVCPUs)
 	}
+	d.hdr = hdr
+	d.alive.heard()
 	d.present = prepage.NewBitmap(n)
 	d.absent = prepage.NewBitmap(n)
 	for _, r := range d.hdr.Absent { // the decoder checked the ranges
@@ -244,203 +452,143 @@ func (d *dest) run() (*DestStats, error) {
 	if err != nil {
 		// Nothing to close: a factory that fails removes what it made
 		// (and may return a typed nil, which must not be called).
-		return nil, fmt.Errorf("create domain %q: %w", d.hdr.Name, err)
+		return fmt.Errorf("create domain %q: %w", d.hdr.Name, err)
 	}
 	d.mu.Lock()
 	d.dom = dom
 	d.mu.Unlock()
-	if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeCreated) }); err != nil {
-		err = d.rootCause(err)
-		d.fail(err)
-		_ = d.dom.Destroy()
-		return nil, fmt.Errorf("domain %q created but the source is gone, destroyed it: %w", d.hdr.Name, err)
-	}
-	failBeforeResume := func(err error) (*DestStats, error) {
-		err = d.rootCause(err)
-		d.fail(err)
-		if derr := d.dom.Destroy(); derr != nil {
-			return nil, fmt.Errorf("%w (destroying the half-received domain failed too: %v)", err, derr)
-		}
-		return nil, fmt.Errorf("%w; the half-received domain was destroyed here, the source keeps running it", err)
-	}
-	failAfterResume := func(err error) (*DestStats, error) {
-		err = d.rootCause(err)
-		d.fail(err)
-		d.mu.Lock()
-		missing := n - d.nPresent
-		d.mu.Unlock()
-		return nil, fmt.Errorf("%w; the domain runs here with %d pages still missing: its vCPUs wait on those faults, and the source keeps a paused copy with all memory", err, missing)
-	}
+	return nil
+}
 
-	var core []byte
-	var table []uint32
-	var pb wire.PageBatch
-	var pfns []uint64
-	gotFinal := false
-	for {
-		before := r.BytesRead()
-		rec, err := r.Next()
+// accept handles a record the machine has judged in order.
+func (d *dest) accept(x *destRun) (protocol.DestEventKind, error) {
+	rec := x.rec
+	switch rec.Type {
+	case wire.TypePageBatch:
+		if err := wire.DecodePageBatch(rec.Body, &x.pb); err != nil {
+			return protocol.DevProtocol, err
+		}
+		if err := d.place(&x.pb); err != nil {
+			return protocol.DevBackendError, err
+		}
+		// Credit the source's window with what was consumed.
+		d.credited += x.r.BytesRead() - x.before
+		credited := d.credited
+		if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteU64(wire.TypeCredit, credited) }); err != nil {
+			return protocol.DevConnClosed, err
+		}
+	case wire.TypePageSet:
+		ps, err := wire.DecodePageSet(rec.Body)
 		if err != nil {
-			if !d.resumed {
-				return failBeforeResume(fmt.Errorf("bulk connection: %w", err))
-			}
-			return failAfterResume(fmt.Errorf("bulk connection: %w", err))
+			return protocol.DevProtocol, err
 		}
-		d.alive.heard()
-		switch rec.Type {
-		case wire.TypeKeepalive:
-		case wire.TypePageBatch:
-			if err := wire.DecodePageBatch(rec.Body, &pb); err != nil {
-				return d.failAt(failBeforeResume, failAfterResume, err)
-			}
-			if err := d.place(&pb); err != nil {
-				return d.failAt(failBeforeResume, failAfterResume, err)
-			}
-			// Credit the source's window with what was consumed.
-			d.credited += r.BytesRead() - before
-			credited := d.credited
-			if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteU64(wire.TypeCredit, credited) }); err != nil {
-				return d.failAt(failBeforeResume, failAfterResume, err)
-			}
-		case wire.TypePageSet:
-			ps, err := wire.DecodePageSet(rec.Body)
-			if err != nil {
-				return d.failAt(failBeforeResume, failAfterResume, err)
-			}
-			if d.resumed {
-				return failAfterResume(errors.New("page set changed after the resume"))
-			}
-			if err := d.changePageSet(ps); err != nil {
-				return failBeforeResume(err)
-			}
-		case wire.TypeDiscard:
-			if pfns, err = wire.DecodePFNs(rec.Body, pfns); err != nil {
-				return failBeforeResume(err)
-			}
-			if err := d.discard(pfns); err != nil {
-				return failBeforeResume(err)
-			}
-		case wire.TypeCoreState:
-			b, err := wire.DecodeBlob(rec.Body)
-			if err != nil {
-				return failBeforeResume(err)
-			}
-			core = append([]byte(nil), b...)
-		case wire.TypeSwitchover:
-			if _, err := wire.DecodeSwitchover(rec.Body); err != nil {
-				return failBeforeResume(err)
-			}
-			if d.hdr.Mode == wire.ModePrecopy {
-				d.mu.Lock()
-				missing := n - d.nPresent
-				d.mu.Unlock()
-				if missing != 0 {
-					return failBeforeResume(fmt.Errorf("pre-copy switchover with %d pages never sent", missing))
-				}
-			}
-			if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeReady) }); err != nil {
-				return failBeforeResume(err)
-			}
-		case wire.TypeGo:
-			if err := d.resume(core); err != nil {
-				// The domain never ran here: the source may resume it,
-				// and must be told so (NOT_RESUMED) to do it.
-				err = fmt.Errorf("resume the domain (it never ran here): %w", err)
-				d.failWith(wire.TypeNotResumed, err)
-				if derr := d.dom.Destroy(); derr != nil {
-					return nil, fmt.Errorf("%w (destroying the domain that never ran failed too: %v)", err, derr)
-				}
-				return nil, fmt.Errorf("%w; destroyed it here, the source resumes it", err)
-			}
-			if err := d.writeBulk(func(w *wire.Writer) error { return w.WriteRecord(wire.TypeResumed) }); err != nil {
-				return failAfterResume(err)
-			}
-		case wire.TypeDone:
-			c, final, err := wire.DecodeDone(rec.Body)
-			if err != nil {
-				return d.failAt(failBeforeResume, failAfterResume, err)
-			}
-			if c.FirstPFN != uint64(len(table)) || uint64(len(table)+len(c.CRCs)) > n {
-				return d.failAt(failBeforeResume, failAfterResume, fmt.Errorf("checksums for pfn %#x out of order", c.FirstPFN))
-			}
-			table = append(table, c.CRCs...)
-			gotFinal = final
-		case wire.TypeError:
-			msg, _ := wire.DecodeBlob(rec.Body)
-			return d.failAt(failBeforeResume, failAfterResume, fmt.Errorf("source: %s", msg))
-		default:
-			return d.failAt(failBeforeResume, failAfterResume, fmt.Errorf("unexpected %v record", rec.Type))
+		if err := d.changePageSet(ps); err != nil {
+			return protocol.DevBackendError, err
 		}
-		if gotFinal {
-			break
+	case wire.TypeDiscard:
+		var err error
+		if x.pfns, err = wire.DecodePFNs(rec.Body, x.pfns); err != nil {
+			return protocol.DevProtocol, err
+		}
+		if err := d.discard(x.pfns); err != nil {
+			return protocol.DevBackendError, err
+		}
+	case wire.TypeCoreState:
+		b, err := wire.DecodeBlob(rec.Body)
+		if err != nil {
+			return protocol.DevProtocol, err
+		}
+		x.core = append([]byte(nil), b...)
+	case wire.TypeSwitchover:
+		if _, err := wire.DecodeSwitchover(rec.Body); err != nil {
+			return protocol.DevProtocol, err
+		}
+		if d.hdr.Mode == wire.ModePrecopy {
+			d.mu.Lock()
+			missing := d.hdr.NumPages - d.nPresent
+			d.mu.Unlock()
+			if missing != 0 {
+				return protocol.DevProtocol, fmt.Errorf("pre-copy switchover with %d pages never sent", missing)
+			}
+		}
+	case wire.TypeDone:
+		n := d.hdr.NumPages
+		c := x.done
+		if c.FirstPFN != uint64(len(x.table)) || uint64(len(x.table)+len(c.CRCs)) > n {
+			return protocol.DevProtocol, fmt.Errorf("checksums for pfn %#x out of order", c.FirstPFN)
+		}
+		x.table = append(x.table, c.CRCs...)
+		if x.final && uint64(len(x.table)) != n {
+			return protocol.DevProtocol, fmt.Errorf("source sent %d checksums for %d pages", len(x.table), n)
 		}
 	}
-	if !d.resumed {
-		return failBeforeResume(errors.New("source sent its checksums before GO"))
-	}
-	if uint64(len(table)) != n {
-		return failAfterResume(fmt.Errorf("source sent %d checksums for %d pages", len(table), n))
-	}
-	// Every page was sent; wait until the fault replies still in flight
-	// on the urgent connection have landed. The bulk stream carries only
-	// the source's keepalives from here: go on reading them, so that a
-	// source gone now is noticed.
-	go d.drainKeepalives(r)
+	return 0, nil
+}
+
+// awaitAllIn waits, once every checksum is in, until the fault replies
+// still in flight have landed, then reads the destination's memory back.
+func (d *dest) awaitAllIn(x *destRun) error {
+	n := d.hdr.NumPages
+	// The bulk stream carries only the source's keepalives from here: go
+	// on reading them, so that a source gone now is noticed.
+	go d.drainKeepalives(x.r)
 	select {
 	case <-d.allIn:
 	case <-d.failC:
-		return failAfterResume(d.failErr)
+		return d.failErr
 	}
 	// Pages the guest gave back are not its memory: not read, not verified.
 	var dropped []uint64
 	if dr, ok := d.dom.(Dropper); ok {
 		dropped = dr.Dropped()
 	}
-	guestDropped := uint64(0)
 	d.mu.Lock()
 	for _, p := range dropped {
 		if p < n && !d.absent.Test(p) {
 			d.absent.Set(p)
-			guestDropped++
+			x.dropped++
 		}
 	}
 	d.mu.Unlock()
 	// Read the destination's memory back while the source waits for the
 	// ACK: that, not what arrived, is what `verified` is about.
-	var back []uint32
-	var written *prepage.Bitmap
 	verifyStart := time.Now()
 	if rb, ok := d.dom.(ReadBacker); ok {
 		var err error
-		back, written, err = d.readBack(rb)
+		x.back, x.written, err = d.readBack(rb)
 		if err != nil {
-			return failAfterResume(fmt.Errorf("read the destination's memory back: %w", err))
+			return fmt.Errorf("read the destination's memory back: %w", err)
 		}
 	}
-	verifyMs := ms(time.Since(verifyStart))
+	x.verifyMs = ms(time.Since(verifyStart))
 	d.dom.Close()
 	d.urg.Close() // tells the source's fault server that we are complete
+	return nil
+}
 
+// sendAck compares the checksums with what the destination holds and
+// sends STATS and ACK.
+func (d *dest) sendAck(x *destRun) error {
 	d.mu.Lock()
 	st := d.stats
-	st.GuestDropped = guestDropped
+	st.GuestDropped = x.dropped
 	// Pages the guest gave back were received too (the source sent them).
-	ack := wire.Ack{PagesReceived: d.nPresent - d.absent.Count() + guestDropped}
+	ack := wire.Ack{PagesReceived: d.nPresent - d.absent.Count() + x.dropped}
 	st.VerifiedFrom = "stream"
-	if back != nil {
+	if x.back != nil {
 		st.VerifiedFrom = "memory"
-		st.VerifyMs = verifyMs
+		st.VerifyMs = x.verifyMs
 	}
-	for pfn, want := range table {
+	for pfn, want := range x.table {
 		if d.absent.Test(uint64(pfn)) {
 			continue
 		}
 		got := d.crc[pfn] // what arrived
-		if back != nil {
-			if written.Test(uint64(pfn)) {
+		if x.back != nil {
+			if x.written.Test(uint64(pfn)) {
 				st.GuestWritten++ // the guest's content now: what arrived is checked
 			} else {
-				got = back[pfn]
+				got = x.back[pfn]
 				st.VerifiedPages++
 			}
 		}
@@ -473,29 +621,17 @@ func (d *dest) run() (*DestStats, error) {
 			st.VCPUBlocktimeMs = append(st.VCPUBlocktimeMs, ms(p))
 		}
 	}
+	x.st, x.ack = &st, ack
 	blob, err := json.Marshal(&st)
 	if err != nil {
-		return nil, err
+		return err
 	}
-	if err := d.writeBulk(func(w *wire.Writer) error {
+	return d.writeBulk(func(w *wire.Writer) error {
 		if err := w.WriteBlob(wire.TypeStats, blob); err != nil {
 			return err
 		}
 		return w.WriteAck(ack)
-	}); err != nil {
-		return &st, fmt.Errorf("send ACK (the domain is complete and runs here): %w", err)
-	}
-	if ack.Mismatched != 0 {
-		return &st, fmt.Errorf("%d pages differ from the source's checksums (first pfn %#x)", ack.Mismatched, ack.FirstMismatch)
-	}
-	return &st, nil
-}
-
-func (d *dest) failAt(before, after func(error) (*DestStats, error), err error) (*DestStats, error) {
-	if d.resumed {
-		return after(err)
-	}
-	return before(err)
+	})
 }
 
 // place installs a batch. A page the destination already holds is only

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/xl-postcopy/xl-postcopy/xen/engine/protocol"
 	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
 	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
@@ -310,52 +311,243 @@ func (s *source) sample(done chan struct{}) []Sample {
 	}
 }
 
+// srcRun is one run of the source's machine: the driver's state between
+// actions.
+type srcRun struct {
+	ctx     context.Context
+	st      *Stats
+	rec     *recorder
+	dirtyFn func([]uint64) ([]uint64, error)
+	dirty   []uint64
+	logOn   bool // the dirty log is on (stopped on the way out if so)
+	// stopLog switches the dirty log off once the destination runs (set in
+	// the pause; a no-op otherwise).
+	stopLog      func()
+	pausedAt     time.Time
+	precopyBytes uint64
+	stopBytes    uint64
+}
+
+// run drives the source's machine (protocol.Source): each action it
+// returns is carried out here and its result fed back, until it reports
+// how the migration ended.
 func (s *source) run(ctx context.Context) (*Stats, error) {
 	st := &Stats{Mode: s.opt.Mode.String(), Domain: s.info.Name, Pages: s.info.NumPages, PageSize: s.info.PageSize}
 	if s.opt.Mode != wire.ModePrecopy {
 		st.Prepaging = s.opt.Prepaging
 	}
-	stopLog := func() {}
-	resumeHere := func(err error) (*Stats, error) {
-		stopLog()
-		return st, s.resumeHere(err)
-	}
-
-	if err := s.openStreams(); err != nil {
-		return st, s.notStarted(err)
-	}
-	go s.readReverse()
-	// Pre-record: sample the dirty log while the domain runs (while the
-	// destination creates its domain, and during hybrid's pre-copy round).
-	dirtyFn := s.dom.DirtyPages
-	var rec *recorder
-	if s.spec.record {
-		if err := s.dom.StartDirtyLog(); err != nil {
-			return st, s.notStarted(fmt.Errorf("start dirty log for recording: %w", err))
+	r := &srcRun{ctx: ctx, st: st, dirtyFn: s.dom.DirtyPages, stopLog: func() {}}
+	defer func() {
+		if r.rec != nil {
+			r.rec.finish() // error paths: stop sampling
 		}
-		s.phase.Store("record")
-		rec = startRecorder(s.dom, s.opt.RecordInterval)
-		defer rec.finish() // error paths: stop sampling
-		dirtyFn = rec.DirtyPages
+	}()
+	m := protocol.NewSource()
+	acts := m.Start()
+	for len(acts) > 0 {
+		a := acts[0]
+		acts = acts[1:]
+		if a == protocol.ActReport {
+			break
+		}
+		ev, ok := s.do(r, a)
+		if !ok {
+			continue
+		}
+		if s.opt.Logf != nil && ev.Kind.IsFailure() {
+			s.opt.Logf("%v failed in state %v: %v", a, m.State(), ev.Err)
+		}
+		acts = append(acts, m.Step(ev)...)
 	}
+	return st, s.outcome(r, m.Outcome())
+}
 
-	// The destination creates its domain first: that is setup, not
-	// downtime.
-	if err := s.wait(ctx, s.created, "CREATED"); err != nil {
-		if rec != nil {
-			rec.finish()
+// outcome turns the machine's verdict into the error the caller gets.
+func (s *source) outcome(r *srcRun, o protocol.Outcome) error {
+	if o.OK {
+		return nil
+	}
+	if o.Where == RunsAtSource || o.Where == PausedAtSource {
+		// The domain is back (or stays) here: its dirty log is of no use.
+		r.stopLog()
+		if r.logOn {
 			_ = s.dom.StopDirtyLog()
 		}
-		return st, s.notStarted(err)
 	}
+	err := o.Err
+	switch {
+	case o.Where == PausedAtSource:
+		err = fmt.Errorf("%w (resume: %v)", err, o.ResumeErr)
+	case o.Where == RunsAtSource && o.Resumed:
+		err = fmt.Errorf("resumed at the source after: %w", err)
+	}
+	return &Error{Domain: s.info.Name, Where: o.Where, Err: err}
+}
 
-	// Pre-copy rounds.
-	dirty := []uint64(nil)
-	if s.opt.Mode != wire.ModePostcopy {
-		if rec == nil {
-			if err := s.dom.StartDirtyLog(); err != nil {
-				return st, s.notStarted(fmt.Errorf("start dirty log: %w", err))
+// event is the machine's input for an action's result.
+func (s *source) event(ok protocol.EventKind, err error, backend bool) protocol.Event {
+	if err == nil {
+		return protocol.Event{Kind: ok}
+	}
+	err = s.rootCause(err)
+	kind := protocol.EvConnClosed
+	switch {
+	case backend:
+		kind = protocol.EvBackendError
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+		kind = protocol.EvCancel
+	}
+	select {
+	case <-s.notResumed:
+		// The destination got GO and never ran the domain: that, not the
+		// connection it then closed, is what happened.
+		return protocol.Event{Kind: protocol.EvNotResumed, Err: err}
+	default:
+	}
+	return protocol.Event{Kind: kind, Err: err}
+}
+
+// do carries out one action; ok is false for actions with no result.
+func (s *source) do(r *srcRun, a protocol.ActionKind) (protocol.Event, bool) {
+	switch a {
+	case protocol.ActOpen:
+		err := s.openStreams()
+		if err == nil {
+			go s.readReverse()
+			err = s.startRecording(r)
+		}
+		return s.event(protocol.EvOpened, err, false), true
+	case protocol.ActAwaitCreated:
+		// The destination creates its domain first: that is setup, not
+		// downtime.
+		return s.event(protocol.EvCreated, s.wait(r.ctx, s.created, "CREATED"), false), true
+	case protocol.ActLive:
+		return s.event(protocol.EvLiveDone, s.live(r), false), true
+	case protocol.ActPause:
+		r.precopyBytes = s.bw.Written()
+		s.phase.Store("stop")
+		// Downtime starts when pausing starts: the vCPUs stop during Pause.
+		r.pausedAt = time.Now()
+		err := s.dom.Pause()
+		if err != nil {
+			err = fmt.Errorf("pause the domain: %w", err)
+		}
+		return s.event(protocol.EvPaused, err, true), true
+	case protocol.ActSendStop:
+		return s.event(protocol.EvStopSent, s.sendStop(r), false), true
+	case protocol.ActAwaitReady:
+		err := s.wait(r.ctx, s.ready, "READY")
+		if err == nil {
+			s.dbg(r, "ready received")
+		}
+		return s.event(protocol.EvReady, err, false), true
+	case protocol.ActRelinquish:
+		if rq, ok := s.dom.(Relinquisher); ok {
+			if err := rq.Relinquish(); err != nil {
+				return s.event(0, fmt.Errorf("mark the source copy as migrated away: %w", err), true), true
 			}
+			s.dbg(r, "relinquished")
+		}
+		// A cancel that came while waiting for READY is honoured here,
+		// the last moment it can be.
+		if err := r.ctx.Err(); err != nil {
+			return s.event(0, fmt.Errorf("cancelled before the switchover: %w", err), false), true
+		}
+		return protocol.Event{Kind: protocol.EvRelinquished}, true
+	case protocol.ActDetachCancel:
+		// From GO on the domain may run at the destination with its
+		// memory still here: a cancel (a signal to the tool) must not end
+		// the migration any more, or the guest is stranded there.
+		s.stopCancel()
+		r.ctx = context.WithoutCancel(r.ctx)
+		return protocol.Event{}, false
+	case protocol.ActSendGo:
+		s.bulkMu.Lock()
+		err := s.bw.WriteRecord(wire.TypeGo)
+		if err == nil {
+			err = s.bw.Flush()
+		}
+		s.bulkMu.Unlock()
+		if err != nil {
+			// GO may or may not have left: the destination can resume only
+			// on a GO it received whole, so the guest runs in at most one
+			// place; which one is not known here.
+			return s.event(0, fmt.Errorf("send GO: %w", err), false), true
+		}
+		if s.opt.OnGo != nil {
+			s.opt.OnGo()
+		}
+		return protocol.Event{Kind: protocol.EvGoSent}, true
+	case protocol.ActAwaitResumed:
+		if err := s.wait(r.ctx, s.resumed, "RESUMED"); err != nil {
+			return s.event(0, err, false), true
+		}
+		r.st.DowntimeMs = ms(time.Since(r.pausedAt))
+		s.downtime.Store(int64(time.Since(r.pausedAt)))
+		s.dbg(r, "resumed received")
+		r.stopLog()
+		return protocol.Event{Kind: protocol.EvResumed}, true
+	case protocol.ActPostcopy:
+		return s.event(protocol.EvPagesDone, s.afterResume(r), false), true
+	case protocol.ActAwaitAck:
+		if err := s.awaitAck(r); err != nil {
+			return s.event(0, err, false), true
+		}
+		ev := protocol.Event{Kind: protocol.EvAcked, Verified: r.st.Verified}
+		if !r.st.Verified {
+			ev.Err = fmt.Errorf("destination reports %d of %d pages differing from the source (first pfn %#x), %d received",
+				s.ack.Mismatched, s.info.NumPages, s.ack.FirstMismatch, s.ack.PagesReceived)
+		}
+		return ev, true
+	case protocol.ActDestroySource:
+		s.phase.Store("done")
+		err := s.dom.Destroy()
+		if err != nil {
+			err = fmt.Errorf("destroying the source copy failed: %w", err)
+		}
+		return s.event(protocol.EvDestroyed, err, true), true
+	case protocol.ActResumeSource:
+		if err := s.dom.Resume(); err != nil {
+			return protocol.Event{Kind: protocol.EvBackendError, Err: err}, true
+		}
+		return protocol.Event{Kind: protocol.EvResumedHere}, true
+	}
+	panic(fmt.Sprintf("engine: source action %v has no driver", a))
+}
+
+func (s *source) dbg(r *srcRun, what string) {
+	if s.opt.Logf != nil {
+		s.opt.Logf("%s at +%v since pause", what, time.Since(r.pausedAt))
+	}
+}
+
+// startRecording starts the pre-record policies' sampling of the dirty
+// log while the domain runs (while the destination creates its domain,
+// and during hybrid's pre-copy round).
+func (s *source) startRecording(r *srcRun) error {
+	if !s.spec.record {
+		return nil
+	}
+	if err := s.dom.StartDirtyLog(); err != nil {
+		return fmt.Errorf("start dirty log for recording: %w", err)
+	}
+	r.logOn = true
+	s.phase.Store("record")
+	r.rec = startRecorder(s.dom, s.opt.RecordInterval)
+	r.dirtyFn = r.rec.DirtyPages
+	return nil
+}
+
+// live is everything before the pause: pre-copy rounds (pre-copy and
+// hybrid), the early core pages (post-copy), the end of the recording.
+func (s *source) live(r *srcRun) error {
+	st := r.st
+	if s.opt.Mode != wire.ModePostcopy {
+		if r.rec == nil {
+			if err := s.dom.StartDirtyLog(); err != nil {
+				return fmt.Errorf("start dirty log: %w", err)
+			}
+			r.logOn = true
 		}
 		st.SetupTimeMs = ms(time.Since(s.start))
 		s.phase.Store("precopy")
@@ -366,85 +558,75 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			}
 		}
 		if err := s.sendPages(wire.PhasePrecopy, all); err != nil {
-			_ = s.dom.StopDirtyLog()
-			return st, s.notStarted(fmt.Errorf("pre-copy round 0: %w", err))
+			return fmt.Errorf("pre-copy round 0: %w", err)
 		}
 		st.PrecopyRounds = 1
 		for {
 			var err error
-			dirty, err = dirtyFn(dirty)
+			r.dirty, err = r.dirtyFn(r.dirty)
 			if err != nil {
-				_ = s.dom.StopDirtyLog()
-				return st, s.notStarted(fmt.Errorf("read dirty log: %w", err))
+				return fmt.Errorf("read dirty log: %w", err)
 			}
 			if s.opt.Mode == wire.ModeHybrid && st.PrecopyRounds >= s.opt.HybridRounds {
 				break
 			}
-			if s.opt.Mode == wire.ModePrecopy && (len(dirty) <= s.opt.StopPages || st.PrecopyRounds >= s.opt.MaxRounds) {
+			if s.opt.Mode == wire.ModePrecopy && (len(r.dirty) <= s.opt.StopPages || st.PrecopyRounds >= s.opt.MaxRounds) {
 				break
 			}
 			s.round.Store(int64(st.PrecopyRounds))
 			// Pages absent since the setup that the guest took and wrote
 			// again are settled in the pause, not here.
-			dirty = s.presentOnly(dirty)
-			if err := s.sendPages(wire.PhasePrecopy, dirty); err != nil {
-				_ = s.dom.StopDirtyLog()
-				return st, s.notStarted(fmt.Errorf("pre-copy round %d: %w", st.PrecopyRounds, err))
+			r.dirty = s.presentOnly(r.dirty)
+			if err := s.sendPages(wire.PhasePrecopy, r.dirty); err != nil {
+				return fmt.Errorf("pre-copy round %d: %w", st.PrecopyRounds, err)
 			}
 			st.PrecopyRounds++
 		}
 	} else {
 		st.SetupTimeMs = ms(time.Since(s.start))
-		if rec == nil {
+		if r.rec == nil {
 			// (With a recording the dirty log serves the recorder, which
 			// consumes it: the core pages then all go in the pause.)
-			if err := s.sendEarlyCore(st); err != nil {
-				return st, s.notStarted(err)
+			if err := s.sendEarlyCore(r, st); err != nil {
+				return err
 			}
 		}
 	}
-	if rec != nil {
-		if err := s.finishRecording(ctx, rec, st); err != nil {
-			_ = s.dom.StopDirtyLog()
-			return st, s.notStarted(err)
+	if r.rec != nil {
+		if err := s.finishRecording(r.ctx, r.rec, st); err != nil {
+			return err
 		}
-		more, err := rec.DirtyPages(nil)
+		more, err := r.rec.DirtyPages(nil)
 		if err != nil {
-			_ = s.dom.StopDirtyLog()
-			return st, s.notStarted(err)
+			return err
 		}
 		if s.opt.Mode == wire.ModePostcopy {
 			// Tracking served the recording only: switch it off while the
 			// domain still runs, outside the downtime.
+			r.logOn = false
 			if err := s.dom.StopDirtyLog(); err != nil {
-				return st, s.notStarted(fmt.Errorf("stop dirty log: %w", err))
+				return fmt.Errorf("stop dirty log: %w", err)
 			}
 		} else {
-			dirty = append(dirty, more...)
+			r.dirty = append(r.dirty, more...)
 		}
 	}
-	precopyBytes := s.bw.Written()
+	return nil
+}
 
-	// Switchover: pause, send what the destination needs before it resumes.
-	s.phase.Store("stop")
-	// Downtime starts when pausing starts: the vCPUs stop during Pause.
-	pausedAt := time.Now()
-	if err := s.dom.Pause(); err != nil {
-		_ = s.dom.StopDirtyLog()
-		return st, s.notStarted(fmt.Errorf("pause the domain: %w", err))
-	}
-	dbg := func(what string) {
-		if s.opt.Logf != nil {
-			s.opt.Logf("%s at +%v since pause", what, time.Since(pausedAt))
-		}
-	}
-	dbg("paused")
+// sendStop is the switchover's sending while the domain is paused: the
+// last dirty pages or discards, the core pages, the page set's changes,
+// the core state and SWITCHOVER.
+func (s *source) sendStop(r *srcRun) error {
+	st := r.st
+	s.dbg(r, "paused")
 	// Switching tracking off can take a while (it touches every page-table
 	// entry); the paused domain writes nothing, so it waits until the
-	// destination runs.
+	// destination runs (or, on failure, until the outcome).
 	stopLater := func() {
-		stopLog = func() {
-			stopLog = func() {}
+		r.logOn = false
+		r.stopLog = func() {
+			r.stopLog = func() {}
 			if err := s.dom.StopDirtyLog(); err != nil && s.opt.Logf != nil {
 				s.opt.Logf("stop dirty log: %v", err)
 			}
@@ -455,19 +637,17 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		// writes between that round and the pause.
 		last, err := s.dom.DirtyPages(nil)
 		if err != nil {
-			_ = s.dom.StopDirtyLog()
-			return resumeHere(fmt.Errorf("final dirty log: %w", err))
+			return fmt.Errorf("final dirty log: %w", err)
 		}
 		stopLater()
-		dirty = prepage.SortedUnique(append(dirty, last...))
-		dbg(fmt.Sprintf("final dirty log: %d pages", len(dirty)))
+		r.dirty = prepage.SortedUnique(append(r.dirty, last...))
+		s.dbg(r, fmt.Sprintf("final dirty log: %d pages", len(r.dirty)))
 	} else if s.early != nil {
 		// The early core pages written since they were sent go again
 		// with the core pages; the others are there already.
 		last, err := s.dom.DirtyPages(nil)
 		if err != nil {
-			_ = s.dom.StopDirtyLog()
-			return resumeHere(fmt.Errorf("dirty log of the early core pages: %w", err))
+			return fmt.Errorf("dirty log of the early core pages: %w", err)
 		}
 		stopLater()
 		s.mu.Lock()
@@ -478,7 +658,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			}
 		}
 		s.mu.Unlock()
-		dbg(fmt.Sprintf("early core pages: %d of %d written since they were sent", st.EarlyCoreRedirtied, st.EarlyCorePages))
+		s.dbg(r, fmt.Sprintf("early core pages: %d of %d written since they were sent", st.EarlyCoreRedirtied, st.EarlyCorePages))
 	}
 
 	// The page set as it is in the pause: pages the guest gave back since
@@ -490,13 +670,14 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	// the stop-phase pages.
 	scan := s.scanPageSet()
 	var added []uint64
+	dirty := r.dirty
 	if s.opt.Mode != wire.ModePostcopy {
 		var err error
 		if added, err = s.changePageSet(st, scan); err != nil {
-			return resumeHere(err)
+			return err
 		}
 		dirty = s.presentOnly(dirty)
-		dbg(fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
+		s.dbg(r, fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
 	}
 
 	switch s.opt.Mode {
@@ -504,7 +685,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		dirty = prepage.SortedUnique(append(dirty, added...))
 		added = nil
 		if err := s.sendPages(wire.PhaseStop, dirty); err != nil {
-			return resumeHere(fmt.Errorf("stop-and-copy: %w", err))
+			return fmt.Errorf("stop-and-copy: %w", err)
 		}
 	case wire.ModeHybrid:
 		// Pages re-dirtied since they were sent: the destination forgets
@@ -515,7 +696,7 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 			err := s.bw.WritePFNs(wire.TypeDiscard, chunk)
 			s.bulkMu.Unlock()
 			if err != nil {
-				return resumeHere(fmt.Errorf("discard list: %w", err))
+				return fmt.Errorf("discard list: %w", err)
 			}
 		}
 		s.mu.Lock()
@@ -531,17 +712,17 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		s.mu.Unlock()
 		st.DiscardedPages = uint64(len(dirty))
 	}
-	dbg("stop-phase pages/discards queued")
+	s.dbg(r, "stop-phase pages/discards queued")
 	core, err := s.dom.CoreState()
 	if err != nil {
-		return resumeHere(fmt.Errorf("read core state: %w", err))
+		return fmt.Errorf("read core state: %w", err)
 	}
-	dbg("core state read")
+	s.dbg(r, "core state read")
 	corePFNs, err := s.dom.CorePFNs()
 	if err != nil {
-		return resumeHere(fmt.Errorf("list core pages: %w", err))
+		return fmt.Errorf("list core pages: %w", err)
 	}
-	dbg(fmt.Sprintf("%d core pages listed", len(corePFNs)))
+	s.dbg(r, fmt.Sprintf("%d core pages listed", len(corePFNs)))
 	if s.opt.Mode != wire.ModePrecopy && len(corePFNs)+len(added) > 0 {
 		var need []uint64
 		s.mu.Lock()
@@ -552,15 +733,15 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 		s.mu.Unlock()
 		if err := s.sendPages(wire.PhaseStop, need); err != nil {
-			return resumeHere(fmt.Errorf("core pages: %w", err))
+			return fmt.Errorf("core pages: %w", err)
 		}
 		st.CorePages = uint64(len(need))
-		dbg("core pages sent")
+		s.dbg(r, "core pages sent")
 	}
 	if s.opt.Mode == wire.ModePostcopy {
 		added, err := s.changePageSet(st, scan)
 		if err != nil {
-			return resumeHere(err)
+			return err
 		}
 		var need []uint64
 		s.mu.Lock()
@@ -571,67 +752,30 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 		s.mu.Unlock()
 		if err := s.sendPages(wire.PhaseStop, need); err != nil {
-			return resumeHere(fmt.Errorf("pages the guest took again: %w", err))
+			return fmt.Errorf("pages the guest took again: %w", err)
 		}
-		dbg(fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
+		s.dbg(r, fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
 	}
 	s.bulkMu.Lock()
 	err = s.bw.WriteBlob(wire.TypeCoreState, core)
 	if err == nil {
-		err = s.bw.WriteSwitchover(wire.Switchover{PausedUnixNano: pausedAt.UnixNano(), PagesSent: s.pagesSent.Load()})
+		err = s.bw.WriteSwitchover(wire.Switchover{PausedUnixNano: r.pausedAt.UnixNano(), PagesSent: s.pagesSent.Load()})
 	}
 	if err == nil {
 		err = s.bw.Flush()
 	}
 	s.bulkMu.Unlock()
 	if err != nil {
-		return resumeHere(fmt.Errorf("send core state: %w", err))
+		return fmt.Errorf("send core state: %w", err)
 	}
-	dbg("switchover sent")
-	if err := s.wait(ctx, s.ready, "READY"); err != nil {
-		return resumeHere(err)
-	}
-	dbg("ready received")
-	if r, ok := s.dom.(Relinquisher); ok {
-		if err := r.Relinquish(); err != nil {
-			return resumeHere(fmt.Errorf("mark the source copy as migrated away: %w", err))
-		}
-		dbg("relinquished")
-	}
+	s.dbg(r, "switchover sent")
+	return nil
+}
 
-	// Point of no return: after GO the destination may run the domain. A
-	// cancel that came while waiting for READY is honoured here, the last
-	// moment it can be.
-	if err := ctx.Err(); err != nil {
-		return resumeHere(fmt.Errorf("cancelled before the switchover: %w", err))
-	}
-	// From GO on the domain may run at the destination with its memory
-	// still here: a cancel (a signal to the tool) must not end the
-	// migration any more, or the guest is stranded there.
-	s.stopCancel()
-	ctx = context.WithoutCancel(ctx)
-	s.bulkMu.Lock()
-	err = s.bw.WriteRecord(wire.TypeGo)
-	if err == nil {
-		err = s.bw.Flush()
-	}
-	s.bulkMu.Unlock()
-	if err != nil {
-		// GO may or may not have left: the destination can resume only on
-		// a GO it received whole, so the guest runs in at most one place;
-		// which one is not known here.
-		return st, s.afterGo(fmt.Errorf("send GO: %w", err))
-	}
-	if s.opt.OnGo != nil {
-		s.opt.OnGo()
-	}
-	if err := s.wait(ctx, s.resumed, "RESUMED"); err != nil {
-		return st, s.afterGo(err)
-	}
-	st.DowntimeMs = ms(time.Since(pausedAt))
-	s.downtime.Store(int64(time.Since(pausedAt)))
-	dbg("resumed received")
-	stopLog()
+// afterResume runs once the destination has resumed: the checksums of the
+// frozen memory (beside the rest), post-copy's push and fault service until
+// every page has been sent once, then the checksums.
+func (s *source) afterResume(r *srcRun) error {
 	// Memory is frozen since the pause: checksum it while the rest goes
 	// on (not before resume, where it would compete with the downtime).
 	crcs := make(chan []uint32, 1)
@@ -641,21 +785,21 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		crcErr <- err
 		crcs <- c
 	}()
-	stopBytes := s.bw.Written()
-
+	r.stopBytes = s.bw.Written()
 	if s.opt.Mode != wire.ModePrecopy {
 		s.phase.Store("postcopy")
 		if err := s.postcopy(); err != nil {
-			return st, s.afterGo(err)
+			return err
 		}
 	}
-
 	s.phase.Store("verify")
 	if err := <-crcErr; err != nil {
-		return st, s.afterGo(fmt.Errorf("checksum source memory: %w", err))
+		return fmt.Errorf("checksum source memory: %w", err)
 	}
 	table := <-crcs
 	s.bulkMu.Lock()
+	defer s.bulkMu.Unlock()
+	var err error
 	for i := 0; i < len(table) || i == 0; i += wire.MaxChecksums {
 		end := min(len(table), i+wire.MaxChecksums)
 		if err = s.bw.WriteDone(wire.Checksums{FirstPFN: uint64(i), CRCs: table[i:end]}, end == len(table)); err != nil {
@@ -665,15 +809,20 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	if err == nil {
 		err = s.bw.Flush()
 	}
-	s.bulkMu.Unlock()
 	if err != nil {
-		return st, s.afterGo(fmt.Errorf("send checksums: %w", err))
+		return fmt.Errorf("send checksums: %w", err)
 	}
-	actx, cancel := context.WithTimeout(ctx, s.opt.AckTimeout)
-	err = s.wait(actx, s.acked, "ACK")
+	return nil
+}
+
+// awaitAck waits for the destination's ACK and the end of the fault
+// service, and fills in the figures.
+func (s *source) awaitAck(r *srcRun) error {
+	actx, cancel := context.WithTimeout(r.ctx, s.opt.AckTimeout)
+	err := s.wait(actx, s.acked, "ACK")
 	cancel()
 	if err != nil {
-		return st, s.afterGo(err)
+		return err
 	}
 	if s.faultDone != nil {
 		// The destination closes the urgent connection once it holds
@@ -681,16 +830,17 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		select {
 		case err := <-s.faultDone:
 			if err != nil {
-				return st, s.afterGo(fmt.Errorf("fault service: %w", err))
+				return fmt.Errorf("fault service: %w", err)
 			}
 		case <-time.After(5 * time.Second):
-			return st, s.afterGo(errors.New("destination acknowledged but kept the urgent connection open"))
+			return errors.New("destination acknowledged but kept the urgent connection open")
 		}
 	}
+	st := r.st
 	st.TotalTimeMs = ms(time.Since(s.start))
-	st.PrecopyBytes = precopyBytes
-	st.DowntimeBytes = stopBytes - precopyBytes
-	st.PostcopyBytes = s.bw.Written() - stopBytes + s.uw.Written()
+	st.PrecopyBytes = r.precopyBytes
+	st.DowntimeBytes = r.stopBytes - r.precopyBytes
+	st.PostcopyBytes = s.bw.Written() - r.stopBytes + s.uw.Written()
 	st.TotalBytes = s.bw.Written() + s.uw.Written()
 	st.PagesSent = s.pagesSent.Load()
 	st.ZeroPages = s.zeroPages.Load()
@@ -699,22 +849,14 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	st.MismatchedPages = s.ack.Mismatched
 	st.ResentPages = s.resent.Load()
 	st.Verified = s.ack.Mismatched == 0 && s.ack.PagesReceived == s.info.NumPages-s.absentCount()
-	if !st.Verified {
-		return st, s.afterGo(fmt.Errorf("destination reports %d of %d pages differing from the source (first pfn %#x), %d received",
-			s.ack.Mismatched, s.info.NumPages, s.ack.FirstMismatch, s.ack.PagesReceived))
-	}
-	s.phase.Store("done")
-	if err := s.dom.Destroy(); err != nil {
-		return st, fmt.Errorf("migration complete and verified, but destroying the source copy failed: %w", err)
-	}
-	return st, nil
+	return nil
 }
 
 // sendEarlyCore sends the core pages the source knows before the pause
 // (EarlyCorer), with the dirty log on so that the pause sends again only
 // those written since. They travel as pre-copy pages: the destination may
 // overwrite them until it resumes.
-func (s *source) sendEarlyCore(st *Stats) error {
+func (s *source) sendEarlyCore(r *srcRun, st *Stats) error {
 	ec, ok := s.dom.(EarlyCorer)
 	if !ok {
 		return nil
@@ -731,8 +873,8 @@ func (s *source) sendEarlyCore(st *Stats) error {
 	if err := s.dom.StartDirtyLog(); err != nil {
 		return fmt.Errorf("start dirty log for the early core pages: %w", err)
 	}
+	r.logOn = true // (switched off by the outcome if this fails)
 	if err := s.sendPages(wire.PhasePrecopy, early); err != nil {
-		_ = s.dom.StopDirtyLog()
 		return fmt.Errorf("early core pages: %w", err)
 	}
 	s.mu.Lock()
@@ -762,35 +904,6 @@ func (s *source) rootCause(err error) error {
 		return err
 	}
 	return fmt.Errorf("%w (then: %v)", f, err)
-}
-
-// afterGo wraps an error that happened once the destination may have
-// resumed: the source copy is kept paused, with all its memory. The one
-// exception is a destination that says it never ran the domain
-// (NOT_RESUMED, e.g. its hypervisor refused the vCPU state): then the
-// domain runs nowhere and resuming it here is safe.
-func (s *source) afterGo(err error) error {
-	err = s.rootCause(err)
-	select {
-	case <-s.notResumed:
-		return s.resumeHere(fmt.Errorf("the destination could not resume the domain and never ran it: %w", err))
-	default:
-	}
-	return &Error{Domain: s.info.Name, Where: AfterGo, Err: err}
-}
-
-// notStarted is a failure while the domain still runs at the source.
-func (s *source) notStarted(err error) error {
-	return &Error{Domain: s.info.Name, Where: RunsAtSource, Err: s.rootCause(err)}
-}
-
-// resumeHere undoes the pause (and the rename) at the source.
-func (s *source) resumeHere(err error) error {
-	err = s.rootCause(err)
-	if rerr := s.dom.Resume(); rerr != nil {
-		return &Error{Domain: s.info.Name, Where: PausedAtSource, Err: fmt.Errorf("%w (resume: %v)", err, rerr)}
-	}
-	return &Error{Domain: s.info.Name, Where: RunsAtSource, Err: fmt.Errorf("resumed at the source after: %w", err)}
 }
 
 // finishRecording waits out the recording window (Options.Record), or

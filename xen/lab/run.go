@@ -192,6 +192,8 @@ func labOutcome(err error) error {
 		return fmt.Errorf("lab migration failed before the switchover; the lab domain ran on at the source until this command ended it: %w", e.Err)
 	case engine.PausedAtSource:
 		return fmt.Errorf("lab migration failed before the switchover and the lab domain could not be resumed; this command ended it: %w", e.Err)
+	case engine.RunsAtDestination:
+		return fmt.Errorf("lab migration complete and verified, but ending the source copy failed; this command ended both lab copies: %w", e.Err)
 	}
 	return fmt.Errorf("lab migration failed after the switchover; this command ended both lab copies (a lab domain lives only as long as the command): %w", e.Err)
 }

@@ -1,0 +1,369 @@
+package protocol
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+// world is what the two machines' actions did to the domain: the facts
+// the invariant is about.
+type world struct {
+	srcRunning   bool // the source copy runs
+	srcDestroyed bool // the source copy (and with it the source's memory) is gone
+	dstExists    bool
+	dstRunning   bool
+	dstAllIn     bool // the destination holds every page
+}
+
+// item is one queued input: an event for one side.
+type item struct {
+	toSrc bool
+	sev   Event
+	dev   DestEvent
+	msg   bool // a record crossing the link (lost when the link is cut)
+	done  bool // an action's result (may be replaced by a failure)
+}
+
+func (it item) String() string {
+	if it.toSrc {
+		return "src:" + it.sev.Kind.String()
+	}
+	return "dst:" + describe(it.dev)
+}
+
+// fault is what a run injects at its step-th input.
+type fault struct {
+	step int
+	mode string // "insert": a failure arrives before it; "replace": the action failed; "cut": the link dies
+	src  bool   // the side that fails (insert, replace)
+	sk   EventKind
+	dk   DestEventKind
+}
+
+// sim runs both machines against each other in memory, FIFO, with the
+// link and the backends simulated by w.
+type sim struct {
+	t     *testing.T
+	src   *Source
+	dst   *Dest
+	w     world
+	q     []item
+	steps int
+	cut   bool
+	trace []string
+	// seen[i] is the states the machines were in when input i came.
+	seen []string
+}
+
+func (s *sim) toSrc(ev Event, msg bool) {
+	if msg && s.cut {
+		return
+	}
+	s.q = append(s.q, item{toSrc: true, sev: ev, msg: msg, done: !msg})
+}
+
+func (s *sim) toDst(ev DestEvent, msg bool) {
+	if msg && s.cut {
+		return
+	}
+	s.q = append(s.q, item{dev: ev, msg: msg, done: !msg})
+}
+
+func (s *sim) send(r Record) { s.toDst(DestEvent{Kind: DevRecord, Record: r}, true) }
+
+var errInjected = errors.New("injected")
+
+func (s *sim) srcDo(acts []ActionKind) {
+	for _, a := range acts {
+		switch a {
+		case ActOpen:
+			s.send(RecDomainHeader)
+			s.toSrc(Event{Kind: EvOpened}, false)
+		case ActAwaitCreated, ActAwaitReady, ActAwaitResumed, ActAwaitAck, ActDetachCancel:
+		case ActLive:
+			s.send(RecPageBatch)
+			s.toSrc(Event{Kind: EvLiveDone}, false)
+		case ActPause:
+			s.w.srcRunning = false
+			s.toSrc(Event{Kind: EvPaused}, false)
+		case ActSendStop:
+			s.send(RecPageBatch)
+			s.send(RecCoreState)
+			s.send(RecSwitchover)
+			s.toSrc(Event{Kind: EvStopSent}, false)
+		case ActRelinquish:
+			s.toSrc(Event{Kind: EvRelinquished}, false)
+		case ActSendGo:
+			s.send(RecGo)
+			s.toSrc(Event{Kind: EvGoSent}, false)
+		case ActPostcopy:
+			s.send(RecPageBatch)
+			s.send(RecDone)
+			s.send(RecDoneFinal)
+			s.toSrc(Event{Kind: EvPagesDone}, false)
+		case ActDestroySource:
+			s.w.srcDestroyed = true
+			s.toSrc(Event{Kind: EvDestroyed}, false)
+		case ActResumeSource:
+			s.w.srcRunning = true
+			s.toSrc(Event{Kind: EvResumedHere}, false)
+		case ActReport:
+			if !s.src.Outcome().OK {
+				// A failed source closes both connections.
+				s.toDst(DestEvent{Kind: DevConnClosed, Err: errors.New("source closed")}, false)
+			}
+		default:
+			s.t.Fatalf("source action %v unknown to the simulation", a)
+		}
+	}
+}
+
+func (s *sim) dstDo(acts []DestAction) {
+	for _, a := range acts {
+		switch a {
+		case DactCreate:
+			s.w.dstExists = true
+			s.toDst(DestEvent{Kind: DevCreated}, false)
+		case DactSendCreated:
+			s.toSrc(Event{Kind: EvCreated}, true)
+		case DactAccept, DactDetachCancel:
+		case DactSendReady:
+			s.toSrc(Event{Kind: EvReady}, true)
+		case DactResume:
+			s.w.dstRunning = true
+			s.toDst(DestEvent{Kind: DevResumed}, false)
+		case DactSendResumed:
+			s.toSrc(Event{Kind: EvResumed}, true)
+		case DactAwaitAllIn:
+			s.w.dstAllIn = true
+			s.toDst(DestEvent{Kind: DevAllIn}, false)
+		case DactAck:
+			s.toSrc(Event{Kind: EvAcked, Verified: true}, true)
+			s.toDst(DestEvent{Kind: DevAcked}, false)
+		case DactSendError:
+			s.toSrc(Event{Kind: EvPeerError, Err: errors.New("destination failed")}, true)
+			// ... and closes both connections.
+			s.toSrc(Event{Kind: EvConnClosed, Err: errors.New("destination closed")}, false)
+		case DactSendNotResumed:
+			s.toSrc(Event{Kind: EvNotResumed, Err: errors.New("hypervisor refused the vCPU state")}, true)
+		case DactDestroy:
+			s.w.dstExists, s.w.dstRunning = false, false
+			s.dstDo(s.dst.Destroyed(nil))
+		case DactReport:
+		default:
+			s.t.Fatalf("destination action %v unknown to the simulation", a)
+		}
+	}
+}
+
+// undoResume makes a resume at the destination fail (replace mode on
+// DevResumed): the simulation's resume did not happen after all.
+func (s *sim) undoResume() { s.w.dstRunning = false }
+
+func (s *sim) run(f *fault) {
+	s.src, s.dst = NewSource(), NewDest()
+	s.w = world{srcRunning: true}
+	s.srcDo(s.src.Start())
+	for len(s.q) > 0 && s.steps < 1000 {
+		it := s.q[0]
+		s.q = s.q[1:]
+		s.seen = append(s.seen, fmt.Sprintf("%v/%v", s.src.State(), s.dst.State()))
+		if f != nil && s.steps == f.step {
+			switch f.mode {
+			case "insert":
+				if s.backendBusy(f) {
+					break // only the outstanding action's result can be a backend error then
+				}
+				s.inject(f)
+			case "replace":
+				if it.done && it.toSrc == f.src && replaceable(it, f) {
+					if !it.toSrc && it.dev.Kind == DevResumed {
+						s.undoResume()
+					}
+					if !it.toSrc && it.dev.Kind == DevCreated {
+						s.w.dstExists = false // a factory that fails removes what it made
+					}
+					if it.toSrc && it.sev.Kind == EvResumedHere {
+						s.w.srcRunning = false
+					}
+					if it.toSrc && it.sev.Kind == EvPaused {
+						s.w.srcRunning = true
+					}
+					if it.toSrc && it.sev.Kind == EvDestroyed {
+						s.w.srcDestroyed = false
+					}
+					s.inject(f)
+					s.steps++
+					continue
+				}
+			case "cut":
+				s.cut = true
+				var keep []item
+				for _, q := range s.q {
+					if !q.msg {
+						keep = append(keep, q)
+					}
+				}
+				s.q = keep
+				s.toSrc(Event{Kind: EvConnClosed, Err: errors.New("link cut")}, false)
+				s.toDst(DestEvent{Kind: DevConnClosed, Err: errors.New("link cut")}, false)
+				if it.msg {
+					s.steps++
+					continue
+				}
+			}
+		}
+		s.steps++
+		s.trace = append(s.trace, it.String())
+		if it.toSrc {
+			s.srcDo(s.src.Step(it.sev))
+		} else {
+			s.dstDo(s.dst.Step(it.dev))
+		}
+	}
+}
+
+func (s *sim) inject(f *fault) {
+	s.trace = append(s.trace, fmt.Sprintf("INJECT %s %v%v", f.mode, f.sk, f.dk))
+	if f.src {
+		s.srcDo(s.src.Step(Event{Kind: f.sk, Err: errInjected}))
+	} else {
+		s.dstDo(s.dst.Step(DestEvent{Kind: f.dk, Err: errInjected}))
+	}
+}
+
+// check asserts the invariant: the domain runs on exactly one side, or
+// runs nowhere and is paused at the source with all its memory; never
+// two running copies, never a destroyed source copy without a complete
+// destination; and the outcomes say what the world is.
+func (s *sim) check(t *testing.T) {
+	t.Helper()
+	w := s.w
+	msg := fmt.Sprintf("world %+v\ntrace %v\nsource %v %+v\ndest %v %+v", w, s.trace, s.src.State(), s.src.Outcome(), s.dst.State(), s.dst.Outcome())
+	require.True(t, s.src.Ended(), "source never ended: "+msg)
+	require.True(t, s.dst.Ended(), "destination never ended: "+msg)
+	require.False(t, w.srcRunning && w.dstRunning, "two running copies: "+msg)
+	if !w.srcRunning && !w.dstRunning {
+		require.False(t, w.srcDestroyed, "the domain runs nowhere and the source's memory is gone: "+msg)
+	}
+	if w.srcDestroyed {
+		require.True(t, w.dstRunning && w.dstAllIn, "source copy destroyed before the destination was complete: "+msg)
+	}
+	so, do := s.src.Outcome(), s.dst.Outcome()
+	switch {
+	case so.OK:
+		require.True(t, w.srcDestroyed && w.dstRunning, msg)
+	case so.Where == RunsAtSource:
+		require.True(t, w.srcRunning, msg)
+	case so.Where == PausedAtSource:
+		require.True(t, !w.srcRunning && !w.dstRunning && !w.srcDestroyed, msg)
+	case so.Where == AfterGo, so.Where == RunsAtDestination:
+		require.False(t, w.srcRunning, msg)
+	default:
+		t.Fatalf("source ended without a where: %s", msg)
+	}
+	require.Equal(t, w.dstRunning, do.OK || do.Where == RunsHere, msg)
+	if do.Where == DestroyedHere || do.Where == NothingHere {
+		require.False(t, w.dstExists, msg)
+	}
+}
+
+func TestCleanRun(t *testing.T) {
+	s := &sim{t: t}
+	s.run(nil)
+	s.check(t)
+	require.True(t, s.src.Outcome().OK, s.trace)
+	require.True(t, s.dst.Outcome().OK, s.trace)
+	require.Equal(t, SrcDone, s.src.State())
+	require.Equal(t, DstDone, s.dst.State())
+}
+
+// TestEveryStateEveryFailure injects every failure, on either side, at
+// every input of a clean run (so in every state both machines pass), as a
+// failure arriving from outside (insert), as the failure of the action
+// whose result that input is (replace), and as the link dying there
+// (cut); each run must keep the invariant.
+func TestEveryStateEveryFailure(t *testing.T) {
+	clean := &sim{t: t}
+	clean.run(nil)
+	total := clean.steps
+	seen := map[string]bool{}
+	for step := 0; step < total; step++ {
+		states := clean.seen[step]
+		var faults []fault
+		for _, k := range Failures() {
+			faults = append(faults, fault{step: step, mode: "insert", src: true, sk: k}, fault{step: step, mode: "replace", src: true, sk: k})
+		}
+		for _, k := range DestFailures() {
+			faults = append(faults, fault{step: step, mode: "insert", dk: k}, fault{step: step, mode: "replace", dk: k})
+		}
+		faults = append(faults, fault{step: step, mode: "cut"})
+		for _, f := range faults {
+			name := fmt.Sprintf("%s/step%02d/%s", states, step, f.mode)
+			if f.mode != "cut" {
+				if f.src {
+					name += "/source-" + f.sk.String()
+				} else {
+					name += "/dest-" + f.dk.String()
+				}
+			}
+			t.Run(name, func(t *testing.T) {
+				s := &sim{t: t}
+				s.run(&f)
+				s.check(t)
+			})
+			seen[states] = true
+		}
+	}
+	// Every state but the terminal ones was the stage of some injection.
+	var srcStates, dstStates = map[SourceState]bool{}, map[DestState]bool{}
+	for st := range seen {
+		for _, s := range SourceStates() {
+			for _, d := range DestStates() {
+				if st == fmt.Sprintf("%v/%v", s, d) {
+					srcStates[s], dstStates[d] = true, true
+				}
+			}
+		}
+	}
+	for _, s := range []SourceState{SrcOpening, SrcCreating, SrcLive, SrcPausing, SrcStopping, SrcAwaitReady,
+		SrcRelinquishing, SrcGoing, SrcAwaitResumed, SrcPostcopy, SrcVerifying, SrcDestroying} {
+		require.True(t, srcStates[s], "no injection while the source was %v", s)
+	}
+	for _, d := range []DestState{DstHeader, DstCreating, DstReceiving, DstSwitching, DstResuming, DstRunning, DstComplete, DstAcking} {
+		require.True(t, dstStates[d], "no injection while the destination was %v", d)
+	}
+}
+
+// backendBusy says whether the failing side waits on its backend, whose
+// failure is then that action's result (replace), not an event of its own.
+func (s *sim) backendBusy(f *fault) bool {
+	if f.src {
+		st := s.src.State()
+		return f.sk == EvBackendError && (st == SrcPausing || st == SrcResuming || st == SrcDestroying || st == SrcRelinquishing)
+	}
+	st := s.dst.State()
+	return f.dk == DevBackendError && (st == DstCreating || st == DstResuming)
+}
+
+// backendResults are the action results only the backend gives: a driver
+// reports their failure as EvBackendError (DevBackendError), never as a
+// network failure.
+var backendResults = map[EventKind]bool{EvPaused: true, EvResumedHere: true, EvDestroyed: true, EvRelinquished: true}
+
+// replaceable says whether f may stand in for the result it.
+func replaceable(it item, f *fault) bool {
+	if f.sk == EvCancel || f.dk == DevCancel {
+		return false // a cancel comes from outside, never as an action's result
+	}
+	if it.toSrc && backendResults[it.sev.Kind] {
+		return f.sk == EvBackendError
+	}
+	if !it.toSrc && (it.dev.Kind == DevResumed || it.dev.Kind == DevCreated) {
+		return f.dk == DevBackendError
+	}
+	return true
+}
