@@ -124,11 +124,9 @@ type source struct {
 	// must be sent.
 	unreadable []uint64
 
-	credit     sync.Cond // signalled when consumed changes or on failure
-	creditMu   sync.Mutex
-	queued     uint64 // bulk page bytes written
-	consumed   uint64 // bulk bytes the destination reported consumed
-	failed     error  // first failure; failedC is closed when it is set
+	win        *window
+	failMu     sync.Mutex
+	failed     error // first failure; failedC is closed when it is set
 	failedC    chan struct{}
 	faultDone  chan error // the fault server's result (post-copy)
 	created    chan struct{}
@@ -182,14 +180,14 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 		start:      time.Now(),
 		zeroPage:   make([]byte, info.PageSize),
 	}
-	s.credit.L = &s.creditMu
+	s.win = newWindow(uint64(opt.WindowBytes))
 	s.phase.Store("setup")
 	for _, p := range info.Absent {
 		if p >= info.NumPages {
 			return nil, fmt.Errorf("source domain %q reports absent page %d of %d", info.Name, p, info.NumPages)
 		}
 		s.absent.Set(p)
-		s.sent.Set(p)
+		s.markSent(p)
 	}
 	if opt.Mode != wire.ModePrecopy {
 		spec, err := parsePolicy(opt.Prepaging)
@@ -198,7 +196,7 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 		}
 		s.spec = spec
 		if !spec.record {
-			if s.policy, err = prepage.New(spec.bubble, s.sent, opt.Policy); err != nil {
+			if err := s.newPolicy(opt.Policy); err != nil {
 				return nil, err
 			}
 		}
@@ -232,7 +230,7 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 }
 
 func (s *source) fail(err error) {
-	s.creditMu.Lock()
+	s.failMu.Lock()
 	if s.failed == nil {
 		if err == nil {
 			err = errors.New("migration stopped")
@@ -240,16 +238,54 @@ func (s *source) fail(err error) {
 		s.failed = err
 		close(s.failedC)
 	}
-	s.creditMu.Unlock()
-	s.credit.Broadcast()
+	err = s.failed
+	s.failMu.Unlock()
+	s.win.close(err)
 	s.bulk.Close()
 	s.urgent.Close()
 }
 
 func (s *source) failure() error {
-	s.creditMu.Lock()
-	defer s.creditMu.Unlock()
+	s.failMu.Lock()
+	defer s.failMu.Unlock()
 	return s.failed
+}
+
+// markSent records that p has gone (or never needs to) and tells the
+// policy; false if it had gone already. Called with mu held.
+func (s *source) markSent(p uint64) bool {
+	if !s.sent.Set(p) {
+		return false
+	}
+	if s.policy != nil {
+		s.policy.Sent(p)
+	}
+	return true
+}
+
+// markUnsent records that p must go again and tells the policy. Called
+// with mu held (or before any other goroutine runs).
+func (s *source) markUnsent(p uint64) {
+	s.sent.Clear(p)
+	if s.policy != nil {
+		s.policy.Unsent(p)
+	}
+}
+
+// newPolicy makes the pre-paging policy and tells it what has gone so
+// far. Called with mu held (or before any other goroutine runs).
+func (s *source) newPolicy(opt prepage.Options) error {
+	pol, err := prepage.New(s.spec.bubble, s.info.NumPages, opt)
+	if err != nil {
+		return err
+	}
+	for p := uint64(0); p < s.info.NumPages; p++ {
+		if s.sent.Test(p) {
+			pol.Sent(p)
+		}
+	}
+	s.policy = pol
+	return nil
 }
 
 // progress is the live snapshot Options.Progress receives.
@@ -653,7 +689,7 @@ func (s *source) sendStop(r *srcRun) error {
 		s.mu.Lock()
 		for _, p := range last {
 			if p < s.info.NumPages && s.early.Test(p) {
-				s.sent.Clear(p)
+				s.markUnsent(p)
 				st.EarlyCoreRedirtied++
 			}
 		}
@@ -701,13 +737,13 @@ func (s *source) sendStop(r *srcRun) error {
 		}
 		s.mu.Lock()
 		for p := uint64(0); p < s.info.NumPages; p++ {
-			s.sent.Set(p) // round 0 sent every page (absent ones: never)
+			s.markSent(p) // round 0 sent every page (absent ones: never)
 		}
 		for _, p := range dirty {
-			s.sent.Clear(p)
+			s.markUnsent(p)
 		}
 		for _, p := range added {
-			s.sent.Clear(p) // joined in the pause: goes with the core pages
+			s.markUnsent(p) // joined in the pause: goes with the core pages
 		}
 		s.mu.Unlock()
 		st.DiscardedPages = uint64(len(dirty))
@@ -727,7 +763,7 @@ func (s *source) sendStop(r *srcRun) error {
 		var need []uint64
 		s.mu.Lock()
 		for _, p := range prepage.SortedUnique(append(corePFNs, added...)) {
-			if p < s.info.NumPages && !s.absent.Test(p) && s.sent.Set(p) {
+			if p < s.info.NumPages && !s.absent.Test(p) && s.markSent(p) {
 				need = append(need, p)
 			}
 		}
@@ -746,7 +782,7 @@ func (s *source) sendStop(r *srcRun) error {
 		var need []uint64
 		s.mu.Lock()
 		for _, p := range added {
-			if s.sent.Set(p) {
+			if s.markSent(p) {
 				need = append(need, p)
 			}
 		}
@@ -888,7 +924,7 @@ func (s *source) sendEarlyCore(r *srcRun, st *Stats) error {
 	for _, p := range early {
 		if !unread[p] {
 			s.early.Set(p)
-			s.sent.Set(p)
+			s.markSent(p)
 			st.EarlyCorePages++
 		}
 	}
@@ -950,7 +986,7 @@ func (s *source) finishRecording(ctx context.Context, rec *recorder, st *Stats) 
 	po := s.opt.Policy
 	po.Priority = plan.Order
 	s.mu.Lock()
-	s.policy, err = prepage.New(s.spec.bubble, s.sent, po)
+	err = s.newPolicy(po)
 	s.mu.Unlock()
 	if err != nil {
 		return err
@@ -1022,10 +1058,7 @@ func (s *source) readReverse() {
 				s.fail(err)
 				return
 			}
-			s.creditMu.Lock()
-			s.consumed = v
-			s.creditMu.Unlock()
-			s.credit.Broadcast()
+			s.win.credit(v)
 		case wire.TypeCreated:
 			close(s.created)
 		case wire.TypeReady:
@@ -1124,23 +1157,9 @@ func (s *source) readBatch(phase wire.Phase, pfns []uint64, buf []byte, entries 
 	return entries, data, nil
 }
 
-// acquire waits until the bulk window has room for n more bytes.
-func (s *source) acquire(n uint64) error {
-	s.creditMu.Lock()
-	defer s.creditMu.Unlock()
-	for s.failed == nil && s.queued > s.consumed && s.queued-s.consumed+n > uint64(s.opt.WindowBytes) {
-		s.credit.Wait()
-	}
-	if s.failed != nil {
-		return s.failed
-	}
-	s.queued += n
-	return nil
-}
-
 // writeBulk sends one batch on the bulk connection within the window.
 func (s *source) writeBulk(phase wire.Phase, entries []uint64, data []byte) error {
-	if err := s.acquire(uint64(len(data) + 8*len(entries) + 48)); err != nil {
+	if err := s.win.acquire(uint64(len(data) + 8*len(entries) + 48)); err != nil {
 		return err
 	}
 	s.bulkMu.Lock()
@@ -1151,9 +1170,7 @@ func (s *source) writeBulk(phase wire.Phase, entries []uint64, data []byte) erro
 	}
 	// Account the exact record size, which is what the destination
 	// reports as consumed.
-	s.creditMu.Lock()
-	s.queued += s.bw.Written() - before - uint64(len(data)+8*len(entries)+48)
-	s.creditMu.Unlock()
+	s.win.adjust(s.bw.Written() - before - uint64(len(data)+8*len(entries)+48))
 	return s.bw.Flush()
 }
 
@@ -1198,6 +1215,11 @@ func (s *source) postcopy() error {
 			p, ok := s.policy.Next()
 			if !ok {
 				break
+			}
+			if !s.sent.Set(p) {
+				// The policy learns what was sent from markSent alone;
+				// a page it offers twice is still sent once.
+				continue
 			}
 			pfns = append(pfns, p)
 		}
@@ -1252,7 +1274,7 @@ func (s *source) serveFaults() error {
 				return fmt.Errorf("destination asked for pfn %#x beyond the domain's %d pages", p, s.info.NumPages)
 			}
 			s.policy.Fault(p)
-			if s.sent.Set(p) {
+			if s.markSent(p) {
 				need = append(need, p)
 			}
 		}
@@ -1324,14 +1346,14 @@ func (s *source) changePageSet(st *Stats, scan func() ([]uint64, []uint64, error
 	for _, p := range prepage.SortedUnique(dropped) {
 		if p < s.info.NumPages && !s.absent.Test(p) {
 			s.absent.Set(p)
-			s.sent.Set(p)
+			s.markSent(p)
 			drop = append(drop, p)
 		}
 	}
 	for _, p := range prepage.SortedUnique(added) {
 		if p < s.info.NumPages && s.absent.Test(p) {
 			s.absent.Clear(p)
-			s.sent.Clear(p)
+			s.markUnsent(p)
 			add = append(add, p)
 		}
 	}
@@ -1368,7 +1390,7 @@ func (s *source) changePageSet(st *Stats, scan func() ([]uint64, []uint64, error
 		}
 		s.mu.Lock()
 		for _, p := range still {
-			s.sent.Clear(p)
+			s.markUnsent(p)
 		}
 		s.mu.Unlock()
 	}

@@ -4,9 +4,11 @@
 // Shan (2020).
 //
 // A Policy is a plain state machine with no I/O: the engine feeds it demand
-// faults (Fault) and asks it for the next page to push (Next). Both share
-// one Bitmap of pages already sent, so a page that crossed the wire, pushed
-// or faulted, is never chosen again: every page is sent once.
+// faults (Fault) and what it sent by other ways (Sent: fault replies, core
+// pages; Unsent: pages re-dirtied that must go again), and asks it for the
+// next page to push (Next). The policy keeps its own record of what has
+// gone, learnt from those calls alone, so a page that crossed the wire,
+// pushed or faulted, is never chosen again: every page is sent once.
 //
 // Policies:
 //   - none: push in pfn order (a plain scan of unsent pages).
@@ -35,6 +37,12 @@ type Policy interface {
 	// Next returns the next unsent page to push and marks it sent. It
 	// returns false once every page has been sent.
 	Next() (uint64, bool)
+	// Sent records that pfn went by another way (a fault reply, a core
+	// page) or never needs to (a page with no memory): Next skips it.
+	Sent(pfn uint64)
+	// Unsent records that pfn must go again (written after it was sent,
+	// before the pause): Next may return it once more.
+	Unsent(pfn uint64)
 }
 
 // Options configure a policy.
@@ -69,9 +77,10 @@ type Options struct {
 // Names lists the bubble policies New accepts.
 var Names = []string{"none", "forward", "dual", "multi"}
 
-// New returns the named policy over sent (whose length is the domain's
-// page count). Pages already set in sent are never returned.
-func New(name string, sent *Bitmap, opt Options) (Policy, error) {
+// New returns the named policy for a domain of pages pages, none of them
+// sent yet.
+func New(name string, pages uint64, opt Options) (Policy, error) {
+	sent := NewBitmap(pages)
 	if opt.Pivots <= 0 {
 		opt.Pivots = 4
 	}
@@ -123,6 +132,20 @@ type bubbles struct {
 }
 
 func (p *bubbles) Fault(pfn uint64) { p.fault(pfn, p.forwardOnly) }
+
+func (p *bubbles) Sent(pfn uint64) {
+	if pfn < p.sent.Len() {
+		p.sent.Set(pfn)
+	}
+}
+
+func (p *bubbles) Unsent(pfn uint64) {
+	if pfn < p.sent.Len() {
+		p.sent.Clear(pfn)
+		// The scan's cursor promises everything below it is sent.
+		p.scan = min(p.scan, pfn)
+	}
+}
 
 // fault moves the pivot to pfn; a forward bubble has no backward side.
 func (p *bubbles) fault(pfn uint64, forward bool) {
@@ -282,6 +305,9 @@ func (p *prioritized) atBubbleEdge(pfn uint64) bool {
 	return (b.fwd < int64(p.inner.sent.Len()) && q >= b.fwd && q-b.fwd <= slack) ||
 		(b.back >= 0 && q <= b.back && b.back-q <= slack)
 }
+
+func (p *prioritized) Sent(pfn uint64)   { p.inner.Sent(pfn) }
+func (p *prioritized) Unsent(pfn uint64) { p.inner.Unsent(pfn) }
 
 func (p *prioritized) Fault(pfn uint64) {
 	if pfn >= p.inner.sent.Len() {
