@@ -430,7 +430,11 @@ func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {
 	fmt.Fprintf(w, "verified          %v from the destination's %s (%d pages compared, %d written by the guest first, %d mismatched)\n",
 		st.Verified, st.VerifiedFrom, st.VerifiedPages, st.GuestWrittenPages, st.MismatchedPages)
 	fmt.Fprintf(w, "total time        %.1f ms\n", st.TotalTimeMs)
-	fmt.Fprintf(w, "downtime          %.2f ms (guest suspend %.1f ms)\n", st.DowntimeMs, xs.SuspendMs)
+	how := "polled"
+	if xs.SuspendWatched {
+		how = "seen on the @releaseDomain watch"
+	}
+	fmt.Fprintf(w, "downtime          %.2f ms (guest suspend %.1f ms, %s)\n", st.DowntimeMs, xs.SuspendMs, how)
 	fmt.Fprintf(w, "bytes sent        %s (precopy %s, downtime %s, postcopy %s)\n", fmtBytes(st.TotalBytes), fmtBytes(st.PrecopyBytes), fmtBytes(st.DowntimeBytes), fmtBytes(st.PostcopyBytes))
 	fmt.Fprintf(w, "pages sent        %d (zero %d, re-sent %d, redundant %d, pre-copy rounds %d)\n", st.PagesSent, st.ZeroPages, st.ResentPages, st.RedundantPages, st.PrecopyRounds)
 	if st.DroppedPages+st.AddedPages+st.GuestDroppedPages+st.UnreadableReads > 0 {

@@ -101,6 +101,12 @@ type fakeHV struct {
 	// onSuspend runs (with the lock) when a guest has stopped its vCPUs
 	// for a suspend, before the snapshot.
 	onSuspend func(dom uint32)
+	// suspendDelay is how long a guest takes to suspend; domWatchers are
+	// signalled when one has (xenstored's @releaseDomain); domainCalls
+	// counts Domain calls (the suspend's polls among them).
+	suspendDelay time.Duration
+	domWatchers  []chan struct{}
+	domainCalls  int
 	// onUnpause runs (without the lock) when a domain is unpaused.
 	onUnpause func(dom uint32)
 	// destShape builds a new destination domain's memory (CreatePaused).
@@ -230,6 +236,7 @@ func (h *fakeHV) dom(id uint32) (*fdom, error) {
 func (h *fakeHV) Domain(id uint32) (xenctrl.DomainInfo, error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	h.domainCalls++
 	d, err := h.dom(id)
 	if err != nil {
 		return xenctrl.DomainInfo{}, err
@@ -800,6 +807,10 @@ func (h *fakeHV) runGuest(d *fdom, seed int64, pause time.Duration) (writes func
 // its vCPUs, then makes the suspend hypercall.
 func (h *fakeHV) suspend(id uint32) {
 	h.mu.Lock()
+	delay := h.suspendDelay
+	h.mu.Unlock()
+	time.Sleep(delay)
+	h.mu.Lock()
 	d := h.doms[id]
 	stop := d.stopGuest
 	d.stopGuest = nil
@@ -818,6 +829,34 @@ func (h *fakeHV) suspend(id uint32) {
 	}
 	d.info.Shutdown = true
 	d.info.ShutdownReason = xenctrl.ShutdownSuspend
+	for _, w := range h.domWatchers {
+		select {
+		case w <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// watchingStore is a fakeStore with xenstored's @releaseDomain watch
+// (xendom.DomainWatcher), fired when a fake guest has suspended; a deaf
+// one never fires.
+type watchingStore struct {
+	*fakeStore
+	deaf bool
+}
+
+func (s watchingStore) WatchDomains(context.Context) (<-chan struct{}, func(), error) {
+	ch := make(chan struct{}, 1)
+	if !s.deaf {
+		s.h.mu.Lock()
+		s.h.domWatchers = append(s.h.domWatchers, ch)
+		s.h.mu.Unlock()
+	}
+	return ch, func() {
+		s.h.mu.Lock()
+		defer s.h.mu.Unlock()
+		s.h.domWatchers = slices.DeleteFunc(s.h.domWatchers, func(c chan struct{}) bool { return c == ch })
+	}, nil
 }
 
 // fakeStore is xenstore: the guest's control/shutdown node.

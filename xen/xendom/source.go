@@ -106,6 +106,13 @@ type Store interface {
 	Remove(ctx context.Context, path string) error
 }
 
+// DomainWatcher is a Store that says when a domain's state changes
+// (*xenstore.Client: xenstored's @releaseDomain watch). Pause waits on it
+// for the guest's suspend instead of polling the hypervisor every 2 ms.
+type DomainWatcher interface {
+	WatchDomains(ctx context.Context) (changed <-chan struct{}, stop func(), err error)
+}
+
 // SourceOptions configure a Source.
 type SourceOptions struct {
 	HV       Hypervisor
@@ -138,7 +145,10 @@ type SourceStats struct {
 	HintMissed      uint64  `json:"hint_missed"`      // core pages at the pause the hint lacked (paged in at the destination)
 	GuestHints      string  `json:"guest_hints"`      // where core pages came from
 	SuspendMs       float64 `json:"suspend_ms"`       // guest's suspend, part of the downtime
-	ReadMs          float64 `json:"read_ms"`          // time spent mapping and copying pages
+	// SuspendWatched: the guest's suspend was noticed when xenstored's
+	// @releaseDomain watch fired (false: by a poll of the hypervisor).
+	SuspendWatched bool    `json:"suspend_watched"`
+	ReadMs         float64 `json:"read_ms"` // time spent mapping and copying pages
 }
 
 // Source is a running Xen PVH/HVM domain being migrated away.
@@ -550,12 +560,30 @@ func (s *Source) controlPath() string {
 func (s *Source) Pause() error {
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	err := s.opt.XS.Write(ctx, s.controlPath(), "suspend")
-	cancel()
-	if err != nil {
+	defer cancel()
+	// Without a watch, poll every 2 ms (each poll is a hypercall); with
+	// one, look when it fires, and every 20 ms in case xenstored does not
+	// fire it for this domain (it fires @releaseDomain once per shutdown).
+	var changed <-chan struct{}
+	poll := 2 * time.Millisecond
+	if w, ok := s.opt.XS.(DomainWatcher); ok {
+		ch, stop, err := w.WatchDomains(ctx)
+		if err == nil {
+			defer stop()
+			changed, poll = ch, 20*time.Millisecond
+		} else {
+			s.opt.Logf("watch @releaseDomain (polling for the suspend instead): %v", err)
+		}
+	}
+	// The watch is set before the request, so the suspend cannot slip
+	// between them.
+	if err := s.opt.XS.Write(ctx, s.controlPath(), "suspend"); err != nil {
 		return fmt.Errorf("ask the guest to suspend (write %s): %w", s.controlPath(), err)
 	}
 	deadline := start.Add(s.opt.SuspendTimeout)
+	tick := time.NewTimer(poll)
+	defer tick.Stop()
+	byWatch := false // the watch fired for the suspend
 	for {
 		info, err := s.opt.HV.Domain(s.opt.Dom)
 		if err != nil {
@@ -565,16 +593,29 @@ func (s *Source) Pause() error {
 			if info.ShutdownReason != xenctrl.ShutdownSuspend {
 				return fmt.Errorf("the guest shut down with reason %d instead of suspending", info.ShutdownReason)
 			}
+			// A poll that came just before the watch fired: it fired too.
+			select {
+			case <-changed:
+				byWatch = true
+			default:
+			}
 			break
 		}
 		if time.Now().After(deadline) {
 			return fmt.Errorf("the guest did not suspend within %v (does its kernel run the xenbus control driver?)", s.opt.SuspendTimeout)
 		}
-		time.Sleep(2 * time.Millisecond)
+		select {
+		case <-changed:
+			byWatch = true
+		case <-tick.C:
+			byWatch = false
+		}
+		tick.Reset(poll)
 	}
 	s.mu.Lock()
 	s.suspended = true
 	s.stats.SuspendMs = float64(time.Since(start).Microseconds()) / 1000
+	s.stats.SuspendWatched = byWatch
 	s.mu.Unlock()
 	s.opt.Logf("guest suspended in %v", time.Since(start).Round(time.Millisecond))
 	return nil

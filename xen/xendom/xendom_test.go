@@ -918,3 +918,36 @@ func TestPageSpaceHoles(t *testing.T) {
 	require.Equal(t, []uint64{0, 1, 2, 4, 5, 6, 0x1000, 0x1001}, space)
 	require.Equal(t, []bool{false, false, true, false, false, false, false, false}, absent)
 }
+
+// pauseWith pauses a fresh guest that takes 200 ms to suspend, with the
+// store xs makes, and returns the stats and the Domain calls Pause made.
+func pauseWith(t *testing.T, xs func(*fakeHV) Store) (SourceStats, int) {
+	t.Helper()
+	hv := newFakeHV()
+	hv.suspendDelay = 200 * time.Millisecond
+	src := hv.newGuestDomain("src")
+	s, err := NewSource(SourceOptions{HV: hv, XS: xs(hv), XL: &fakeXL{h: hv}, Dom: src.id, Name: "vm1", XLConfig: []byte(testXLConfig)})
+	require.NoError(t, err)
+	hv.mu.Lock()
+	before := hv.domainCalls
+	hv.mu.Unlock()
+	require.NoError(t, s.Pause())
+	hv.mu.Lock()
+	defer hv.mu.Unlock()
+	return s.Stats(), hv.domainCalls - before
+}
+
+// The suspend is awaited on xenstored's @releaseDomain watch where the
+// store offers one: a handful of hypercalls, not one every 2 ms; a watch
+// that never fires still ends by the slow poll, and says so.
+func TestPauseWaitsOnTheDomainWatch(t *testing.T) {
+	polled, pollCalls := pauseWith(t, func(hv *fakeHV) Store { return &fakeStore{h: hv} })
+	require.False(t, polled.SuspendWatched)
+	watched, watchCalls := pauseWith(t, func(hv *fakeHV) Store { return watchingStore{fakeStore: &fakeStore{h: hv}} })
+	require.True(t, watched.SuspendWatched, "the suspend was not noticed on the watch (%+v, %d calls, polling %d)", watched, watchCalls, pollCalls)
+	require.GreaterOrEqual(t, watched.SuspendMs, 200.0)
+	require.Less(t, watchCalls*3, pollCalls, "watching made %d Domain calls, polling %d", watchCalls, pollCalls)
+	deaf, _ := pauseWith(t, func(hv *fakeHV) Store { return watchingStore{fakeStore: &fakeStore{h: hv}, deaf: true} })
+	require.False(t, deaf.SuspendWatched, "a watch that never fired was credited")
+	require.GreaterOrEqual(t, deaf.SuspendMs, 200.0)
+}

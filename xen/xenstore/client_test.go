@@ -410,3 +410,29 @@ func TestClosedClient(t *testing.T) {
 	assert.ErrorIs(t, err, xenstore.ErrClosed)
 	assert.False(t, errors.Is(err, xenstore.ErrProtocol), "a plain close is not a protocol error")
 }
+
+// WatchDomains signals once when set (as every watch fires) and then on
+// each @releaseDomain, and not after stop.
+func TestWatchDomains(t *testing.T) {
+	s := newServer(t)
+	c := dial(t, s, 0)
+	ch, stop, err := c.WatchDomains(ctxT(t))
+	require.NoError(t, err)
+	got := func() bool {
+		select {
+		case <-ch:
+			return true
+		case <-time.After(300 * time.Millisecond):
+			return false
+		}
+	}
+	require.True(t, got(), "no first event")
+	require.False(t, got(), "an event without a domain change")
+	s.ReleaseDomain()
+	require.True(t, got(), "@releaseDomain did not signal")
+	s.Set("/local/domain/0/name", "Domain-0")
+	require.False(t, got(), "an ordinary write signalled")
+	stop()
+	s.ReleaseDomain()
+	require.False(t, got(), "signalled after stop")
+}

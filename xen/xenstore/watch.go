@@ -75,6 +75,29 @@ func (c *Client) Watch(ctx context.Context, path string) (*Watch, error) {
 	return w, nil
 }
 
+// WatchDomains fires when any domain's state changes: xenstored's
+// @releaseDomain watch, which it fires when a domain shuts down (a suspend
+// is a shutdown), dies or is destroyed. The channel holds at most one
+// pending signal (consumers re-read the state they care about); stop
+// removes the watch. It is how a toolstack waits for a guest's suspend
+// without polling the hypervisor.
+func (c *Client) WatchDomains(ctx context.Context) (<-chan struct{}, func(), error) {
+	w, err := c.Watch(ctx, "@releaseDomain")
+	if err != nil {
+		return nil, nil, err
+	}
+	ch := make(chan struct{}, 1)
+	go func() {
+		for range w.Events() {
+			select {
+			case ch <- struct{}{}:
+			default:
+			}
+		}
+	}()
+	return ch, func() { _ = w.Close() }, nil
+}
+
 // Events returns the channel of events. It is closed after Close or when
 // the connection ends; Err then says why.
 func (w *Watch) Events() <-chan WatchEvent { return w.out }

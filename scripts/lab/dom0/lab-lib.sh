@@ -715,7 +715,7 @@ lab_pc_migrate() {
 	_kv="$_kv resent_pages=$(jget "$_j" resent_pages) redundant_pages=$(jget "$_j" redundant_pages) verified=$(jget "$_j" verified)"
 	_kv="$_kv verified_from=$(jget "$_j" verified_from) verified_pages=$(jget "$_j" verified_pages) guest_written_pages=$(jget "$_j" guest_written_pages) seq_before=$_seq0"
 	_kv="$_kv ram_pages=$(jget2 "$_j" ram_pages) page_table_pages=$(jget2 "$_j" page_table_pages) per_cpu_pages=$(jget2 "$_j" per_cpu_pages)"
-	_kv="$_kv suspend_ms=$(jget2 "$_j" suspend_ms) balloon_released_kb=$(jget2 "$_j" released_kb)"
+	_kv="$_kv suspend_ms=$(jget2 "$_j" suspend_ms) suspend_watched=$(jget2 "$_j" suspend_watched) balloon_released_kb=$(jget2 "$_j" released_kb)"
 	_kv="$_kv resident_hint=$(jget2 "$_j" resident_hint) hint_stale=$(jget2 "$_j" hint_stale) hint_missed=$(jget2 "$_j" hint_missed)"
 	_kv="$_kv $(lab_dest_kv "/tmp/pc-$_l.err")"
 	if [ "$_rc" != 0 ]; then

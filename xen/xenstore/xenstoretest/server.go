@@ -199,6 +199,15 @@ func (s *Server) Set(path, value string) {
 	send(events)
 }
 
+// ReleaseDomain fires the @releaseDomain watches, as xenstored does when
+// a domain shuts down (or suspends), dies or is destroyed.
+func (s *Server) ReleaseDomain() {
+	s.mu.Lock()
+	events := s.fire([]change{{path: "@releaseDomain"}})
+	s.mu.Unlock()
+	send(events)
+}
+
 type outMsg struct {
 	c   *conn
 	raw []byte
