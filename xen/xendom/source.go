@@ -5,15 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"slices"
-	"strconv"
 	"sync"
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
 	"github.com/xl-postcopy/xl-postcopy/xen/engine"
-	"github.com/xl-postcopy/xl-postcopy/xen/ptwalk"
-	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
 
 // Backend is the engine.Info.Backend of Xen domains.
@@ -55,44 +51,6 @@ type DomainConfig struct {
 // page-table updates could wander; a hint that large is dropped.
 const maxResidentHint = 8192
 
-// Range is a run of consecutive gfns.
-type Range struct {
-	First uint64 `json:"first"`
-	Count uint64 `json:"count"`
-}
-
-func toRanges(gfns []uint64) []Range {
-	var r []Range
-	for _, x := range wire.RangesOf(gfns) {
-		r = append(r, Range{First: x.First, Count: x.Count})
-	}
-	return r
-}
-
-func fromRanges(r []Range, limit uint64) ([]uint64, error) {
-	var total uint64
-	for _, x := range r {
-		if x.Count == 0 || x.First+x.Count < x.First {
-			return nil, fmt.Errorf("bad gfn range %#x+%d", x.First, x.Count)
-		}
-		total += x.Count
-		if total > limit {
-			return nil, fmt.Errorf("gfn ranges hold more than %d pages", limit)
-		}
-	}
-	out := make([]uint64, 0, total)
-	for _, x := range r {
-		for i := uint64(0); i < x.Count; i++ {
-			g := x.First + i
-			if n := len(out); n > 0 && out[n-1] >= g {
-				return nil, fmt.Errorf("gfn ranges not ascending at %#x", g)
-			}
-			out = append(out, g)
-		}
-	}
-	return out, nil
-}
-
 // coreState is the engine's CORE_STATE body for a Xen domain.
 type coreState struct {
 	TSC xenctrl.TSCInfo `json:"tsc"`
@@ -104,13 +62,6 @@ type coreState struct {
 type Store interface {
 	Write(ctx context.Context, path, value string) error
 	Remove(ctx context.Context, path string) error
-}
-
-// DomainWatcher is a Store that says when a domain's state changes
-// (*xenstore.Client: xenstored's @releaseDomain watch). Pause waits on it
-// for the guest's suspend instead of polling the hypervisor every 2 ms.
-type DomainWatcher interface {
-	WatchDomains(ctx context.Context) (changed <-chan struct{}, stop func(), err error)
 }
 
 // SourceOptions configure a Source.
@@ -312,90 +263,6 @@ func NewSource(opt SourceOptions) (*Source, error) {
 	return s, nil
 }
 
-// residentHint walks the running domain's core pages (Xen pauses it for
-// the moment it takes to save the HVM context) so that the destination
-// can keep them resident. Without a hint every core page is paged in one
-// hypercall at a time during the downtime; a failed walk only costs that.
-func (s *Source) residentHint() {
-	ctx, err := s.opt.HV.HVMContext(s.opt.Dom)
-	if err != nil {
-		s.opt.Logf("no resident hint (HVM context of the running domain: %v): core pages will be paged in", err)
-		return
-	}
-	tables, percpu, _, err := s.walkCore(ctx)
-	if err != nil {
-		s.opt.Logf("no resident hint (walk of the running domain: %v): core pages will be paged in", err)
-		return
-	}
-	hint := slices.Compact(slices.Sorted(slices.Values(append(tables, percpu...))))
-	if len(hint) > maxResidentHint {
-		s.opt.Logf("no resident hint: the walk of the running domain found %d pages (more than %d)", len(hint), maxResidentHint)
-		return
-	}
-	gfns := make([]uint64, len(hint))
-	for i, p := range hint {
-		gfns[i] = s.gfns[p]
-	}
-	s.hint = hint
-	s.cfg.Resident = toRanges(gfns)
-	s.stats.ResidentHint = uint64(len(hint))
-}
-
-// withHoles returns the page space of a domain whose RAM gfns are ram
-// (ascending): those, and the gfns of every hole before or between them
-// of at most maxHole gfns, except those skip says are not the guest's
-// (special pages, grant frames); absent says which are holes.
-func withHoles(ram []uint64, maxHole uint64, skip func(uint64) bool) (space []uint64, absent []bool) {
-	space = make([]uint64, 0, len(ram))
-	absent = make([]bool, 0, len(ram))
-	next := uint64(0) // first gfn after the previous RAM gfn
-	for _, g := range ram {
-		if g-next <= maxHole {
-			for h := next; h < g; h++ {
-				if !skip(h) {
-					space = append(space, h)
-					absent = append(absent, true)
-				}
-			}
-		}
-		space = append(space, g)
-		absent = append(absent, false)
-		next = g + 1
-	}
-	return space, absent
-}
-
-// dropUnmappable removes from s.gfns the RAM-typed gfns that cannot be
-// mapped and returns them.
-func (s *Source) dropUnmappable() (map[uint64]bool, error) {
-	const batch = 256
-	buf := make([]byte, batch*PageSize)
-	keep := s.gfns[:0:0]
-	unmappable := map[uint64]bool{}
-	for i := 0; i < len(s.gfns); i += batch {
-		part := s.gfns[i:min(i+batch, len(s.gfns))]
-		failed, err := s.opt.HV.ReadPages(s.opt.Dom, part, buf[:len(part)*PageSize])
-		if err != nil {
-			return nil, fmt.Errorf("probe gfns %#x..%#x: %w", part[0], part[len(part)-1], err)
-		}
-		f := 0
-		for j, g := range part {
-			if f < len(failed) && failed[f] == j {
-				f++
-				s.stats.NotGuestRAM++
-				unmappable[g] = true
-				continue
-			}
-			keep = append(keep, g)
-		}
-	}
-	if s.stats.NotGuestRAM > 0 {
-		s.opt.Logf("%d gfns hold Xen's pages, not guest RAM (grant frames): not sent", s.stats.NotGuestRAM)
-	}
-	s.gfns = keep
-	return unmappable, nil
-}
-
 // Stats returns the backend's figures so far.
 func (s *Source) Stats() SourceStats {
 	s.mu.Lock()
@@ -504,12 +371,6 @@ func (s *Source) PageSetChange() (dropped, added []uint64, err error) {
 	return dropped, added, nil
 }
 
-// index returns the page index of gfn.
-func (s *Source) index(gfn uint64) (uint64, bool) {
-	i, ok := slices.BinarySearch(s.gfns, gfn)
-	return uint64(i), ok
-}
-
 // StartDirtyLog implements engine.Source (HAP log-dirty).
 func (s *Source) StartDirtyLog() error {
 	if err := s.opt.HV.EnableLogDirty(s.opt.Dom); err != nil {
@@ -548,79 +409,6 @@ func (s *Source) StopDirtyLog() error {
 	return s.opt.HV.DisableLogDirty(s.opt.Dom)
 }
 
-func (s *Source) controlPath() string {
-	return "/local/domain/" + strconv.FormatUint(uint64(s.opt.Dom), 10) + "/control/shutdown"
-}
-
-// Pause implements engine.Source: the guest is asked to suspend, as xl
-// does, and the domain stops once the guest has quiesced its devices and
-// made its suspend hypercall. Post-copy cannot stop the guest behind its
-// back: its event channels, grant table and vCPU info registrations live
-// in the hypervisor and are rebuilt by the guest's resume path only.
-func (s *Source) Pause() error {
-	start := time.Now()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	// Without a watch, poll every 2 ms (each poll is a hypercall); with
-	// one, look when it fires, and every 20 ms in case xenstored does not
-	// fire it for this domain (it fires @releaseDomain once per shutdown).
-	var changed <-chan struct{}
-	poll := 2 * time.Millisecond
-	if w, ok := s.opt.XS.(DomainWatcher); ok {
-		ch, stop, err := w.WatchDomains(ctx)
-		if err == nil {
-			defer stop()
-			changed, poll = ch, 20*time.Millisecond
-		} else {
-			s.opt.Logf("watch @releaseDomain (polling for the suspend instead): %v", err)
-		}
-	}
-	// The watch is set before the request, so the suspend cannot slip
-	// between them.
-	if err := s.opt.XS.Write(ctx, s.controlPath(), "suspend"); err != nil {
-		return fmt.Errorf("ask the guest to suspend (write %s): %w", s.controlPath(), err)
-	}
-	deadline := start.Add(s.opt.SuspendTimeout)
-	tick := time.NewTimer(poll)
-	defer tick.Stop()
-	byWatch := false // the watch fired for the suspend
-	for {
-		info, err := s.opt.HV.Domain(s.opt.Dom)
-		if err != nil {
-			return fmt.Errorf("wait for the guest to suspend: %w", err)
-		}
-		if info.Shutdown {
-			if info.ShutdownReason != xenctrl.ShutdownSuspend {
-				return fmt.Errorf("the guest shut down with reason %d instead of suspending", info.ShutdownReason)
-			}
-			// A poll that came just before the watch fired: it fired too.
-			select {
-			case <-changed:
-				byWatch = true
-			default:
-			}
-			break
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the guest did not suspend within %v (does its kernel run the xenbus control driver?)", s.opt.SuspendTimeout)
-		}
-		select {
-		case <-changed:
-			byWatch = true
-		case <-tick.C:
-			byWatch = false
-		}
-		tick.Reset(poll)
-	}
-	s.mu.Lock()
-	s.suspended = true
-	s.stats.SuspendMs = float64(time.Since(start).Microseconds()) / 1000
-	s.stats.SuspendWatched = byWatch
-	s.mu.Unlock()
-	s.opt.Logf("guest suspended in %v", time.Since(start).Round(time.Millisecond))
-	return nil
-}
-
 // CoreState implements engine.Source.
 func (s *Source) CoreState() ([]byte, error) {
 	tsc, err := s.opt.HV.TSCInfo(s.opt.Dom)
@@ -633,170 +421,6 @@ func (s *Source) CoreState() ([]byte, error) {
 	}
 	s.hvmContext = hvm
 	return json.Marshal(coreState{TSC: tsc, HVM: hvm})
-}
-
-// EarlyCorePFNs implements engine.EarlyCorer: the resident hint, the core
-// pages found at setup, which the engine sends before the pause.
-func (s *Source) EarlyCorePFNs() []uint64 { return slices.Clone(s.hint) }
-
-// CorePFNs implements engine.Source: the page-table pages of every vCPU,
-// found by walking from its CR3. The guest's own accesses fault their
-// page tables in like any page, but the hypervisor walks them in software
-// (hypercall arguments, instruction emulation) and a paged-out table there
-// makes the hypercall fail instead of waiting.
-func (s *Source) CorePFNs() ([]uint64, error) {
-	if s.hvmContext == nil {
-		return nil, errors.New("core pages asked before the core state")
-	}
-	tables, percpu, skipped, err := s.walkCore(s.hvmContext)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]uint64, 0, len(tables)+len(percpu)+len(s.hint))
-	out = append(out, tables...)
-	out = append(out, percpu...)
-	found := slices.Sorted(slices.Values(out))
-	// The destination kept the hint's pages resident with the content its
-	// domain builder left there: every one must come now, core or not.
-	var stale, missed uint64
-	for _, p := range s.hint {
-		if _, ok := slices.BinarySearch(found, p); !ok {
-			out = append(out, p)
-			stale++
-		}
-	}
-	if s.hint != nil {
-		for _, p := range slices.Compact(found) {
-			if _, ok := slices.BinarySearch(s.hint, p); !ok {
-				missed++
-			}
-		}
-	}
-	s.mu.Lock()
-	s.stats.PageTablePages = uint64(len(tables))
-	s.stats.PerCPUPages = uint64(len(percpu))
-	s.stats.WalkSkipped = skipped
-	s.stats.HintStale, s.stats.HintMissed = stale, missed
-	s.mu.Unlock()
-	s.opt.Logf("core pages: %d page-table pages and %d per-CPU pages; resident hint %d pages (%d no longer core, %d core pages it lacked)",
-		len(tables), len(percpu), len(s.hint), stale, missed)
-	return out, nil
-}
-
-// walkCore finds the core pages of the domain whose HVM context is
-// hvmCtx: the kernel-half page tables of every vCPU and the start of each
-// vCPU's per-CPU area. It returns page indexes, each list ascending and
-// without repeats (a per-CPU page may also be a table).
-func (s *Source) walkCore(hvmCtx []byte) (tables, percpu []uint64, skipped uint64, err error) {
-	cpus, err := ParseCPUs(hvmCtx)
-	if err != nil {
-		return nil, nil, 0, err
-	}
-	// Tables are read once each: the walk and the per-CPU translations
-	// share most of them, and every read is a foreign mapping.
-	cache := map[uint64][]byte{}
-	readBatch := func(gfns []uint64) ([][]byte, error) {
-		var miss []uint64
-		for _, g := range gfns {
-			if _, ok := cache[g]; !ok {
-				if _, ram := s.index(g); !ram {
-					return nil, fmt.Errorf("gfn %#x is not RAM", g)
-				}
-				miss = append(miss, g)
-			}
-		}
-		if len(miss) > 0 {
-			buf := make([]byte, len(miss)*PageSize)
-			failed, err := s.opt.HV.ReadPages(s.opt.Dom, miss, buf)
-			if err != nil {
-				return nil, err
-			}
-			if len(failed) > 0 {
-				return nil, fmt.Errorf("gfn %#x not mappable", miss[failed[0]])
-			}
-			for i, g := range miss {
-				cache[g] = buf[i*PageSize : (i+1)*PageSize]
-			}
-		}
-		out := make([][]byte, len(gfns))
-		for i, g := range gfns {
-			out[i] = cache[g]
-		}
-		return out, nil
-	}
-	read := func(gfn uint64) ([]byte, error) {
-		p, err := readBatch([]uint64{gfn})
-		if err != nil {
-			return nil, err
-		}
-		return p[0], nil
-	}
-	var tgfns, pgfns []uint64
-	for _, c := range cpus {
-		mode, ok := ptwalk.ModeOf(c.CR0, c.CR4, c.EFER)
-		if !ok {
-			s.opt.Logf("vcpu %d: paging off or unsupported (cr0=%#x cr4=%#x efer=%#x): no page tables", c.VCPU, c.CR0, c.CR4, c.EFER)
-			continue
-		}
-		var res ptwalk.Result
-		if mode == ptwalk.LongMode4 {
-			// A 64-bit kernel: only the kernel half, a level per mapping.
-			res, err = ptwalk.WalkKernel(c.CR3, s.maxGFN, readBatch, 1<<16)
-		} else {
-			res, err = ptwalk.Walk(mode, c.CR3, s.maxGFN, read, 1<<16)
-		}
-		if err != nil {
-			return nil, nil, 0, fmt.Errorf("walk the page tables of vcpu %d (cr3 %#x): %w", c.VCPU, c.CR3, err)
-		}
-		tgfns = append(tgfns, res.Tables...)
-		skipped += uint64(res.Skipped)
-		if mode == ptwalk.LongMode4 {
-			pgfns = append(pgfns, s.perCPUPages(c, read)...)
-		}
-	}
-	for _, g := range slices.Compact(slices.Sorted(slices.Values(tgfns))) {
-		if i, ok := s.index(g); ok {
-			tables = append(tables, i)
-		}
-	}
-	for _, g := range slices.Compact(slices.Sorted(slices.Values(pgfns))) {
-		if i, ok := s.index(g); ok {
-			percpu = append(percpu, i)
-		}
-	}
-	return tables, percpu, skipped, nil
-}
-
-// PerCPUSpan is how much of each vCPU's per-CPU area goes with the core
-// state. The resumed guest registers its vcpu_info again (Linux:
-// VCPUOP_register_vcpu_info on a per-CPU variable), and Xen maps that
-// page itself: if it is paged out the hypercall fails and Linux panics
-// ("register_vcpu_info failed"). Without the guest's symbols the exact
-// page is unknown; the static per-CPU variables sit at the start of the
-// area, within its first 256 KiB on Debian's kernels.
-const PerCPUSpan = 256 << 10
-
-// perCPUPages returns the gfns of the first PerCPUSpan bytes of the
-// per-CPU area of a 64-bit kernel vCPU (its kernel GS base).
-func (s *Source) perCPUPages(c CPURegs, read func(uint64) ([]byte, error)) []uint64 {
-	const kernelHalf = 0xffff_8000_0000_0000
-	base := c.GSBase
-	if base < kernelHalf {
-		base = c.ShadowGS
-	}
-	if base < kernelHalf {
-		s.opt.Logf("vcpu %d: no kernel GS base (gs %#x, shadow %#x): no per-CPU pages", c.VCPU, c.GSBase, c.ShadowGS)
-		return nil
-	}
-	var out []uint64
-	for off := uint64(0); off < PerCPUSpan; off += PageSize {
-		g, err := ptwalk.Translate(c.CR3, base+off, read)
-		if err != nil {
-			continue
-		}
-		out = append(out, g)
-	}
-	return out
 }
 
 // Relinquish implements engine.Relinquisher: the source copy is renamed
