@@ -20,6 +20,7 @@ import (
 
 	"github.com/xl-postcopy/xl-postcopy/xen/lab"
 	"github.com/xl-postcopy/xl-postcopy/xen/link"
+	"github.com/xl-postcopy/xl-postcopy/xen/trace"
 )
 
 // The lab commands start their guests by re-executing their own binary;
@@ -369,4 +370,32 @@ func TestLabMigrateSIGTERMCleansUp(t *testing.T) {
 		// Setup may have finished by the time the signal lands.
 		check(t, cmd, stderr, regexp.MustCompile(`xl-postcopy lab migrate: interrupted by SIGTERM (while setting up the link: started no lab guest|during the migration: stopped it, ended the lab guests) and removed`))
 	})
+}
+
+// `lab trace` records with the shared recorder (xen/trace/record): a
+// trace file that trace.Read accepts, rounds and times in order, round 0
+// at time 0, and the summary line.
+func TestLabTraceRecords(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "zipf.trace")
+	var code int
+	out := captureStderr(t, func() {
+		code = runMain([]string{"lab", "trace", "-o", path, "--mem", "16M", "--working-set", "4M", "--warmup", "50ms", "--interval", "10ms", "--duration", "100ms"})
+	})
+	require.Equal(t, 0, code, "stderr: %s", out)
+	assert.Regexp(t, `wrote .*zipf\.trace: [1-9][0-9]* accesses, [1-9][0-9]* distinct pages, 100ms`, out)
+	f, err := os.Open(path)
+	require.NoError(t, err)
+	defer f.Close()
+	tr, err := trace.Read(f)
+	require.NoError(t, err)
+	assert.Equal(t, "lab:zipf", tr.Source)
+	assert.Equal(t, 10*time.Millisecond, tr.Interval)
+	require.NotEmpty(t, tr.Accesses)
+	if tr.Accesses[0].Round == 0 {
+		assert.Zero(t, tr.Accesses[0].T, "round 0 starts at the start of recording")
+	}
+	for i := 1; i < len(tr.Accesses); i++ {
+		a, b := tr.Accesses[i-1], tr.Accesses[i]
+		require.True(t, b.Round > a.Round || b.Round == a.Round && b.PFN > a.PFN && b.T == a.T, "access %d out of order: %+v after %+v", i, b, a)
+	}
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"strings"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/xl-postcopy/xl-postcopy/xen/lab"
 	"github.com/xl-postcopy/xl-postcopy/xen/trace"
+	"github.com/xl-postcopy/xl-postcopy/xen/trace/record"
 )
 
 func init() {
@@ -50,20 +52,15 @@ func init() {
 			if err := src.StartDirtyLog(); err != nil {
 				return err
 			}
-			tr := &trace.Trace{Pages: cfg.Pages, PageSize: 4096, Interval: interval, Source: "lab:" + workload}
-			start := time.Now()
-			var buf []uint64
-			for round := uint32(0); time.Since(start) < duration; round++ {
-				time.Sleep(interval - time.Since(start)%interval)
-				t := time.Since(start)
-				if buf, err = src.DirtyPages(buf); err != nil {
-					return err
-				}
-				for _, p := range buf {
-					tr.Accesses = append(tr.Accesses, trace.Access{T: t, Round: round, PFN: p, Write: true})
-				}
-			}
+			rec := record.New(src, interval)
+			err = rec.Run(context.Background(), duration)
+			// A failure to stop tracking spoils nothing recorded, and the
+			// deferred Kill ends the guest either way.
 			_ = src.StopDirtyLog()
+			if err != nil {
+				return err
+			}
+			tr := &trace.Trace{Pages: cfg.Pages, PageSize: 4096, Interval: interval, Source: "lab:" + workload, Accesses: rec.Accesses()}
 			tmp := out + ".tmp"
 			f, err := os.Create(tmp)
 			if err != nil {
@@ -81,11 +78,7 @@ func init() {
 			if err := os.Rename(tmp, out); err != nil {
 				return fmt.Errorf("write trace: %w", err)
 			}
-			distinct := map[uint64]bool{}
-			for _, a := range tr.Accesses {
-				distinct[a.PFN] = true
-			}
-			fmt.Fprintf(os.Stderr, "wrote %s: %d accesses, %d distinct pages, %v\n", out, len(tr.Accesses), len(distinct), duration)
+			fmt.Fprintf(os.Stderr, "wrote %s: %d accesses, %d distinct pages, %v\n", out, len(tr.Accesses), rec.Distinct(), duration)
 			return nil
 		},
 	})

@@ -17,6 +17,7 @@ import (
 
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
 	"github.com/xl-postcopy/xl-postcopy/xen/trace"
+	"github.com/xl-postcopy/xl-postcopy/xen/trace/record"
 )
 
 // `xl-postcopy trace` records which pages a running domain writes, round by
@@ -48,7 +49,7 @@ type traceSummary struct {
 	Distinct    int
 	MinPFN      uint64
 	MaxPFN      uint64
-	Overruns    int // rounds whose CLEAN came later than one interval after the last
+	Overruns    int // rounds whose CLEAN came more than half an interval late (record.Recorder.Late)
 	Interrupted bool
 	Elapsed     time.Duration
 }
@@ -95,7 +96,7 @@ type dirtySource interface {
 // recordTrace runs log-dirty rounds of length interval until duration has
 // passed or ctx is done. Pages written in round r are listed in ascending
 // pfn order, stamped with the round's start time (relative to the start of
-// recording) and round index r.
+// recording) and round index r (see record.Recorder).
 func recordTrace(ctx context.Context, src dirtySource, interval, duration time.Duration) (tr *trace.Trace, sum traceSummary, err error) {
 	if err := src.Enable(); err != nil {
 		return nil, sum, err
@@ -106,51 +107,41 @@ func recordTrace(ctx context.Context, src dirtySource, interval, duration time.D
 		}
 	}()
 	pages := src.Pages()
-	bitmap := make([]uint64, (pages+63)/64)
+	clean := &cleanLog{src: src, bitmap: make([]uint64, (pages+63)/64)}
 	// Throw away whatever was dirty before recording started.
-	if err := src.Clean(bitmap); err != nil {
+	if err := src.Clean(clean.bitmap); err != nil {
 		return nil, sum, fmt.Errorf("initial log-dirty CLEAN: %w", err)
 	}
-	tr = &trace.Trace{Pages: pages, PageSize: xenctrl.PageSize, Interval: interval}
-	start := time.Now()
-	roundStart := time.Duration(0)
-	timer := time.NewTimer(interval)
-	defer timer.Stop()
-	var pfns []uint64
-	for round := uint32(0); ; round++ {
-		stop := false
-		select {
-		case <-timer.C:
-		case <-ctx.Done():
-			stop = true
-			sum.Interrupted = true
-		}
+	rec := record.New(clean, interval)
+	err = rec.Run(ctx, duration)
+	if ctxErr := ctx.Err(); ctxErr != nil && errors.Is(err, ctxErr) {
+		sum.Interrupted = true
 		// A CLEAN also closes an interrupted round, so its pages are kept.
-		if err := src.Clean(bitmap); err != nil {
-			return nil, sum, fmt.Errorf("log-dirty CLEAN of round %d: %w", round, err)
-		}
-		// The trace format has microsecond resolution; keep what it keeps.
-		now := time.Since(start).Truncate(time.Microsecond)
-		if !stop && now-roundStart > interval+interval/2 {
-			sum.Overruns++
-		}
-		pfns = xenctrl.AppendSetBits(pfns[:0], bitmap, pages)
-		for _, p := range pfns {
-			tr.Accesses = append(tr.Accesses, trace.Access{T: roundStart, Round: round, PFN: p, Write: true})
-		}
-		sum.Rounds = int(round) + 1
-		roundStart = now
-		if stop || now >= duration {
-			break
-		}
-		// Schedule the next CLEAN one interval after this one, so that a
-		// slow CLEAN shortens no round (rounds stay >= interval).
-		timer.Reset(interval)
+		_, err = rec.Sample()
 	}
-	sum.Elapsed = time.Since(start)
+	if err != nil {
+		return nil, sum, err
+	}
+	sum.Elapsed = time.Since(rec.Start())
+	tr = &trace.Trace{Pages: pages, PageSize: xenctrl.PageSize, Interval: interval, Accesses: rec.Accesses()}
 	s := summarize(tr)
 	sum.Accesses, sum.Distinct, sum.MinPFN, sum.MaxPFN = s.Accesses, s.Distinct, s.MinPFN, s.MaxPFN
+	sum.Rounds, sum.Overruns = int(rec.Rounds()), rec.Late()
 	return tr, sum, nil
+}
+
+// cleanLog is a dirtySource as the recorder's dirty log: each read is one
+// CLEAN, its bitmap listed in ascending pfn order.
+type cleanLog struct {
+	src    dirtySource
+	bitmap []uint64
+}
+
+func (c *cleanLog) DirtyPages(dst []uint64) ([]uint64, error) {
+	if err := c.src.Clean(c.bitmap); err != nil {
+		return dst[:0], fmt.Errorf("log-dirty CLEAN: %w", err)
+	}
+	return xenctrl.AppendSetBits(dst[:0], c.bitmap, c.src.Pages()), nil
 }
 
 // xenDirty is dirtySource over a real Xen domain.

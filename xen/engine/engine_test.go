@@ -339,21 +339,31 @@ func TestFailureAfterGoKeepsSourcePaused(t *testing.T) {
 }
 
 // dyingDest cuts the connection after a few placements post-resume.
+// (Place runs on both streams' goroutines: the counts are locked.)
 type dyingDest struct {
 	*memDest
 	conn    net.Conn
+	mu      sync.Mutex
 	resumed bool
 	n       int
 }
 
-func (d *dyingDest) Resume(core []byte) error { d.resumed = true; return d.memDest.Resume(core) }
+func (d *dyingDest) Resume(core []byte) error {
+	d.mu.Lock()
+	d.resumed = true
+	d.mu.Unlock()
+	return d.memDest.Resume(core)
+}
+
 func (d *dyingDest) Place(p []Page) error {
+	d.mu.Lock()
 	if d.resumed {
 		d.n++
 		if d.n == 3 {
 			d.conn.Close()
 		}
 	}
+	d.mu.Unlock()
 	return d.memDest.Place(p)
 }
 

@@ -1,15 +1,15 @@
 package engine
 
 import (
+	"context"
 	"fmt"
-	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
 	"github.com/xl-postcopy/xl-postcopy/xen/prerecord"
 	"github.com/xl-postcopy/xl-postcopy/xen/trace"
+	"github.com/xl-postcopy/xl-postcopy/xen/trace/record"
 )
 
 // PolicyNames lists every --prepaging value: the bubble policies, and the
@@ -54,152 +54,66 @@ func ValidatePolicy(name string) error {
 	return err
 }
 
-// recorder samples the dirty log every interval, building the trajectory,
-// and keeps the union of pages seen so that pre-copy rounds running at the
-// same time still get every dirty page from DirtyPages.
+// recorder is the pre-record policies' recording: a record.Recorder that
+// samples the domain's dirty log every interval on its own goroutine until
+// finish. Since the recording consumes the dirty log, pre-copy rounds
+// running at the same time read their dirty pages from the recorder
+// (DirtyPages) instead, and get every page the recording saw.
 type recorder struct {
-	dom      Source
-	interval time.Duration
-
-	mu       sync.Mutex
-	pending  map[uint64]struct{}
-	seen     map[uint64]struct{} // every page recorded so far
-	fresh    []int               // per round: pages recorded for the first time
-	traj     []trace.Access
-	round    uint32
-	start    time.Time
-	err      error
-	stop     chan struct{}
-	stopOnce sync.Once
-	done     chan struct{}
-	buf      []uint64
+	rec   *record.Recorder
+	start time.Time // when recording started
+	// round is the number of rounds recorded (Stats.RecordRounds), up to
+	// date once finish or sampleRound has returned.
+	round uint32
+	stop  context.CancelFunc
+	done  chan struct{} // closed when the sampling goroutine has returned
 }
 
 func startRecorder(dom Source, interval time.Duration) *recorder {
-	r := &recorder{dom: dom, interval: interval, pending: map[uint64]struct{}{}, seen: map[uint64]struct{}{}, start: time.Now(),
-		stop: make(chan struct{}), done: make(chan struct{})}
-	go r.loop()
+	ctx, stop := context.WithCancel(context.Background())
+	rec := record.New(dom, interval)
+	r := &recorder{rec: rec, start: rec.Start(), stop: stop, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		// A failed sample ends the sampling; rec keeps its error for
+		// finish and DirtyPages to report.
+		_ = rec.Run(ctx, 0)
+	}()
 	return r
 }
 
-func (r *recorder) loop() {
-	defer close(r.done)
-	t := time.NewTicker(r.interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-r.stop:
-			return
-		case <-t.C:
-		}
-		if err := r.sample(); err != nil {
-			return
-		}
-	}
-}
-
+// sample reads one round of the dirty log into the trajectory now.
 func (r *recorder) sample() error {
 	_, err := r.sampleRound()
 	return err
 }
 
 // sampleRound reads one round of the dirty log into the trajectory and
-// returns its pages (ascending; the slice is reused by the next sample).
+// returns its pages (ascending).
 func (r *recorder) sampleRound() ([]uint64, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var err error
-	r.buf, err = r.dom.DirtyPages(r.buf)
-	if err != nil {
-		r.err = fmt.Errorf("record trajectory: %w", err)
-		return nil, r.err
-	}
-	now := time.Since(r.start)
-	// A round is a bitmap: its pages carry no order of their own. List
-	// them once each, ascending, as one pass over Xen's log-dirty bitmap
-	// does; a lab scan that took two passes would otherwise look like two
-	// touches in time order to the planner.
-	slices.Sort(r.buf)
-	r.buf = slices.Compact(r.buf)
-	fresh := 0
-	for _, p := range r.buf {
-		r.traj = append(r.traj, trace.Access{T: now, Round: r.round, PFN: p, Write: true})
-		r.pending[p] = struct{}{}
-		if _, ok := r.seen[p]; !ok {
-			r.seen[p] = struct{}{}
-			fresh++
-		}
-	}
-	r.fresh = append(r.fresh, fresh)
-	r.round++
-	return r.buf, nil
+	pages, err := r.rec.Sample()
+	r.round = r.rec.Rounds()
+	return pages, err
 }
 
-// Convergence: recording may end before the --record window once more of
-// it would add almost nothing. After at least convergeMinRounds rounds, the
-// trajectory has converged when its last convergeRounds rounds together
-// found fewer new pages than convergeFraction of all pages recorded: the
-// guest keeps writing the pages already known, so more recording would
-// only delay the migration. A guest that keeps finding new pages (a stream,
-// a scan of a buffer larger than the window covers) is recorded for the
-// whole window.
-const (
-	// convergeMinRounds: 10 rounds (200 ms at 20 ms) leave a path of
-	// MinPathRounds rounds room to show, and a hotspot time to be written
-	// more than once.
-	convergeMinRounds = 10
-	// convergeRounds: 5 rounds (100 ms at 20 ms) of quiet, so that one
-	// process sleeping through a round does not end recording.
-	convergeRounds = 5
-	// convergeFraction: 1 %: the pages still to be found then weigh less
-	// than the fault bubbles will find anyway.
-	convergeFraction = 0.01
-)
+// converged reports whether the trajectory has converged
+// (record.Converged): recording may end before the --record window.
+func (r *recorder) converged() bool { return r.rec.Converged() }
 
-// converged applies the convergence rule to the per-round counts of new
-// pages.
-func converged(fresh []int) bool {
-	if len(fresh) < max(convergeMinRounds, convergeRounds) {
-		return false
-	}
-	total, recent := 0, 0
-	for i, n := range fresh {
-		total += n
-		if i >= len(fresh)-convergeRounds {
-			recent += n
-		}
-	}
-	return total > 0 && float64(recent) < convergeFraction*float64(total)
-}
-
-// converged reports whether the trajectory has converged (see converged).
-func (r *recorder) converged() bool {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return converged(r.fresh)
-}
-
-// finish stops sampling and returns the trajectory.
+// finish stops sampling and returns the trajectory, or the error of the
+// first failed sample.
 // finish is idempotent, so error paths may call it again.
 func (r *recorder) finish() ([]trace.Access, error) {
-	r.stopOnce.Do(func() { close(r.stop) })
+	r.stop()
 	<-r.done
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.traj, r.err
+	r.round = r.rec.Rounds()
+	return r.rec.Accesses(), r.rec.Err()
 }
 
 // DirtyPages hands the pages seen since the last call (pre-copy rounds
 // running during recording).
 func (r *recorder) DirtyPages(dst []uint64) ([]uint64, error) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	dst = dst[:0]
-	for p := range r.pending {
-		dst = append(dst, p)
-	}
-	clear(r.pending)
-	return dst, r.err
+	return r.rec.DirtyPages(dst)
 }
 
 // planOptions are the planner options of a pre-record policy.
