@@ -241,34 +241,61 @@ func (s *sim) inject(f *fault) {
 // destination; and the outcomes say what the world is.
 func (s *sim) check(t *testing.T) {
 	t.Helper()
+	if v := s.violation(); v != "" {
+		t.Fatalf("%s\nworld %+v\ntrace %v\nsource %v %+v\ndest %v %+v", v, s.w, s.trace,
+			s.src.State(), s.src.Outcome(), s.dst.State(), s.dst.Outcome())
+	}
+}
+
+// violation is the first invariant the run broke, or "".
+func (s *sim) violation() string {
 	w := s.w
-	msg := fmt.Sprintf("world %+v\ntrace %v\nsource %v %+v\ndest %v %+v", w, s.trace, s.src.State(), s.src.Outcome(), s.dst.State(), s.dst.Outcome())
-	require.True(t, s.src.Ended(), "source never ended: "+msg)
-	require.True(t, s.dst.Ended(), "destination never ended: "+msg)
-	require.False(t, w.srcRunning && w.dstRunning, "two running copies: "+msg)
-	if !w.srcRunning && !w.dstRunning {
-		require.False(t, w.srcDestroyed, "the domain runs nowhere and the source's memory is gone: "+msg)
-	}
-	if w.srcDestroyed {
-		require.True(t, w.dstRunning && w.dstAllIn, "source copy destroyed before the destination was complete: "+msg)
-	}
 	so, do := s.src.Outcome(), s.dst.Outcome()
 	switch {
-	case so.OK:
-		require.True(t, w.srcDestroyed && w.dstRunning, msg)
-	case so.Where == RunsAtSource:
-		require.True(t, w.srcRunning, msg)
-	case so.Where == PausedAtSource:
-		require.True(t, !w.srcRunning && !w.dstRunning && !w.srcDestroyed, msg)
-	case so.Where == AfterGo, so.Where == RunsAtDestination:
-		require.False(t, w.srcRunning, msg)
-	default:
-		t.Fatalf("source ended without a where: %s", msg)
+	case !s.src.Ended():
+		return "source never ended"
+	case !s.dst.Ended():
+		return "destination never ended"
+	case w.srcRunning && w.dstRunning:
+		return "two running copies"
+	case !w.srcRunning && !w.dstRunning && w.srcDestroyed:
+		return "the domain runs nowhere and the source's memory is gone"
+	case w.srcDestroyed && !(w.dstRunning && w.dstAllIn):
+		return "source copy destroyed before the destination was complete"
+	case so.OK && !(w.srcDestroyed && w.dstRunning):
+		return "source says migrated, the world disagrees"
+	case !so.OK && so.Where == RunsAtSource && !w.srcRunning:
+		return "source says it runs at the source, it does not"
+	case !so.OK && so.Where == PausedAtSource && (w.srcRunning || w.dstRunning || w.srcDestroyed):
+		return "source says paused at the source, the world disagrees"
+	case !so.OK && (so.Where == AfterGo || so.Where == RunsAtDestination) && w.srcRunning:
+		return "source says its copy is kept paused, it runs"
+	case !so.OK && so.Where == 0:
+		return "source ended without a where"
+	case w.dstRunning != (do.OK || do.Where == RunsHere):
+		return "destination's outcome says otherwise about its running copy"
+	case (do.Where == DestroyedHere || do.Where == NothingHere) && w.dstExists:
+		return "destination says destroyed, its domain exists"
 	}
-	require.Equal(t, w.dstRunning, do.OK || do.Where == RunsHere, msg)
-	if do.Where == DestroyedHere || do.Where == NothingHere {
-		require.False(t, w.dstExists, msg)
+	return ""
+}
+
+// The checker itself can fail: worlds that break the invariant, with the
+// outcomes of a clean run, are each caught.
+func TestInvariantCatchesBrokenWorlds(t *testing.T) {
+	for name, w := range map[string]world{
+		"two running copies":  {srcRunning: true, dstRunning: true, dstExists: true, dstAllIn: true},
+		"memory gone":         {srcDestroyed: true},
+		"destroyed too early": {srcDestroyed: true, dstRunning: true, dstExists: true},
+	} {
+		s := &sim{t: t}
+		s.run(nil)
+		s.w = w
+		require.NotEmpty(t, s.violation(), name)
 	}
+	s := &sim{t: t}
+	s.run(nil)
+	require.Empty(t, s.violation())
 }
 
 func TestCleanRun(t *testing.T) {
