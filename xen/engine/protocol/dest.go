@@ -110,12 +110,11 @@ type DestEventKind uint8
 
 // Destination events.
 const (
-	DevRecord    DestEventKind = iota + 1 // a record arrived on the bulk stream (DestEvent.Record)
-	DevCreated                            // the factory made the domain
-	DevResumed                            // the domain runs
-	DevAllIn                              // every page is present
-	DevAcked                              // STATS and ACK are out
-	DevDestroyed                          // the half-received domain is gone
+	DevRecord  DestEventKind = iota + 1 // a record arrived on the bulk stream (DestEvent.Record)
+	DevCreated                          // the factory made the domain
+	DevResumed                          // the domain runs
+	DevAllIn                            // every page is present
+	DevAcked                            // STATS and ACK are out
 
 	DevConnClosed
 	DevBackendError
@@ -131,7 +130,7 @@ func DestFailures() []DestEventKind {
 
 var destEventNames = map[DestEventKind]string{
 	DevRecord: "record", DevCreated: "created", DevResumed: "resumed", DevAllIn: "all-in",
-	DevAcked: "acked", DevDestroyed: "destroyed", DevConnClosed: "conn-closed",
+	DevAcked: "acked", DevConnClosed: "conn-closed",
 	DevBackendError: "backend-error", DevTimeout: "timeout", DevCancel: "cancel", DevProtocol: "protocol-error",
 }
 
