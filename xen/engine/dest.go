@@ -290,7 +290,7 @@ func (d *dest) run() (*DestStats, error) {
 			if err != nil {
 				kind := protocol.DevProtocol
 				if rec.Type == wire.TypeError {
-					kind = protocol.DevConnClosed
+					kind = protocol.DevPeerError
 				}
 				acts = m.Step(d.failure(kind, err))
 				continue

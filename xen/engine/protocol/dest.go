@@ -14,14 +14,15 @@ const (
 	DstResuming                   // GO received: resuming the domain
 	DstRunning                    // the domain runs here; pages still come
 	DstComplete                   // the final checksums arrived: waiting for the last pages, reading back
-	DstAcking                     // sending STATS and ACK
+	DstAcking                     // sending STATS and ACK (with recovery: until BYE says the source has it)
+	DstPaused                     // postcopy-paused: the link broke after SWITCHOVER; waiting for the source to reattach
 	DstDone                       // complete; the domain runs here
 	DstFailed                     // ended; DestOutcome says where the domain is
 	numDestStates
 )
 
 var destStateNames = [...]string{
-	"header", "creating", "receiving", "switching", "resuming", "running", "complete", "acking", "done", "failed",
+	"header", "creating", "receiving", "switching", "resuming", "running", "complete", "acking", "postcopy-paused", "done", "failed",
 }
 
 func (s DestState) String() string {
@@ -90,12 +91,13 @@ const (
 	RecDoneFinal // the last checksum chunk
 	RecKeepalive
 	RecError
+	RecBye // the source has the ACK: the migration is over for both
 )
 
 var recordNames = map[Record]string{
 	RecDomainHeader: "DOMAIN_HEADER", RecPageBatch: "PAGE_BATCH", RecPageSet: "PAGE_SET",
 	RecDiscard: "DISCARD", RecCoreState: "CORE_STATE", RecSwitchover: "SWITCHOVER", RecGo: "GO",
-	RecDone: "DONE", RecDoneFinal: "DONE(final)", RecKeepalive: "KEEPALIVE", RecError: "ERROR",
+	RecDone: "DONE", RecDoneFinal: "DONE(final)", RecKeepalive: "KEEPALIVE", RecError: "ERROR", RecBye: "BYE",
 }
 
 func (r Record) String() string {
@@ -110,13 +112,15 @@ type DestEventKind uint8
 
 // Destination events.
 const (
-	DevRecord  DestEventKind = iota + 1 // a record arrived on the bulk stream (DestEvent.Record)
-	DevCreated                          // the factory made the domain
-	DevResumed                          // the domain runs
-	DevAllIn                            // every page is present
-	DevAcked                            // STATS and ACK are out
+	DevRecord     DestEventKind = iota + 1 // a record arrived on the bulk stream (DestEvent.Record)
+	DevCreated                             // the factory made the domain
+	DevResumed                             // the domain runs
+	DevAllIn                               // every page is present
+	DevAcked                               // STATS and ACK are out
+	DevReattached                          // the source is back on a new link (postcopy-paused)
 
 	DevConnClosed
+	DevPeerError // the source's ERROR: it gave up (a new link would not change that)
 	DevBackendError
 	DevTimeout
 	DevCancel
@@ -125,12 +129,12 @@ const (
 
 // DestFailures lists the failure events.
 func DestFailures() []DestEventKind {
-	return []DestEventKind{DevConnClosed, DevBackendError, DevTimeout, DevCancel, DevProtocol}
+	return []DestEventKind{DevConnClosed, DevPeerError, DevBackendError, DevTimeout, DevCancel, DevProtocol}
 }
 
 var destEventNames = map[DestEventKind]string{
 	DevRecord: "record", DevCreated: "created", DevResumed: "resumed", DevAllIn: "all-in",
-	DevAcked: "acked", DevConnClosed: "conn-closed",
+	DevAcked: "acked", DevReattached: "reattached", DevConnClosed: "conn-closed", DevPeerError: "peer-error",
 	DevBackendError: "backend-error", DevTimeout: "timeout", DevCancel: "cancel", DevProtocol: "protocol-error",
 }
 
@@ -168,6 +172,8 @@ const (
 	DactSendError                            // tell the source why (ERROR)
 	DactSendNotResumed                       // tell the source the domain never ran here (NOT_RESUMED)
 	DactDestroy                              // destroy the half-received domain
+	DactAwaitReattach                        // postcopy-paused: keep the domain, wait for the source on a new link
+	DactRestart                              // after a reattach: forget partial checksums, ask again for the pages faulted on
 	DactReport                               // ended: DestOutcome
 )
 
@@ -175,6 +181,7 @@ var destActionNames = map[DestAction]string{
 	DactCreate: "create", DactSendCreated: "send-created", DactSendResumed: "send-resumed", DactAccept: "accept", DactSendReady: "send-ready", DactDetachCancel: "detach-cancel",
 	DactResume: "resume", DactAwaitAllIn: "await-all-in", DactAck: "ack", DactSendError: "send-error",
 	DactSendNotResumed: "send-not-resumed", DactDestroy: "destroy", DactReport: "report",
+	DactAwaitReattach: "await-reattach", DactRestart: "restart",
 }
 
 func (a DestAction) String() string {
@@ -190,20 +197,44 @@ type DestOutcome struct {
 	Where DestWhere // 0 when OK
 	Err   error
 	At    DestState // the state the first failure came in
+	// Recoveries is how many times the source came back on a new link.
+	Recoveries int
 }
 
 // Dest is the destination's machine.
 type Dest struct {
-	state    DestState
-	haveCore bool
-	err      error
-	at       DestState
-	where    DestWhere
-	ok       bool
+	state DestState
+	// recover: after SWITCHOVER a broken link pauses (DstPaused) instead
+	// of ending this side; from holds the state it broke in.
+	recover    bool
+	from       DestState
+	recoveries int
+	linkErr    error
+	ackSent    bool
+	haveCore   bool
+	err        error
+	at         DestState
+	where      DestWhere
+	ok         bool
 }
 
 // NewDest returns a machine waiting for DOMAIN_HEADER.
 func NewDest() *Dest { return &Dest{state: DstHeader} }
+
+// EnableRecovery makes a broken link after SWITCHOVER pause this side
+// until the source reattaches, instead of ending it.
+func (m *Dest) EnableRecovery() { m.recover = true }
+
+// Stage is what this side tells a source that reattaches (DstPaused).
+func (m *Dest) Stage() Stage {
+	switch m.from {
+	case DstSwitching:
+		return StageNotResumed
+	case DstAcking:
+		return StageAcking
+	}
+	return StageRunning
+}
 
 // State is the current state.
 func (m *Dest) State() DestState { return m.state }
@@ -213,7 +244,7 @@ func (m *Dest) Ended() bool { return m.state == DstDone || m.state == DstFailed 
 
 // Outcome is how the destination's side ended.
 func (m *Dest) Outcome() DestOutcome {
-	return DestOutcome{OK: m.ok, Where: m.where, Err: m.err, At: m.at}
+	return DestOutcome{OK: m.ok, Where: m.where, Err: m.err, At: m.at, Recoveries: m.recoveries}
 }
 
 // Ran says whether the domain has run (or may be running) here.
@@ -221,6 +252,8 @@ func (m *Dest) Ran() bool {
 	switch m.state {
 	case DstRunning, DstComplete, DstAcking, DstDone:
 		return true
+	case DstPaused:
+		return m.from != DstSwitching
 	case DstFailed:
 		return m.where == RunsHere
 	}
@@ -235,6 +268,9 @@ func (m *Dest) Step(ev DestEvent) []DestAction {
 	if ev.Kind == DevCancel && m.Ran() {
 		// The domain runs here and this is its only running copy.
 		return nil
+	}
+	if m.state == DstPaused {
+		return m.paused(ev)
 	}
 	if m.state == DstResuming {
 		switch {
@@ -294,6 +330,12 @@ func (m *Dest) Step(ev DestEvent) []DestAction {
 			return []DestAction{DactAck}
 		}
 	case DevAcked:
+		if m.state == DstAcking && m.recover {
+			// Done once the source says it has the ACK (BYE): an ACK lost
+			// with the link is sent again on the next.
+			m.ackSent = true
+			return nil
+		}
 		if m.state == DstAcking {
 			m.ok = true
 			m.state = DstDone
@@ -314,9 +356,15 @@ func (m *Dest) record(r Record) []DestAction {
 	case RecKeepalive:
 		return nil
 	case RecError:
-		return m.failure(DestEvent{Kind: DevConnClosed, Err: fmt.Errorf("the source sent ERROR")})
+		return m.failure(DestEvent{Kind: DevPeerError, Err: fmt.Errorf("the source sent ERROR")})
 	}
 	switch m.state {
+	case DstAcking:
+		if r == RecBye && m.ackSent {
+			m.ok = true
+			m.state = DstDone
+			return []DestAction{DactReport}
+		}
 	case DstHeader:
 		if r != RecDomainHeader {
 			return bad()
@@ -357,8 +405,61 @@ func (m *Dest) record(r Record) []DestAction {
 	return bad()
 }
 
+// paused is the postcopy-paused state: the domain stays as it is (vCPUs
+// waiting on missing pages keep waiting) until the source reattaches or
+// the recovery time ends (any failure).
+func (m *Dest) paused(ev DestEvent) []DestAction {
+	switch {
+	case ev.Kind == DevReattached:
+		m.recoveries++
+		switch m.from {
+		case DstSwitching:
+			m.state = DstSwitching
+			return nil
+		case DstAcking:
+			m.state = DstAcking
+			m.ackSent = false
+			return []DestAction{DactAck}
+		}
+		// The checksums, if some came, are sent again after the pages.
+		m.state = DstRunning
+		return []DestAction{DactRestart}
+	case ev.Kind.IsFailure():
+		if ev.Kind == DevCancel && m.from != DstSwitching {
+			return nil // the only running copy: a cancel does not end it
+		}
+		if m.err == nil {
+			err := ev.Err
+			if err == nil {
+				err = fmt.Errorf("%v", ev.Kind)
+			}
+			m.err = fmt.Errorf("%w (the link broke after SWITCHOVER: %v)", err, m.linkErr)
+			m.at = m.from
+		}
+		m.state = DstFailed
+		if m.from == DstSwitching {
+			// It never ran here: the source never resumed its copy
+			// either (GO may have left), and keeps it paused.
+			m.where = DestroyedHere
+			return []DestAction{DactSendError, DactDestroy}
+		}
+		m.where = RunsHere
+		return []DestAction{DactSendError, DactReport}
+	}
+	return nil
+}
+
 // failure decides what a failure means for the domain here.
 func (m *Dest) failure(ev DestEvent) []DestAction {
+	if m.recover && (ev.Kind == DevConnClosed || ev.Kind == DevTimeout) {
+		switch m.state {
+		case DstSwitching, DstRunning, DstComplete, DstAcking:
+			m.linkErr = ev.Err
+			m.from = m.state
+			m.state = DstPaused
+			return []DestAction{DactAwaitReattach}
+		}
+	}
 	m.failed(ev)
 	prev := m.state
 	m.state = DstFailed

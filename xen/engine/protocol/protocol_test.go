@@ -3,6 +3,7 @@ package protocol
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -36,6 +37,9 @@ func (it item) String() string {
 
 // fault is what a run injects at its step-th input.
 type fault struct {
+	// then, after a cut with recovery on, is injected (insert) into the
+	// first side found postcopy-paused.
+	then *fault
 	step int
 	mode string // "insert": a failure arrives before it; "replace": the action failed; "cut": the link dies
 	src  bool   // the side that fails (insert, replace)
@@ -56,6 +60,13 @@ type sim struct {
 	trace []string
 	// seen[i] is the states the machines were in when input i came.
 	seen []string
+	// recover turns recovery on in both machines; srcWaits and dstWaits
+	// say a side is postcopy-paused, waiting for the other on a new link.
+	recover            bool
+	srcWaits, dstWaits bool
+	// cutFrom is the source's state when the link was cut (cut mode).
+	cutFrom SourceState
+	thenDone bool
 }
 
 func (s *sim) toSrc(ev Event, msg bool) {
@@ -105,13 +116,19 @@ func (s *sim) srcDo(acts []ActionKind) {
 			s.send(RecDoneFinal)
 			s.toSrc(Event{Kind: EvPagesDone}, false)
 		case ActDestroySource:
+			s.send(RecBye) // the driver says BYE once it has the ACK
 			s.w.srcDestroyed = true
 			s.toSrc(Event{Kind: EvDestroyed}, false)
 		case ActResumeSource:
 			s.w.srcRunning = true
 			s.toSrc(Event{Kind: EvResumedHere}, false)
+		case ActReconnect:
+			s.srcWaits = true
+			s.breakLink(true)
+			s.tryReattach()
 		case ActReport:
-			if !s.src.Outcome().OK {
+			s.srcWaits = false // a source that ended reconnects no more
+			if !s.src.Outcome().OK && !s.cut {
 				// A failed source closes both connections.
 				s.toDst(DestEvent{Kind: DevConnClosed, Err: errors.New("source closed")}, false)
 			}
@@ -145,14 +162,23 @@ func (s *sim) dstDo(acts []DestAction) {
 			s.toDst(DestEvent{Kind: DevAcked}, false)
 		case DactSendError:
 			s.toSrc(Event{Kind: EvPeerError, Err: errors.New("destination failed")}, true)
-			// ... and closes both connections.
-			s.toSrc(Event{Kind: EvConnClosed, Err: errors.New("destination closed")}, false)
+			// ... and closes both connections, if it has any.
+			if !s.cut {
+				s.toSrc(Event{Kind: EvConnClosed, Err: errors.New("destination closed")}, false)
+			}
 		case DactSendNotResumed:
 			s.toSrc(Event{Kind: EvNotResumed, Err: errors.New("hypervisor refused the vCPU state")}, true)
 		case DactDestroy:
+			s.dstWaits = false
 			s.w.dstExists, s.w.dstRunning = false, false
 			s.dstDo(s.dst.Destroyed(nil))
+		case DactAwaitReattach:
+			s.dstWaits = true
+			s.breakLink(false)
+			s.tryReattach()
+		case DactRestart:
 		case DactReport:
+			s.dstWaits = false
 		default:
 			s.t.Fatalf("destination action %v unknown to the simulation", a)
 		}
@@ -163,14 +189,95 @@ func (s *sim) dstDo(acts []DestAction) {
 // DevResumed): the simulation's resume did not happen after all.
 func (s *sim) undoResume() { s.w.dstRunning = false }
 
+// breakLink is a side going postcopy-paused: it drops both connections,
+// so the records in flight are lost and the other side sees them close.
+// The paused side's own news of the old link is stale: its driver is
+// reconnecting and no longer reads it.
+func (s *sim) breakLink(src bool) {
+	if !s.cut {
+		s.cut = true
+		s.dropMessages()
+		if src {
+			s.toDst(DestEvent{Kind: DevConnClosed, Err: errors.New("source dropped the link")}, false)
+		} else {
+			s.toSrc(Event{Kind: EvConnClosed, Err: errors.New("destination dropped the link")}, false)
+		}
+	}
+	var keep []item
+	for _, q := range s.q {
+		stale := q.toSrc == src && ((src && (q.sev.Kind == EvConnClosed || q.sev.Kind == EvTimeout)) ||
+			(!src && (q.dev.Kind == DevConnClosed || q.dev.Kind == DevTimeout)))
+		if !stale {
+			keep = append(keep, q)
+		}
+	}
+	s.q = keep
+}
+
+func (s *sim) dropMessages() {
+	var keep []item
+	for _, q := range s.q {
+		if !q.msg {
+			keep = append(keep, q)
+		}
+	}
+	s.q = keep
+}
+
+// tryReattach brings a new link up once both sides wait for it: the
+// destination reattaches and tells the source its stage.
+func (s *sim) tryReattach() {
+	if !s.srcWaits || !s.dstWaits {
+		return
+	}
+	s.cut, s.srcWaits, s.dstWaits = false, false, false
+	s.trace = append(s.trace, "REATTACH")
+	stage := s.dst.Stage()
+	acts := s.dst.Step(DestEvent{Kind: DevReattached})
+	s.toSrc(Event{Kind: EvRecovered, Stage: stage}, true)
+	s.dstDo(acts)
+}
+
+// recoveryOver ends the waits nothing will answer: the recovery time runs
+// out on a side whose peer is gone.
+func (s *sim) recoveryOver() {
+	if s.srcWaits {
+		s.srcWaits = false
+		s.toSrc(Event{Kind: EvTimeout, Err: errors.New("recovery time over")}, false)
+	}
+	if s.dstWaits {
+		s.dstWaits = false
+		s.toDst(DestEvent{Kind: DevTimeout, Err: errors.New("recovery time over")}, false)
+	}
+}
+
 func (s *sim) run(f *fault) {
 	s.src, s.dst = NewSource(), NewDest()
+	if s.recover {
+		s.src.EnableRecovery()
+		s.dst.EnableRecovery()
+	}
 	s.w = world{srcRunning: true}
 	s.srcDo(s.src.Start())
-	for len(s.q) > 0 && s.steps < 1000 {
+	for s.steps < 1000 {
+		if len(s.q) == 0 {
+			s.recoveryOver()
+			if len(s.q) == 0 {
+				break
+			}
+		}
 		it := s.q[0]
 		s.q = s.q[1:]
 		s.seen = append(s.seen, fmt.Sprintf("%v/%v", s.src.State(), s.dst.State()))
+		if f != nil && f.then != nil && !s.thenDone && (s.src.State() == SrcRecovering || s.dst.State() == DstPaused) {
+			s.thenDone = true
+			g := *f.then
+			g.src = s.src.State() == SrcRecovering
+			s.trace = append(s.trace, "PAUSED-FAULT")
+			if !s.backendBusy(&g) {
+				s.inject(&g)
+			}
+		}
 		if f != nil && s.steps == f.step {
 			switch f.mode {
 			case "insert":
@@ -201,13 +308,8 @@ func (s *sim) run(f *fault) {
 				}
 			case "cut":
 				s.cut = true
-				var keep []item
-				for _, q := range s.q {
-					if !q.msg {
-						keep = append(keep, q)
-					}
-				}
-				s.q = keep
+				s.cutFrom = s.src.State()
+				s.dropMessages()
 				s.toSrc(Event{Kind: EvConnClosed, Err: errors.New("link cut")}, false)
 				s.toDst(DestEvent{Kind: DevConnClosed, Err: errors.New("link cut")}, false)
 				if it.msg {
@@ -312,10 +414,24 @@ func TestCleanRun(t *testing.T) {
 // every input of a clean run (so in every state both machines pass), as a
 // failure arriving from outside (insert), as the failure of the action
 // whose result that input is (replace), and as the link dying there
-// (cut); each run must keep the invariant.
+// (cut); each run must keep the invariant. It runs with recovery off and
+// on (recover/...); with recovery on, every cut once GO may have left must
+// end in a complete migration, and each failure is injected again into
+// the postcopy-paused side after a cut (cut+...).
 func TestEveryStateEveryFailure(t *testing.T) {
-	clean := &sim{t: t}
+	for _, recover := range []bool{false, true} {
+		name := "plain"
+		if recover {
+			name = "recover"
+		}
+		t.Run(name, func(t *testing.T) { everyStateEveryFailure(t, recover) })
+	}
+}
+
+func everyStateEveryFailure(t *testing.T, recover bool) {
+	clean := &sim{t: t, recover: recover}
 	clean.run(nil)
+	require.True(t, clean.src.Outcome().OK && clean.dst.Outcome().OK, clean.trace)
 	total := clean.steps
 	seen := map[string]bool{}
 	for step := 0; step < total; step++ {
@@ -328,8 +444,18 @@ func TestEveryStateEveryFailure(t *testing.T) {
 			faults = append(faults, fault{step: step, mode: "insert", dk: k}, fault{step: step, mode: "replace", dk: k})
 		}
 		faults = append(faults, fault{step: step, mode: "cut"})
+		if recover {
+			for i, k := range Failures() {
+				dk := DestFailures()[min(i, len(DestFailures())-1)]
+				faults = append(faults, fault{step: step, mode: "cut", then: &fault{mode: "insert", sk: k, dk: dk}})
+			}
+			faults = append(faults, fault{step: step, mode: "cut", then: &fault{mode: "insert", sk: EvCancel, dk: DevPeerError}})
+		}
 		for _, f := range faults {
 			name := fmt.Sprintf("%s/step%02d/%s", states, step, f.mode)
+			if f.then != nil {
+				name += fmt.Sprintf("+paused-%v-or-%v", f.then.sk, f.then.dk)
+			}
 			if f.mode != "cut" {
 				if f.src {
 					name += "/source-" + f.sk.String()
@@ -338,11 +464,24 @@ func TestEveryStateEveryFailure(t *testing.T) {
 				}
 			}
 			t.Run(name, func(t *testing.T) {
-				s := &sim{t: t}
+				s := &sim{t: t, recover: recover}
 				s.run(&f)
 				s.check(t)
+				if !recover || f.mode != "cut" || f.then != nil {
+					return
+				}
+				switch s.cutFrom {
+				case SrcGoing, SrcAwaitResumed, SrcPostcopy, SrcVerifying:
+					require.True(t, s.src.Outcome().OK && s.dst.Outcome().OK,
+						"a cut after GO must be recovered: %v\nsource %+v\ndest %+v", s.trace, s.src.Outcome(), s.dst.Outcome())
+					require.Equal(t, 1, s.src.Outcome().Recoveries)
+					require.Equal(t, 1, s.dst.Outcome().Recoveries)
+				}
 			})
 			seen[states] = true
+			if f.then != nil {
+				seen[fmt.Sprintf("%v/*", SrcRecovering)] = true
+			}
 		}
 	}
 	// Every state but the terminal ones was the stage of some injection.
@@ -363,6 +502,25 @@ func TestEveryStateEveryFailure(t *testing.T) {
 	for _, d := range []DestState{DstHeader, DstCreating, DstReceiving, DstSwitching, DstResuming, DstRunning, DstComplete, DstAcking} {
 		require.True(t, dstStates[d], "no injection while the destination was %v", d)
 	}
+}
+
+// With recovery on, a failure injected into a postcopy-paused side hits
+// both paused states (the cut+ runs above), and a second recovery works.
+func TestPausedStatesAreReached(t *testing.T) {
+	var srcPaused, dstPaused bool
+	clean := &sim{t: t, recover: true}
+	clean.run(nil)
+	for step := 0; step < clean.steps; step++ {
+		s := &sim{t: t, recover: true}
+		s.run(&fault{step: step, mode: "cut", then: &fault{mode: "insert", sk: EvTimeout, dk: DevTimeout}})
+		s.check(t)
+		for _, st := range s.seen {
+			srcPaused = srcPaused || strings.HasPrefix(st, SrcRecovering.String()+"/")
+			dstPaused = dstPaused || strings.HasSuffix(st, "/"+DstPaused.String())
+		}
+	}
+	require.True(t, srcPaused, "no input reached the source while postcopy-paused")
+	require.True(t, dstPaused, "no input reached the destination while postcopy-paused")
 }
 
 // backendBusy says whether the failing side waits on its backend, whose

@@ -71,6 +71,7 @@ const (
 	SrcVerifying                        // checksums sent, waiting for the ACK
 	SrcDestroying                       // destroying the source copy
 	SrcResuming                         // undoing: resuming the source copy
+	SrcRecovering                       // postcopy-paused: the link broke after GO; reconnecting
 	SrcDone                             // migrated and verified
 	SrcFailed                           // ended; Outcome says where the domain is
 	numSourceStates
@@ -78,7 +79,7 @@ const (
 
 var sourceStateNames = [...]string{
 	"opening", "creating", "live", "pausing", "stopping", "await-ready", "relinquishing",
-	"going", "await-resumed", "postcopy", "verifying", "destroying", "resuming", "done", "failed",
+	"going", "await-resumed", "postcopy", "verifying", "destroying", "resuming", "postcopy-paused", "done", "failed",
 }
 
 func (s SourceState) String() string {
@@ -118,6 +119,7 @@ const (
 	EvAcked        // the ACK arrived (Event.Verified says whether it matched)
 	EvDestroyed    // the source copy is destroyed
 	EvResumedHere  // the source copy runs again
+	EvRecovered    // a new link to the same destination is up (Event.Stage says where it stands)
 
 	EvConnClosed   // either connection closed or failed
 	EvPeerError    // the peer's ERROR record
@@ -131,7 +133,7 @@ var eventNames = map[EventKind]string{
 	EvOpened: "opened", EvCreated: "created", EvLiveDone: "live-done", EvPaused: "paused",
 	EvStopSent: "stop-sent", EvReady: "ready", EvRelinquished: "relinquished", EvGoSent: "go-sent",
 	EvResumed: "resumed", EvNotResumed: "not-resumed", EvPagesDone: "pages-done", EvAcked: "acked",
-	EvDestroyed: "destroyed", EvResumedHere: "resumed-here",
+	EvDestroyed: "destroyed", EvResumedHere: "resumed-here", EvRecovered: "recovered",
 	EvConnClosed: "conn-closed", EvPeerError: "peer-error", EvBackendError: "backend-error",
 	EvTimeout: "timeout", EvCancel: "cancel", EvProtocol: "protocol-error",
 }
@@ -159,6 +161,38 @@ type Event struct {
 	Err error
 	// Verified is the ACK's verdict (EvAcked).
 	Verified bool
+	// Stage is where the destination stands once the link is back
+	// (EvRecovered).
+	Stage Stage
+}
+
+// Stage is what a destination reports on a new link after a broken one:
+// which part of the migration it still needs.
+type Stage uint8
+
+// The stages a destination can be at when the source reconnects.
+const (
+	// StageNotResumed: it holds the core state and waits for GO; it never
+	// ran the domain.
+	StageNotResumed Stage = iota + 1
+	// StageRunning: the domain runs there; it needs the pages it lacks
+	// and the checksums.
+	StageRunning
+	// StageAcking: it holds every page and has verified them; it sends
+	// the ACK again.
+	StageAcking
+)
+
+func (s Stage) String() string {
+	switch s {
+	case StageNotResumed:
+		return "not-resumed"
+	case StageRunning:
+		return "running"
+	case StageAcking:
+		return "acking"
+	}
+	return fmt.Sprintf("stage(%d)", int(s))
 }
 
 // ActionKind says what the driver is to do.
@@ -181,6 +215,7 @@ const (
 	ActAwaitAck                            // wait for the ACK
 	ActDestroySource                       // destroy the source copy
 	ActResumeSource                        // resume the source copy (undo the pause and the mark)
+	ActReconnect                           // postcopy-paused: reconnect (with backoff, within the recovery time)
 	ActReport                              // the migration has ended: Outcome
 )
 
@@ -189,7 +224,7 @@ var actionNames = map[ActionKind]string{
 	ActSendStop: "send-stop", ActAwaitReady: "await-ready", ActRelinquish: "relinquish",
 	ActDetachCancel: "detach-cancel", ActSendGo: "send-go", ActAwaitResumed: "await-resumed",
 	ActPostcopy: "postcopy", ActAwaitAck: "await-ack", ActDestroySource: "destroy-source",
-	ActResumeSource: "resume-source", ActReport: "report",
+	ActResumeSource: "resume-source", ActReconnect: "reconnect", ActReport: "report",
 }
 
 func (k ActionKind) String() string {
@@ -213,22 +248,36 @@ type Outcome struct {
 	At SourceState
 	// Resumed: the source copy was paused and has been resumed.
 	Resumed bool
+	// Recoveries is how many times a broken link was replaced by a new one.
+	Recoveries int
+	// LinkErr is the last link failure a recovery got past (nil: none).
+	LinkErr error
 }
 
 // Source is the source's machine.
 type Source struct {
-	state   SourceState
-	failAt  SourceState
-	err     error
-	rerr    error
-	where   Where
-	ok      bool
-	started bool
-	resumed bool
+	state SourceState
+	// recover: after GO a broken link pauses the migration
+	// (SrcRecovering) instead of ending it.
+	recover    bool
+	recoveries int
+	linkErr    error
+	destRan    bool // RESUMED arrived (or a recovery said it runs there)
+	failAt     SourceState
+	err        error
+	rerr       error
+	where      Where
+	ok         bool
+	started    bool
+	resumed    bool
 }
 
 // NewSource returns a machine in SrcOpening.
 func NewSource() *Source { return &Source{state: SrcOpening} }
+
+// EnableRecovery makes a broken link after GO pause the migration and
+// reconnect (ActReconnect) instead of ending it. Call before Start.
+func (m *Source) EnableRecovery() { m.recover = true }
 
 // State is the current state.
 func (m *Source) State() SourceState { return m.state }
@@ -244,7 +293,8 @@ func (m *Source) Start() []ActionKind {
 
 // Outcome is how the migration ended; valid once Report was returned.
 func (m *Source) Outcome() Outcome {
-	return Outcome{OK: m.ok, Where: m.where, Err: m.err, ResumeErr: m.rerr, At: m.failAt, Resumed: m.resumed}
+	return Outcome{OK: m.ok, Where: m.where, Err: m.err, ResumeErr: m.rerr, At: m.failAt, Resumed: m.resumed,
+		Recoveries: m.recoveries, LinkErr: m.linkErr}
 }
 
 // Ended says whether the machine is done (Report returned).
@@ -254,7 +304,7 @@ func (m *Source) Ended() bool { return m.state == SrcDone || m.state == SrcFaile
 // domain: from the moment GO may have left.
 func (m *Source) MayRunAtDestination() bool {
 	switch m.state {
-	case SrcGoing, SrcAwaitResumed, SrcPostcopy, SrcVerifying, SrcDestroying, SrcDone:
+	case SrcGoing, SrcAwaitResumed, SrcPostcopy, SrcVerifying, SrcDestroying, SrcRecovering, SrcDone:
 		return true
 	case SrcFailed:
 		return m.where == AfterGo || m.where == RunsAtDestination
@@ -298,6 +348,8 @@ func (m *Source) Step(ev Event) []ActionKind {
 	// connection closing while the domain is being paused does not unpause
 	// it).
 	switch m.state {
+	case SrcRecovering:
+		return m.recovering(ev)
 	case SrcResuming:
 		switch ev.Kind {
 		case EvResumedHere:
@@ -348,6 +400,9 @@ func (m *Source) Step(ev Event) []ActionKind {
 		// has run the domain and cannot take that back.
 		return m.failure(Event{Kind: EvProtocol, Err: fmt.Errorf("NOT_RESUMED in state %v: %w", m.state, eventErr(ev))})
 	}
+	if ev.Kind == EvResumed {
+		m.destRan = true
+	}
 	if ev.Kind == EvAcked && m.state == SrcVerifying && !ev.Verified {
 		return m.failure(Event{Kind: EvProtocol, Err: eventErr(ev)})
 	}
@@ -362,10 +417,64 @@ func (m *Source) Step(ev Event) []ActionKind {
 	return n.acts
 }
 
+// recoverable says whether a failure pauses the migration instead of
+// ending it: a broken or silent link once GO may have left, with recovery
+// on. The peer's ERROR, a backend's failure or a protocol error are not
+// the link's: a new link would not change them.
+func (m *Source) recoverable(ev Event) bool {
+	if !m.recover || (ev.Kind != EvConnClosed && ev.Kind != EvTimeout) {
+		return false
+	}
+	switch m.state {
+	case SrcGoing, SrcAwaitResumed, SrcPostcopy, SrcVerifying:
+		return true
+	}
+	return false
+}
+
+// recovering is the postcopy-paused state: the source copy stays paused
+// with all its memory while the driver reconnects; only a new link or the
+// end of the recovery time (any failure) decides.
+func (m *Source) recovering(ev Event) []ActionKind {
+	switch {
+	case ev.Kind == EvRecovered:
+		m.recoveries++
+		switch ev.Stage {
+		case StageNotResumed:
+			if m.destRan {
+				break // it said RESUMED before: it cannot take that back
+			}
+			// GO never arrived (or was lost with the link): send it again.
+			m.state = SrcGoing
+			return []ActionKind{ActSendGo}
+		case StageRunning:
+			m.destRan = true
+			m.state = SrcPostcopy
+			return []ActionKind{ActPostcopy}
+		case StageAcking:
+			m.destRan = true
+			m.state = SrcVerifying
+			return []ActionKind{ActAwaitAck}
+		}
+		m.fail(Event{Kind: EvProtocol, Err: fmt.Errorf("the destination reports stage %v after a recovery (it ran the domain: %v)", ev.Stage, m.destRan)})
+	case ev.Kind.IsFailure():
+		m.fail(Event{Kind: ev.Kind, Err: fmt.Errorf("%w (the link broke after GO: %v)", eventErr(ev), m.linkErr)})
+	default:
+		return nil // a late record of the old link changes nothing
+	}
+	m.where = AfterGo
+	return m.end(SrcFailed)
+}
+
 // failure decides what a failure in the current state means for the
 // domain: the invariant is that it runs on exactly one side, or is paused
 // at the source with all its memory and runs nowhere.
 func (m *Source) failure(ev Event) []ActionKind {
+	if m.recoverable(ev) {
+		m.linkErr = eventErr(ev)
+		m.state = SrcRecovering
+		return []ActionKind{ActReconnect}
+	}
 	m.fail(ev)
 	switch m.state {
 	case SrcOpening, SrcCreating, SrcLive:
