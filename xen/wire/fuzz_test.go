@@ -52,6 +52,10 @@ func seedRecords(tb testing.TB) []Record {
 	must(w.WriteBlob(TypeError, []byte("no")))
 	must(w.WriteBlob(TypeResumed, nil))
 	must(w.WriteRecord(TypeKeepalive))
+	must(w.WriteRecord(TypeBye))
+	must(w.WriteResume(Resume{Name: "vm1", NumPages: 64}))
+	must(w.WriteResumeAck(ResumeAck{Stage: 2, Held: []Range{{First: 0, Count: 3}, {First: 5, Count: 59}}}))
+	must(w.WriteResumeAck(ResumeAck{Stage: 1, Final: true}))
 	must(w.Flush())
 	r := NewReader(&buf)
 	var recs []Record
@@ -316,6 +320,33 @@ func checkBlob(t *testing.T, fr *framer, body []byte) {
 	fr.reencode(t, "blob", body, func(w *Writer) error { return w.WriteBlob(TypeStats, blob) })
 }
 
+func checkResume(t *testing.T, fr *framer, body []byte) {
+	r, err := DecodeResume(body)
+	if err != nil {
+		return
+	}
+	if r.NumPages == 0 || r.NumPages > PFNMask || len(r.Name) > 256 {
+		t.Fatalf("resume: accepted %d pages, a name of %d bytes", r.NumPages, len(r.Name))
+	}
+	fr.reencode(t, "resume", body, func(w *Writer) error { return w.WriteResume(r) })
+}
+
+func checkResumeAck(t *testing.T, fr *framer, body []byte) {
+	var a ResumeAck
+	var err error
+	bounded(t, "resume ack", body, 2, func() { a, err = DecodeResumeAck(body) })
+	if err != nil {
+		return
+	}
+	if a.Stage == 0 || len(a.Held) > MaxResumeRanges || len(body) != 6+16*len(a.Held) {
+		t.Fatalf("resume ack: accepted stage %d, %d ranges in %d bytes", a.Stage, len(a.Held), len(body))
+	}
+	if end, err := CheckHeld(a.Held, 0, PFNMask); err == nil && end > PFNMask {
+		t.Fatalf("resume ack: held ranges end at %#x, beyond the pfn space", end)
+	}
+	fr.reencode(t, "resume ack", body, func(w *Writer) error { return w.WriteResumeAck(a) })
+}
+
 // checkBody runs the decoder the engine runs on a record of type t.
 func checkBody(tt *testing.T, fr *framer, t Type, body []byte) {
 	switch t {
@@ -335,10 +366,14 @@ func checkBody(tt *testing.T, fr *framer, t Type, body []byte) {
 		checkAck(tt, fr, body)
 	case TypeCredit:
 		checkU64(tt, fr, body)
+	case TypeResume:
+		checkResume(tt, fr, body)
+	case TypeResumeAck:
+		checkResumeAck(tt, fr, body)
 	case TypeCoreState, TypeStats, TypeError, TypeNotResumed, TypeResumed:
 		checkBlob(tt, fr, body)
 	}
-	// READY, GO, CREATED and KEEPALIVE carry nothing the engine decodes.
+	// READY, GO, CREATED, KEEPALIVE and BYE carry nothing the engine decodes.
 }
 
 func fuzzBody(f *testing.F, check func(*testing.T, *framer, []byte), types ...Type) {
@@ -368,6 +403,13 @@ func FuzzSwitchover(f *testing.F) { fuzzBody(f, checkSwitchover, TypeSwitchover)
 func FuzzAck(f *testing.F) { fuzzBody(f, checkAck, TypeAck) }
 
 func FuzzU64(f *testing.F) { fuzzBody(f, checkU64, TypeCredit) }
+
+func FuzzResume(f *testing.F) { fuzzBody(f, checkResume, TypeResume) }
+
+func FuzzResumeAck(f *testing.F) {
+	f.Add([]byte{2, 1, 0xff, 0xff, 0xff, 0xff}) // 4 Gi ranges claimed
+	fuzzBody(f, checkResumeAck, TypeResumeAck)
+}
 
 func FuzzBlob(f *testing.F) {
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff})

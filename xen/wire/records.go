@@ -573,3 +573,101 @@ func (d *dec) finish(what string) error {
 	}
 	return nil
 }
+
+// Resume opens the bulk stream of a new link after a broken one, in place
+// of the stream's DOMAIN_HEADER: the migration it continues.
+type Resume struct {
+	Name     string
+	NumPages uint64
+}
+
+// WriteResume writes a TypeResume record.
+func (w *Writer) WriteResume(r Resume) error {
+	if len(r.Name) > 256 || r.NumPages == 0 || r.NumPages > PFNMask {
+		return fmt.Errorf("write resume: name of %d bytes, %d pages: %w", len(r.Name), r.NumPages, ErrMalformed)
+	}
+	var e enc
+	e.u64(r.NumPages)
+	e.bytes([]byte(r.Name))
+	return w.WriteRecord(TypeResume, e.b)
+}
+
+// DecodeResume decodes a TypeResume body.
+func DecodeResume(body []byte) (Resume, error) {
+	d := dec{b: body}
+	r := Resume{NumPages: d.u64()}
+	r.Name = string(d.bytes(256))
+	if err := d.finish("resume"); err != nil {
+		return Resume{}, err
+	}
+	if r.NumPages == 0 || r.NumPages > PFNMask {
+		return Resume{}, fmt.Errorf("resume: %d pages: %w", r.NumPages, ErrMalformed)
+	}
+	return r, nil
+}
+
+// ResumeAck answers a Resume: the destination's stage (the protocol's
+// Stage) and, over one or more records, the pages it holds; the last
+// record has Final set.
+type ResumeAck struct {
+	Stage uint8
+	Final bool
+	Held  []Range
+}
+
+// MaxResumeRanges bounds the ranges of one RESUME_ACK record.
+const MaxResumeRanges = MaxPFNs
+
+// WriteResumeAck writes a TypeResumeAck record. Callers split more than
+// MaxResumeRanges ranges over several records.
+func (w *Writer) WriteResumeAck(a ResumeAck) error {
+	if len(a.Held) > MaxResumeRanges || a.Stage == 0 {
+		return fmt.Errorf("write resume ack: stage %d, %d ranges: %w", a.Stage, len(a.Held), ErrMalformed)
+	}
+	var e enc
+	e.u8(a.Stage)
+	f := uint8(0)
+	if a.Final {
+		f = 1
+	}
+	e.u8(f)
+	e.u32(uint32(len(a.Held)))
+	for _, r := range a.Held {
+		e.u64(r.First)
+		e.u64(r.Count)
+	}
+	return w.WriteRecord(TypeResumeAck, e.b)
+}
+
+// DecodeResumeAck decodes a TypeResumeAck body. The ranges are checked
+// against the domain (CheckHeld) by the caller, which knows its size.
+func DecodeResumeAck(body []byte) (ResumeAck, error) {
+	d := dec{b: body}
+	a := ResumeAck{Stage: d.u8()}
+	f := d.u8()
+	n := d.u32()
+	if d.err != nil || a.Stage == 0 || f > 1 || n > MaxResumeRanges || uint64(n)*16 != uint64(len(d.b)) {
+		return ResumeAck{}, fmt.Errorf("resume ack: stage %d, final %d, %d ranges in %d bytes: %w", a.Stage, f, n, len(body), ErrMalformed)
+	}
+	a.Final = f == 1
+	if n > 0 {
+		a.Held = make([]Range, n)
+	}
+	for i := range a.Held {
+		a.Held[i] = Range{First: d.u64(), Count: d.u64()}
+	}
+	return a, d.finish("resume ack")
+}
+
+// CheckHeld holds ranges to being ascending, disjoint, non-empty and
+// inside a domain of n pages, after the ranges before them (which end at
+// after); it returns where they end.
+func CheckHeld(r []Range, after, n uint64) (uint64, error) {
+	for i, x := range r {
+		if x.Count == 0 || x.First < after || x.First >= n || x.Count > n-x.First {
+			return 0, fmt.Errorf("held range %d (%#x+%d) is empty, out of order or beyond %d pages: %w", i, x.First, x.Count, n, ErrMalformed)
+		}
+		after = x.First + x.Count
+	}
+	return after, nil
+}

@@ -77,7 +77,10 @@ const (
 	TypePageSet      Type = TypeBase + 0x10 // PageSet: pages that left or joined the domain (paused)
 	TypeNotResumed   Type = TypeBase + 0x11 // Error: the destination got GO but never ran the domain
 	TypeKeepalive    Type = TypeBase + 0x12 // empty: the sender is alive (progress timeouts)
-	typeLast              = TypeKeepalive
+	TypeBye          Type = TypeBase + 0x13 // empty: the source has the ACK; the migration is over for both
+	TypeResume       Type = TypeBase + 0x14 // Resume: the source is back on a new link after a broken one
+	TypeResumeAck    Type = TypeBase + 0x15 // ResumeAck: the destination's stage and the pages it holds
+	typeLast              = TypeResumeAck
 )
 
 var typeNames = map[Type]string{
@@ -86,6 +89,7 @@ var typeNames = map[Type]string{
 	TypeDone: "DONE", TypeAck: "ACK", TypeError: "ERROR", TypeCredit: "CREDIT", TypeStats: "STATS",
 	TypeResumed: "RESUMED", TypeReady: "READY", TypeGo: "GO", TypeCreated: "CREATED",
 	TypePageSet: "PAGE_SET", TypeNotResumed: "NOT_RESUMED", TypeKeepalive: "KEEPALIVE",
+	TypeBye: "BYE", TypeResume: "RESUME", TypeResumeAck: "RESUME_ACK",
 }
 
 func (t Type) String() string {
@@ -174,6 +178,11 @@ type Writer struct {
 func NewWriter(w io.Writer) *Writer {
 	return &Writer{w: bufio.NewWriterSize(w, 256<<10)}
 }
+
+// Reset makes w write to nw from now on (a new connection after a broken
+// one), dropping what was buffered for the old one; Written goes on
+// counting.
+func (w *Writer) Reset(nw io.Writer) { w.w.Reset(nw) }
 
 // Written is the number of bytes written so far (headers, padding and
 // trailers included): the figure stats report as bytes on the wire.
