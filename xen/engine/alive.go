@@ -43,9 +43,13 @@ func startLiveness(timeout time.Duration, send func() error, dead func(error)) *
 				return
 			case <-t.C:
 			}
+			// After a death it goes on watching: with recovery a new
+			// link replaces the dead one (heard starts it afresh), and
+			// without, the migration ends and closes it.
 			if err := send(); err != nil {
 				dead(fmt.Errorf("send keepalive: %w", err))
-				return
+				l.heard()
+				continue
 			}
 			if l.idle.Load() > 0 {
 				l.heard()
@@ -53,7 +57,7 @@ func startLiveness(timeout time.Duration, send func() error, dead func(error)) *
 			}
 			if since := time.Since(time.Unix(0, l.last.Load())); since > timeout {
 				dead(fmt.Errorf("no record from the peer for %v (limit %v): the link is down, or the peer is stopped or too slow", since.Round(time.Second), timeout))
-				return
+				l.heard()
 			}
 		}
 	}()

@@ -31,6 +31,25 @@ type DestOptions struct {
 	OnResume func()
 	// Progress, if set, receives the destination's live counters.
 	Progress func(DestProgress)
+	// Reattach, if set, turns recovery on: a link that breaks after
+	// SWITCHOVER pauses this side (postcopy-paused; the domain stays as
+	// it is) and Reattach is called for the source's next pair of
+	// connections, until RecoverTimeout (default DefaultRecoverTimeout
+	// plus a minute, so that the source gives up first) has passed.
+	Reattach       func(ctx context.Context) (c1, c2 io.ReadWriteCloser, err error)
+	RecoverTimeout time.Duration
+}
+
+// destLink is one pair of connections to the source; a recovery replaces
+// it.
+type destLink struct {
+	bulk, urg io.ReadWriteCloser
+	down      chan struct{} // closed when the link failed
+	closed    bool          // guarded by dest.linkMu
+	// readers counts the link's urgent readers: a recovery waits for them
+	// to end, so that no page read from the old link is placed after the
+	// new one has been told what is held.
+	readers sync.WaitGroup
 }
 
 // DestProgress is the destination's live view.
@@ -46,12 +65,17 @@ type dest struct {
 	allOnce sync.Once
 	hdr     *wire.DomainHeader
 	dom     Dest
-	bulk    io.ReadWriteCloser
-	urg     io.ReadWriteCloser
+	// recover: link failures after SWITCHOVER pause instead of ending.
+	recover bool
+	linkMu  sync.Mutex
+	link    *destLink
+	byeOnce sync.Once
+	bye     chan struct{} // closed when BYE came
 
 	bwMu sync.Mutex
 	bw   *wire.Writer // replies on the bulk connection
-	uw   *wire.Writer // fault requests; only the fault loop writes
+	uwMu sync.Mutex
+	uw   *wire.Writer // fault requests
 
 	mu        sync.Mutex
 	present   *prepage.Bitmap // placed, being placed, or absent
@@ -110,9 +134,17 @@ func RunDest(ctx context.Context, c1, c2 io.ReadWriteCloser, factory Factory, op
 		c2.Close()
 		return nil, err
 	}
-	d := &dest{opt: opt, factory: factory, bulk: bulk, urg: urg, bw: wire.NewWriter(bulk), uw: wire.NewWriter(urg), failC: make(chan struct{}), allIn: make(chan struct{})}
-	defer bulk.Close()
-	defer urg.Close()
+	d := &dest{opt: opt, factory: factory, link: &destLink{bulk: bulk, urg: urg, down: make(chan struct{})},
+		bw: wire.NewWriter(bulk), uw: wire.NewWriter(urg), failC: make(chan struct{}), allIn: make(chan struct{}),
+		recover: opt.Reattach != nil, bye: make(chan struct{})}
+	if d.opt.RecoverTimeout <= 0 {
+		d.opt.RecoverTimeout = DefaultRecoverTimeout + time.Minute
+	}
+	defer func() {
+		l := d.curLink()
+		l.bulk.Close()
+		l.urg.Close()
+	}()
 	// The caller's context stops the migration until the domain resumes
 	// here; from then on this is the only copy that runs.
 	stop := context.AfterFunc(ctx, func() { d.fail(ctx.Err()) })
@@ -123,7 +155,7 @@ func RunDest(ctx context.Context, c1, c2 io.ReadWriteCloser, factory Factory, op
 	}
 	d.alive = startLiveness(opt.ProgressTimeout, func() error {
 		return d.writeBulk(writeKeepalive)
-	}, func(err error) { d.fail(fmt.Errorf("source: %w", err)) })
+	}, func(err error) { d.failLink(d.curLink(), fmt.Errorf("source: %w", err)) })
 	defer d.alive.close()
 	st, err := d.run()
 	if err != nil {
@@ -169,8 +201,9 @@ func (d *dest) failWith(t wire.Type, err error) {
 			}
 			d.bwMu.Unlock()
 		}
-		d.bulk.Close()
-		d.urg.Close()
+		l := d.curLink()
+		l.bulk.Close()
+		l.urg.Close()
 		d.mu.Lock()
 		dom := d.dom
 		d.mu.Unlock()
@@ -178,6 +211,36 @@ func (d *dest) failWith(t wire.Type, err error) {
 			dom.Close()
 		}
 	})
+}
+
+// curLink is the current link.
+func (d *dest) curLink() *destLink {
+	d.linkMu.Lock()
+	defer d.linkMu.Unlock()
+	return d.link
+}
+
+// failLink ends link l (if it is still the current one): without
+// recovery that ends the migration here; with it, the driver sees its
+// reads fail and the machine decides (postcopy-paused after SWITCHOVER).
+func (d *dest) failLink(l *destLink, err error) {
+	if !d.recover {
+		d.fail(err)
+		return
+	}
+	d.linkMu.Lock()
+	if l != d.link || l.closed {
+		d.linkMu.Unlock()
+		return
+	}
+	l.closed = true
+	close(l.down)
+	d.linkMu.Unlock()
+	if d.opt.Logf != nil {
+		d.opt.Logf("link to the source broken: %v", err)
+	}
+	l.bulk.Close()
+	l.urg.Close()
 }
 
 // rootCause prefers the first failure (say, a bad checksum on the urgent
@@ -242,6 +305,8 @@ func (d *dest) recordOf(x *destRun) (protocol.Record, error) {
 		return protocol.RecGo, nil
 	case wire.TypeKeepalive:
 		return protocol.RecKeepalive, nil
+	case wire.TypeBye:
+		return protocol.RecBye, nil
 	case wire.TypeDone:
 		c, final, err := wire.DecodeDone(x.rec.Body)
 		if err != nil {
@@ -263,13 +328,21 @@ func (d *dest) recordOf(x *destRun) (protocol.Record, error) {
 // stream, lets the machine judge each record, and carries out what it
 // says, until it reports how this side ended.
 func (d *dest) run() (*DestStats, error) {
-	x := &destRun{r: wire.NewReader(d.bulk)}
+	x := &destRun{r: wire.NewReader(d.curLink().bulk)}
 	m := protocol.NewDest()
+	if d.recover {
+		m.EnableRecovery()
+	}
 	var acts []protocol.DestAction
 	for {
 		if len(acts) == 0 {
 			if m.Ended() {
 				break
+			}
+			if d.recover && m.State() == protocol.DstAcking {
+				// drainKeepalives reads the bulk stream now; it reports BYE.
+				acts = m.Step(d.awaitBye())
+				continue
 			}
 			x.before = x.r.BytesRead()
 			rec, err := x.r.Next()
@@ -379,6 +452,13 @@ func (d *dest) do(x *destRun, m *protocol.Dest, a protocol.DestAction) (protocol
 		return protocol.DestEvent{}, false
 	case protocol.DactSendNotResumed:
 		d.failWith(wire.TypeNotResumed, m.Outcome().Err)
+		return protocol.DestEvent{}, false
+	case protocol.DactAwaitReattach:
+		return d.awaitReattach(x, m), true
+	case protocol.DactRestart:
+		if err := d.restart(x); err != nil {
+			return fail(protocol.DevConnClosed, err)
+		}
 		return protocol.DestEvent{}, false
 	case protocol.DactDestroy, protocol.DactReport:
 		return protocol.DestEvent{}, false // (DactDestroy: in run, which feeds Destroyed)
@@ -531,11 +611,14 @@ func (d *dest) awaitAllIn(x *destRun) error {
 	n := d.hdr.NumPages
 	// The bulk stream carries only the source's keepalives from here: go
 	// on reading them, so that a source gone now is noticed.
-	go d.drainKeepalives(x.r)
+	l := d.curLink()
+	go d.drainKeepalives(x.r, l)
 	select {
 	case <-d.allIn:
 	case <-d.failC:
 		return d.failErr
+	case <-l.down:
+		return errors.New("the link broke while the last pages were awaited")
 	}
 	// Pages the guest gave back are not its memory: not read, not verified.
 	var dropped []uint64
@@ -562,7 +645,7 @@ func (d *dest) awaitAllIn(x *destRun) error {
 	}
 	x.verifyMs = ms(time.Since(verifyStart))
 	d.dom.Close()
-	d.urg.Close() // tells the source's fault server that we are complete
+	d.curLink().urg.Close() // tells the source's fault server that we are complete
 	return nil
 }
 
@@ -772,7 +855,7 @@ func (d *dest) placed(keep []Page, keepCRC []uint32) {
 
 // drainKeepalives reads the bulk stream after the source's last DONE:
 // only keepalives may come, until the ACK ends the migration.
-func (d *dest) drainKeepalives(r *wire.Reader) {
+func (d *dest) drainKeepalives(r *wire.Reader, l *destLink) {
 	for {
 		rec, err := r.Next()
 		if err != nil {
@@ -780,18 +863,41 @@ func (d *dest) drainKeepalives(r *wire.Reader) {
 			case <-d.failC: // ended here: nothing more to report
 			default:
 				// EOF or a closed connection: the source, or this side,
-				// ended the stream after the ACK.
-				if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
+				// ended the stream after the ACK. With recovery, a link
+				// that ends before BYE is a broken one.
+				switch {
+				case d.recover:
+					d.failLink(l, fmt.Errorf("bulk connection: %w", err))
+				case !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed):
 					d.fail(fmt.Errorf("bulk connection: %w", err))
 				}
 			}
 			return
 		}
 		d.alive.heard()
-		if rec.Type != wire.TypeKeepalive {
+		switch rec.Type {
+		case wire.TypeKeepalive:
+		case wire.TypeBye:
+			d.byeOnce.Do(func() { close(d.bye) })
+			return
+		default:
 			d.fail(fmt.Errorf("unexpected %v record after the last checksums", rec.Type))
 			return
 		}
+	}
+}
+
+// awaitBye waits, with recovery on, for the source's word that it has
+// the ACK.
+func (d *dest) awaitBye() protocol.DestEvent {
+	l := d.curLink()
+	select {
+	case <-d.bye:
+		return protocol.DestEvent{Kind: protocol.DevRecord, Record: protocol.RecBye}
+	case <-d.failC:
+		return d.failure(protocol.DevConnClosed, d.failErr)
+	case <-l.down:
+		return d.failure(protocol.DevConnClosed, errors.New("the link broke before the source confirmed the ACK"))
 	}
 }
 
@@ -900,7 +1006,7 @@ func (d *dest) resume(core []byte) error {
 	d.resumedAt = time.Now()
 	complete := d.nPresent == d.hdr.NumPages && d.placing == 0
 	d.mu.Unlock()
-	go d.urgentReader()
+	d.startUrgentReader(d.curLink())
 	go d.faultLoop()
 	if err := d.dom.Resume(core); err != nil {
 		return fmt.Errorf("resume domain: %w", err)
@@ -954,11 +1060,12 @@ func (d *dest) faultLoop() {
 		if len(req) == 0 {
 			continue
 		}
-		err = d.uw.WritePFNs(wire.TypeFaultRequest, req)
-		if err == nil {
-			err = d.uw.Flush()
-		}
-		if err != nil {
+		if err := d.request(req); err != nil {
+			if d.recover {
+				// The requests stay recorded: a new link asks again.
+				d.failLink(d.curLink(), fmt.Errorf("send fault request: %w", err))
+				continue
+			}
 			d.fail(fmt.Errorf("send fault request: %w", err))
 			return
 		}
@@ -966,8 +1073,26 @@ func (d *dest) faultLoop() {
 }
 
 // urgentReader places fault replies.
-func (d *dest) urgentReader() {
-	r := wire.NewReader(d.urg)
+// request sends one FAULT_REQUEST.
+func (d *dest) request(pfns []uint64) error {
+	d.uwMu.Lock()
+	defer d.uwMu.Unlock()
+	if err := d.uw.WritePFNs(wire.TypeFaultRequest, pfns); err != nil {
+		return err
+	}
+	return d.uw.Flush()
+}
+
+func (d *dest) startUrgentReader(l *destLink) {
+	l.readers.Add(1)
+	go func() {
+		defer l.readers.Done()
+		d.urgentReader(l)
+	}()
+}
+
+func (d *dest) urgentReader(l *destLink) {
+	r := wire.NewReader(l.urg)
 	var pb wire.PageBatch
 	for {
 		rec, err := r.Next()
@@ -980,11 +1105,11 @@ func (d *dest) urgentReader() {
 			if errors.Is(err, io.EOF) {
 				err = errors.New("source closed the urgent connection")
 			}
-			d.fail(fmt.Errorf("urgent connection: %w", err))
+			d.failLink(l, fmt.Errorf("urgent connection: %w", err))
 			return
 		}
 		if rec.Type != wire.TypePageBatch {
-			d.fail(fmt.Errorf("urgent connection: unexpected %v", rec.Type))
+			d.failLink(l, fmt.Errorf("urgent connection: unexpected %v", rec.Type))
 			return
 		}
 		// err is the loop's: a decode or place failure must not be
@@ -994,7 +1119,7 @@ func (d *dest) urgentReader() {
 			err = d.place(&pb)
 		}
 		if err != nil {
-			d.fail(fmt.Errorf("urgent connection: %w", err))
+			d.failLink(l, fmt.Errorf("urgent connection: %w", err))
 			return
 		}
 	}

@@ -60,7 +60,17 @@ type Options struct {
 	// AckTimeout bounds the wait for the destination's final ACK after the
 	// last page is sent (default 30 minutes: it reads its memory back first).
 	AckTimeout time.Duration
+	// Reconnect, if set, turns recovery on: a link that breaks once GO may
+	// have left pauses the migration (postcopy-paused) and Reconnect is
+	// called, with backoff, until it gives a new pair of connections to
+	// the same destination or RecoverTimeout (default
+	// DefaultRecoverTimeout) has passed.
+	Reconnect      func(ctx context.Context) (bulk, urgent io.ReadWriteCloser, err error)
+	RecoverTimeout time.Duration
 }
+
+// DefaultRecoverTimeout is how long a broken link is tried again.
+const DefaultRecoverTimeout = 3 * time.Minute
 
 func (o *Options) defaults() {
 	if o.BatchPages <= 0 {
@@ -101,6 +111,9 @@ func (o *Options) defaults() {
 	}
 	if o.ProgressTimeout <= 0 {
 		o.ProgressTimeout = DefaultProgressTimeout
+	}
+	if o.RecoverTimeout <= 0 {
+		o.RecoverTimeout = DefaultRecoverTimeout
 	}
 }
 
@@ -152,6 +165,8 @@ type source struct {
 	stopCancel      func() // detaches the caller's context (at GO)
 	alive           *liveness
 	opened          bool // the bulk stream's headers are out (guarded by bulkMu)
+	// revDone is closed when the current link's reverse reader has ended.
+	revDone chan struct{}
 }
 
 // RunSource migrates dom over two connections to a destination running
@@ -215,8 +230,11 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 		return writeKeepalive(s.bw)
 	}, func(err error) { s.fail(fmt.Errorf("destination: %w", err)) })
 	defer s.alive.close()
-	defer s.bulk.Close()
-	defer s.urgent.Close()
+	defer func() {
+		b, u := s.conns()
+		b.Close()
+		u.Close()
+	}()
 	done := make(chan struct{})
 	timeline := make(chan []Sample, 1)
 	go func() { timeline <- s.sample(done) }()
@@ -239,10 +257,18 @@ func (s *source) fail(err error) {
 		close(s.failedC)
 	}
 	err = s.failed
+	win, b, u := s.win, s.bulk, s.urgent
 	s.failMu.Unlock()
-	s.win.close(err)
-	s.bulk.Close()
-	s.urgent.Close()
+	win.close(err)
+	b.Close()
+	u.Close()
+}
+
+// conns are the current link's connections.
+func (s *source) conns() (bulk, urgent io.ReadWriteCloser) {
+	s.failMu.Lock()
+	defer s.failMu.Unlock()
+	return s.bulk, s.urgent
 }
 
 func (s *source) failure() error {
@@ -362,6 +388,15 @@ type srcRun struct {
 	pausedAt     time.Time
 	precopyBytes uint64
 	stopBytes    uint64
+	// crcs delivers the checksums of the paused domain, once; crc keeps
+	// them for a recovery's second round.
+	crcs chan crcResult
+	crc  *crcResult
+}
+
+type crcResult struct {
+	table []uint32
+	err   error
 }
 
 // run drives the source's machine (protocol.Source): each action it
@@ -379,6 +414,9 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 	}()
 	m := protocol.NewSource()
+	if s.opt.Reconnect != nil {
+		m.EnableRecovery()
+	}
 	acts := m.Start()
 	for len(acts) > 0 {
 		a := acts[0]
@@ -395,7 +433,9 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 		}
 		acts = append(acts, m.Step(ev)...)
 	}
-	return st, s.outcome(r, m.Outcome())
+	o := m.Outcome()
+	st.Recoveries = o.Recoveries
+	return st, s.outcome(r, o)
 }
 
 // outcome turns the machine's verdict into the error the caller gets.
@@ -449,7 +489,8 @@ func (s *source) do(r *srcRun, a protocol.ActionKind) (protocol.Event, bool) {
 	case protocol.ActOpen:
 		err := s.openStreams()
 		if err == nil {
-			go s.readReverse()
+			s.revDone = make(chan struct{})
+			go s.readReverse(wire.NewReader(s.bulk), s.win, s.revDone)
 			err = s.startRecording(r)
 		}
 		return s.event(protocol.EvOpened, err, false), true
@@ -542,6 +583,8 @@ func (s *source) do(r *srcRun, a protocol.ActionKind) (protocol.Event, bool) {
 			err = fmt.Errorf("destroying the source copy failed: %w", err)
 		}
 		return s.event(protocol.EvDestroyed, err, true), true
+	case protocol.ActReconnect:
+		return s.reconnect(r), true
 	case protocol.ActResumeSource:
 		if err := s.dom.Resume(); err != nil {
 			return protocol.Event{Kind: protocol.EvBackendError, Err: err}, true
@@ -814,14 +857,15 @@ func (s *source) sendStop(r *srcRun) error {
 func (s *source) afterResume(r *srcRun) error {
 	// Memory is frozen since the pause: checksum it while the rest goes
 	// on (not before resume, where it would compete with the downtime).
-	crcs := make(chan []uint32, 1)
-	crcErr := make(chan error, 1)
-	go func() {
-		c, err := s.checksums()
-		crcErr <- err
-		crcs <- c
-	}()
-	r.stopBytes = s.bw.Written()
+	// After a recovery this runs again; the checksums are computed once.
+	if r.crcs == nil {
+		r.crcs = make(chan crcResult, 1)
+		go func() {
+			c, err := s.checksums()
+			r.crcs <- crcResult{c, err}
+		}()
+		r.stopBytes = s.bw.Written()
+	}
 	if s.opt.Mode != wire.ModePrecopy {
 		s.phase.Store("postcopy")
 		if err := s.postcopy(); err != nil {
@@ -829,10 +873,14 @@ func (s *source) afterResume(r *srcRun) error {
 		}
 	}
 	s.phase.Store("verify")
-	if err := <-crcErr; err != nil {
-		return fmt.Errorf("checksum source memory: %w", err)
+	if r.crc == nil {
+		res := <-r.crcs
+		r.crc = &res
 	}
-	table := <-crcs
+	if r.crc.err != nil {
+		return fmt.Errorf("checksum source memory: %w", r.crc.err)
+	}
+	table := r.crc.table
 	s.bulkMu.Lock()
 	defer s.bulkMu.Unlock()
 	var err error
@@ -860,6 +908,14 @@ func (s *source) awaitAck(r *srcRun) error {
 	if err != nil {
 		return err
 	}
+	// BYE tells a destination that recovers broken links that the ACK
+	// arrived (else it would wait for this source to come back for it).
+	// A destination that does not wait for it has closed already.
+	s.bulkMu.Lock()
+	if s.bw.WriteRecord(wire.TypeBye) == nil {
+		_ = s.bw.Flush()
+	}
+	s.bulkMu.Unlock()
 	if s.faultDone != nil {
 		// The destination closes the urgent connection once it holds
 		// every page, which ends the fault server.
@@ -1038,8 +1094,8 @@ func (s *source) wait(ctx context.Context, ch chan struct{}, what string) error 
 
 // readReverse reads what the destination sends back on the bulk
 // connection: credits, READY, RESUMED, STATS, ACK, ERROR.
-func (s *source) readReverse() {
-	r := wire.NewReader(s.bulk)
+func (s *source) readReverse(r *wire.Reader, win *window, done chan struct{}) {
+	defer close(done)
 	for {
 		rec, err := r.Next()
 		if err != nil {
@@ -1058,7 +1114,7 @@ func (s *source) readReverse() {
 				s.fail(err)
 				return
 			}
-			s.win.credit(v)
+			win.credit(v)
 		case wire.TypeCreated:
 			close(s.created)
 		case wire.TypeReady:
@@ -1159,7 +1215,10 @@ func (s *source) readBatch(phase wire.Phase, pfns []uint64, buf []byte, entries 
 
 // writeBulk sends one batch on the bulk connection within the window.
 func (s *source) writeBulk(phase wire.Phase, entries []uint64, data []byte) error {
-	if err := s.win.acquire(uint64(len(data) + 8*len(entries) + 48)); err != nil {
+	s.failMu.Lock()
+	win := s.win
+	s.failMu.Unlock()
+	if err := win.acquire(uint64(len(data) + 8*len(entries) + 48)); err != nil {
 		return err
 	}
 	s.bulkMu.Lock()
@@ -1170,7 +1229,7 @@ func (s *source) writeBulk(phase wire.Phase, entries []uint64, data []byte) erro
 	}
 	// Account the exact record size, which is what the destination
 	// reports as consumed.
-	s.win.adjust(s.bw.Written() - before - uint64(len(data)+8*len(entries)+48))
+	win.adjust(s.bw.Written() - before - uint64(len(data)+8*len(entries)+48))
 	return s.bw.Flush()
 }
 
@@ -1201,7 +1260,8 @@ func (s *source) sendPages(phase wire.Phase, pfns []uint64) error {
 // faults on the urgent connection, until every page has been sent once.
 func (s *source) postcopy() error {
 	s.faultDone = make(chan error, 1)
-	go func() { s.faultDone <- s.serveFaults() }()
+	_, urgent := s.conns()
+	go func() { s.faultDone <- s.serveFaults(urgent) }()
 
 	n := s.opt.BatchPages
 	buf := make([]byte, n*int(s.info.PageSize))
@@ -1246,8 +1306,8 @@ func (s *source) postcopy() error {
 // serveFaults answers FAULT_REQUEST records: each requested page not yet
 // sent goes back at once on the urgent connection, and every request moves
 // the pre-paging pivot.
-func (s *source) serveFaults() error {
-	r := wire.NewReader(s.urgent)
+func (s *source) serveFaults(urgent io.Reader) error {
+	r := wire.NewReader(urgent)
 	buf := make([]byte, wire.MaxBatchPages*int(s.info.PageSize))
 	var pfns, need, entries []uint64
 	var data []byte

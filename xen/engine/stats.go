@@ -42,9 +42,17 @@ type Stats struct {
 	// with write tracking (post-copy with a source that knows its core
 	// pages at setup); EarlyCoreRedirtied of them were written again and
 	// sent once more in the pause (counted in ResentPages too).
-	EarlyCorePages     uint64 `json:"early_core_pages"`
-	EarlyCoreRedirtied uint64 `json:"early_core_redirtied"`
-	DiscardedPages     uint64 `json:"discarded_pages"`
+	// Recoveries is how many times a link that broke after GO was
+	// replaced by a new one (QEMU's postcopy-paused → resumed);
+	// PostcopyPausedMs the time spent without a link, summed; LostPages
+	// the pages sent before a break that the destination did not hold
+	// after it, sent again (counted in ResentPages too).
+	Recoveries         int     `json:"recoveries"`
+	PostcopyPausedMs   float64 `json:"postcopy_paused_ms"`
+	LostPages          uint64  `json:"recovery_lost_pages"`
+	EarlyCorePages     uint64  `json:"early_core_pages"`
+	EarlyCoreRedirtied uint64  `json:"early_core_redirtied"`
+	DiscardedPages     uint64  `json:"discarded_pages"`
 	// DroppedPages left the domain between the setup and the pause (its
 	// balloon gave them back): not sent. AddedPages joined it: sent in the
 	// pause. GuestDroppedPages were given back by the resumed guest at the
@@ -144,6 +152,10 @@ type DestStats struct {
 	// cannot know them.
 	BlocktimeMs     *float64  `json:"postcopy_blocktime_ms,omitempty"`
 	VCPUBlocktimeMs []float64 `json:"postcopy_vcpu_blocktime_ms,omitempty"`
+	// Recoveries and PostcopyPausedMs: the destination's side of the
+	// source's figures (time from its link breaking to the new one).
+	Recoveries       int     `json:"recoveries"`
+	PostcopyPausedMs float64 `json:"postcopy_paused_ms"`
 }
 
 // merge folds the destination's figures into s.
