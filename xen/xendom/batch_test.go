@@ -22,11 +22,10 @@ func bareDest(t *testing.T, gfns ...uint64) (*fakeHV, *Dest, *fakeRing) {
 	done, err := h.PageOut(dom.id, gfns)
 	require.NoError(t, err)
 	require.Equal(t, len(gfns), done)
-	d := &Dest{opt: DestOptions{HV: h, Logf: t.Logf}, dom: dom.id, gfns: gfns, ring: ring,
-		zero: make([]byte, PageSize), state: make([]uint8, len(gfns)), pending: map[uint64][]xenctrl.Request{}}
+	d := &Dest{opt: DestOptions{HV: h, Logf: t.Logf}, dom: dom.id, gfns: gfns, zero: make([]byte, PageSize),
+		pg: NewPager(h, dom.id, ring, gfns, PageEvicted, PagerOptions{Logf: t.Logf})}
 	for i, g := range gfns {
-		d.state[i] = stEvicted
-		d.pending[uint64(i)] = []xenctrl.Request{{Flags: xenctrl.FlagVCPUPaused, Reason: xenctrl.ReasonMemPaging,
+		d.pg.pending[uint64(i)] = []xenctrl.Request{{Flags: xenctrl.FlagVCPUPaused, Reason: xenctrl.ReasonMemPaging,
 			VCPUID: uint32(i), GFN: g}}
 	}
 	return h, d, ring.(*fakeRing)
@@ -119,7 +118,8 @@ func TestPageOutInBatches(t *testing.T) {
 	for i := range gfns {
 		gfns[i] = uint64(300 + i)
 	}
-	d := &Dest{opt: DestOptions{HV: h, Logf: t.Logf}, dom: dom.id, gfns: gfns, state: make([]uint8, len(gfns))}
+	d := &Dest{opt: DestOptions{HV: h, Logf: t.Logf}, dom: dom.id, gfns: gfns,
+		pg: NewPager(h, dom.id, nil, gfns, PageEvicted, PagerOptions{Logf: t.Logf})}
 	h.mu.Lock()
 	dom.state[310] = gsAbsent // not RAM: nominate fails
 	h.mu.Unlock()
@@ -127,7 +127,7 @@ func TestPageOutInBatches(t *testing.T) {
 	for i := range idx {
 		idx[i] = uint64(i)
 	}
-	failed, err := d.pageOutIdx(idx)
+	failed, err := d.pg.PageOut(idx)
 	require.ErrorIs(t, err, syscall.EINVAL)
 	require.Equal(t, []uint64{10}, failed)
 	h.mu.Lock()
@@ -136,7 +136,7 @@ func TestPageOutInBatches(t *testing.T) {
 	for i, g := range gfns {
 		if i != 10 {
 			require.Equal(t, gsPaged, dom.state[g], "gfn %#x", g)
-			require.Equal(t, uint8(stEvicted), d.state[i])
+			require.Equal(t, PageEvicted, d.pg.state[i])
 		}
 	}
 }

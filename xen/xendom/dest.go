@@ -24,14 +24,12 @@ type DestOptions struct {
 	Progress func(stage string, done, total int)
 }
 
-// gfn states at the destination.
-const (
-	stEvicted  = iota // paged out: a touch pauses the vCPU and asks us
-	stLoaded          // holds the source's content
-	stDropped         // Xen dropped the paged-out page (the guest mapped something else there)
-	stResident        // never paged out (the source's resident hint): its content comes with the core pages
-	stAbsent          // no memory at the source (ballooned): released here, nothing comes
-)
+// gfn states at the destination (the Pager's PageState):
+//   - PageEvicted: paged out, a touch pauses the vCPU and asks us;
+//   - PageLoaded: holds the source's content;
+//   - PageDropped: Xen dropped the paged-out page (the guest mapped something else there);
+//   - PageResident: never paged out (the source's resident hint), its content comes with the core pages;
+//   - PageAbsent: no memory at the source (ballooned), released here, nothing comes.
 
 // DestStats are the destination backend's figures.
 type DestStats struct {
@@ -43,7 +41,7 @@ type DestStats struct {
 	ResidentLate    uint64  `json:"resident_late"`    // of those, not sent before the resume: paged out then
 	Populated       uint64  `json:"populated"`        // gfns RAM at the source, not here after xl create
 	Released        uint64  `json:"released"`         // gfns RAM here, not at the source (ballooned there)
-	Requests        uint64  `json:"paging_requests"`  // vm_event requests taken off the ring
+	Requests        uint64  `json:"paging_requests"`  // vm_event requests taken off the ring (the Pager's counts from here to AbsentTouched, but for Absent and the Set ones)
 	ForeignReq      uint64  `json:"foreign_requests"`
 	Loaded          uint64  `json:"loaded"`
 	Overwritten     uint64  `json:"overwritten"` // pre-copy re-sends written over a loaded page
@@ -68,17 +66,16 @@ type Dest struct {
 	bt   *blocktime // QEMU's postcopy blocktime, from the paging requests' vCPUs
 	cfg  DomainConfig
 	dom  uint32
-	gfns []uint64
-	ring Ring
+	gfns []uint64 // the Pager's, by page index
 	zero []byte
+	// pg pages the domain: every gfn's state, the requests waiting for
+	// pages, the ring. Its dom and ring are set once the domain exists.
+	pg *Pager
 
 	mu       sync.Mutex
 	logDirty bool            // switched on at setup, off at Close
 	written  map[uint64]bool // page indexes the resumed guest wrote (read-back)
-	state    []uint8
-	pending  map[uint64][]xenctrl.Request // by page index: requests waiting for the page
-	stats    DestStats
-	ringMu   sync.Mutex // the ring is not safe for concurrent use
+	stats    DestStats       // the Dest's own figures; Stats adds the Pager's
 
 	faults    chan []uint64
 	closed    chan struct{}
@@ -128,9 +125,10 @@ func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
 	if cfg.XLConfig == "" {
 		return nil, errors.New("the stream carries no xl configuration for the domain")
 	}
-	d := &Dest{opt: opt, cfg: cfg, gfns: gfns, zero: make([]byte, PageSize), state: make([]uint8, len(gfns)),
-		pending: map[uint64][]xenctrl.Request{}, faults: make(chan []uint64, 64), closed: make(chan struct{}),
+	d := &Dest{opt: opt, cfg: cfg, gfns: gfns, zero: make([]byte, PageSize),
+		faults: make(chan []uint64, 64), closed: make(chan struct{}),
 		loopDone: make(chan struct{}), bt: newBlocktime(int(max(cfg.VCPUs, h.VCPUs)), time.Now)}
+	d.pg = newDestPager(opt, gfns, d.bt)
 	resident, err := fromRanges(cfg.Resident, h.NumPages)
 	if err != nil {
 		return nil, fmt.Errorf("resident gfns in the stream: %w", err)
@@ -140,15 +138,15 @@ func newDest(opt DestOptions, h *wire.DomainHeader) (*Dest, error) {
 		if !ok {
 			return nil, fmt.Errorf("resident gfn %#x in the stream is not one of the domain's pages", g)
 		}
-		d.state[i] = stResident
+		d.pg.state[i] = PageResident
 	}
 	d.stats.Resident = uint64(len(resident))
 	for _, r := range h.Absent {
 		for i := r.First; i < r.First+r.Count; i++ {
-			if d.state[i] == stResident {
+			if d.pg.state[i] == PageResident {
 				return nil, fmt.Errorf("gfn %#x is both resident and absent in the stream", gfns[i])
 			}
-			d.state[i] = stAbsent
+			d.pg.state[i] = PageAbsent
 			d.stats.Absent++
 		}
 	}
@@ -173,11 +171,20 @@ func (d *Dest) DomID() uint32 { return d.dom }
 // Name is the name the domain was created with (NAME--incoming).
 func (d *Dest) Name() string { return d.cfg.Name + "--incoming" }
 
-// Stats returns the backend's figures so far.
+// Stats returns the backend's figures so far: the Dest's own and its
+// Pager's.
 func (d *Dest) Stats() DestStats {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.stats
+	s := d.stats
+	d.mu.Unlock()
+	if d.pg == nil {
+		return s
+	}
+	ps := d.pg.Stats()
+	s.Requests, s.ForeignReq, s.PlainResponses = ps.Requests, ps.Foreign, ps.Plain
+	s.Loaded, s.Overwritten, s.ResidentWritten, s.LoadMs = ps.Loaded, ps.Overwritten, ps.ResidentWritten, ps.LoadMs
+	s.Dropped, s.DroppedOnLoad, s.AbsentTouched = ps.Dropped, ps.DroppedOnLoad, ps.AbsentTouched
+	return s
 }
 
 func (d *Dest) create() error {
@@ -200,6 +207,7 @@ func (d *Dest) create() error {
 		return fmt.Errorf("create the domain: %w", err)
 	}
 	d.dom = dom
+	d.pg.dom = dom
 	d.stats.CreateMs = msSince(start)
 	info, err := d.opt.HV.Domain(dom)
 	if err != nil {
@@ -215,7 +223,7 @@ func (d *Dest) create() error {
 	if err != nil {
 		return fmt.Errorf("enable vm_event paging on domain %d: %w", dom, err)
 	}
-	d.ring = ring
+	d.pg.ring = ring
 	go d.ringLoop()
 	if err := d.evictAll(); err != nil {
 		return err
@@ -312,13 +320,13 @@ func (d *Dest) reconcile() error {
 	}
 	var populate, release []uint64
 	for i, g := range d.gfns {
-		if _, ok := slices.BinarySearch(ram, g); !ok && d.state[i] != stAbsent {
+		if _, ok := slices.BinarySearch(ram, g); !ok && d.pg.state[i] != PageAbsent {
 			populate = append(populate, g)
 		}
 	}
 	for _, g := range ram {
 		i, inSpace := slices.BinarySearch(d.gfns, g)
-		if (!inSpace || d.state[i] == stAbsent) && !special[g] {
+		if (!inSpace || d.pg.state[i] == PageAbsent) && !special[g] {
 			release = append(release, g)
 		}
 	}
@@ -358,20 +366,18 @@ func (d *Dest) Place(pages []engine.Page) error {
 		if data == nil {
 			data = d.zero
 		}
-		d.mu.Lock()
-		st := d.state[p.PFN]
-		d.mu.Unlock()
+		st := d.pg.State(p.PFN)
 		switch st {
-		case stDropped:
+		case PageDropped:
 			// The guest put something else at this gfn (Xen dropped the
 			// paged-out page): the page is not its memory any more.
 			d.mu.Lock()
 			d.stats.DroppedPlaced++
 			d.mu.Unlock()
 			continue
-		case stAbsent:
+		case PageAbsent:
 			return fmt.Errorf("page index %d (gfn %#x) holds no memory: nothing may be placed there", p.PFN, g)
-		case stEvicted:
+		case PageEvicted:
 			if k, ok := inLoad[p.PFN]; ok {
 				copy(lBuf[k*PageSize:(k+1)*PageSize], data)
 				continue
@@ -384,14 +390,14 @@ func (d *Dest) Place(pages []engine.Page) error {
 			wBuf = append(wBuf, data...)
 		}
 	}
-	w, err := d.load(lIdx, lGFN, lBuf)
+	w, err := d.pg.Load(lIdx, lGFN, lBuf)
 	wake = append(wake, w...)
 	if err == nil && len(wGFN) > 0 {
-		w, err = d.write(wIdx, wGFN, wBuf)
+		w, err = d.pg.Write(wIdx, wGFN, wBuf)
 		wake = append(wake, w...)
 	}
 	if len(wake) > 0 {
-		err = errors.Join(err, d.respond(wake))
+		err = errors.Join(err, d.pg.Answer(wake))
 	}
 	return err
 }
@@ -401,10 +407,11 @@ func (d *Dest) Place(pages []engine.Page) error {
 // populated (kept resident: their content comes before the resume).
 func (d *Dest) ChangePageSet(dropped, added []uint64) error {
 	var release, populate []uint64
-	d.mu.Lock()
+	var keptPaged uint64
+	d.pg.mu.Lock()
 	for _, i := range dropped {
 		if i >= uint64(len(d.gfns)) {
-			d.mu.Unlock()
+			d.pg.mu.Unlock()
 			return fmt.Errorf("page index %d beyond the domain's %d pages", i, len(d.gfns))
 		}
 		// A paged-out gfn stays so: Xen 4.17 refuses to release one
@@ -412,28 +419,34 @@ func (d *Dest) ChangePageSet(dropped, added []uint64) error {
 		// believes it ballooned out. Its balloon driver populates it
 		// again like any hole; a touch before that gets a zero page
 		// (ringLoop).
-		if d.state[i] == stLoaded || d.state[i] == stResident {
+		if d.pg.state[i] == PageLoaded || d.pg.state[i] == PageResident {
 			release = append(release, d.gfns[i])
-		} else if d.state[i] == stEvicted {
-			d.stats.SetKeptPaged++
+		} else if d.pg.state[i] == PageEvicted {
+			keptPaged++
 		}
-		d.state[i] = stAbsent
+		d.pg.state[i] = PageAbsent
 	}
 	for _, i := range added {
 		if i >= uint64(len(d.gfns)) {
+			d.pg.mu.Unlock()
+			d.mu.Lock()
+			d.stats.SetKeptPaged += keptPaged
 			d.mu.Unlock()
 			return fmt.Errorf("page index %d beyond the domain's %d pages", i, len(d.gfns))
 		}
-		if d.state[i] == stAbsent {
+		if d.pg.state[i] == PageAbsent {
 			populate = append(populate, d.gfns[i])
-			d.state[i] = stResident
+			d.pg.state[i] = PageResident
 		}
 	}
+	d.pg.mu.Unlock()
+	d.mu.Lock()
+	d.stats.SetKeptPaged += keptPaged
 	d.stats.SetDropped += uint64(len(release))
 	d.stats.SetAdded += uint64(len(populate))
 	d.mu.Unlock()
 	// A paged-out gfn is released like any (Xen drops the page and says
-	// so on the ring: DROP_PAGE, answered by ringLoop).
+	// so on the ring: DROP_PAGE, answered by the Pager's Serve).
 	if len(release) > 0 {
 		if err := d.opt.HV.DecreaseReservation(d.dom, release); err != nil {
 			return fmt.Errorf("release %d gfns the source's guest gave back: %w", len(release), err)
@@ -451,11 +464,11 @@ func (d *Dest) ChangePageSet(dropped, added []uint64) error {
 // Dropped implements engine.Dropper: pages the resumed guest gave back
 // before they arrived.
 func (d *Dest) Dropped() []uint64 {
-	d.mu.Lock()
-	defer d.mu.Unlock()
+	d.pg.mu.Lock()
+	defer d.pg.mu.Unlock()
 	var out []uint64
-	for i, s := range d.state {
-		if s == stDropped {
+	for i, s := range d.pg.state {
+		if s == PageDropped {
 			out = append(out, uint64(i))
 		}
 	}
@@ -472,15 +485,12 @@ func (d *Dest) Discard(pfns []uint64) error {
 		if p >= uint64(len(d.gfns)) {
 			return fmt.Errorf("page index %d beyond the domain's %d pages", p, len(d.gfns))
 		}
-		d.mu.Lock()
-		st := d.state[p]
-		d.mu.Unlock()
-		if st != stEvicted && !seen[p] {
+		if d.pg.State(p) != PageEvicted && !seen[p] {
 			seen[p] = true
 			out = append(out, p)
 		}
 	}
-	if _, err := d.pageOutIdx(out); err != nil {
+	if _, err := d.pg.PageOut(out); err != nil {
 		return fmt.Errorf("page out re-dirtied %w", err)
 	}
 	return nil
@@ -524,33 +534,25 @@ func (d *Dest) Resume(core []byte) error {
 func (d *Dest) Close() error {
 	d.closeOnce.Do(func() { close(d.closed) })
 	<-d.loopDone
-	d.mu.Lock()
-	complete := len(d.pending) == 0
-	for _, s := range d.state {
-		if s == stEvicted {
-			complete = false
-			break
-		}
-	}
-	d.mu.Unlock()
+	complete := d.pg.Pending() == 0 && d.pg.Count(PageEvicted) == 0
 	if complete && d.logDirty {
 		d.logDirty = false
 		if err := d.opt.HV.DisableLogDirty(d.dom); err != nil {
 			return fmt.Errorf("disable log-dirty: %w", err)
 		}
 	}
-	if complete && d.ring != nil {
-		d.ringMu.Lock()
-		defer d.ringMu.Unlock()
+	if complete && d.pg.hasRing() {
 		// Requests the loop had not taken off the ring when it stopped
 		// are answered first: every page is in, and a vCPU paused on a
 		// request must not outlive the ring that would answer it.
-		if err := d.drainRing(); err != nil {
-			return err
-		}
-		err := d.ring.Close()
-		d.ring = nil
+		n, err := d.pg.Drain()
 		if err != nil {
+			return fmt.Errorf("before disabling paging: %w", err)
+		}
+		if n > 0 {
+			d.opt.Logf("%d paging requests answered as paging was disabled", n)
+		}
+		if err := d.pg.CloseRing(); err != nil {
 			return fmt.Errorf("disable paging: %w", err)
 		}
 	}
@@ -571,12 +573,9 @@ func (d *Dest) Destroy() error { return d.destroy() }
 
 func (d *Dest) destroy() error {
 	d.closeOnce.Do(func() { close(d.closed) })
-	if d.ring != nil {
+	if d.pg != nil && d.pg.hasRing() {
 		<-d.loopDone
-		d.ringMu.Lock()
-		_ = d.ring.Close()
-		d.ring = nil
-		d.ringMu.Unlock()
+		_ = d.pg.CloseRing()
 	}
 	return d.opt.XL.Destroy(d.dom)
 }

@@ -97,6 +97,11 @@ type fakeHV struct {
 	loadErrGFN      map[uint64]bool // PagingLoad and WritePages of these fail
 	unmappable      map[uint64]bool // RAM-typed but ReadPages cannot map them (a grant mapping)
 	corruptLoad     uint64          // PagingLoad stores this gfn wrongly (0: none)
+	nominateErrGFN  map[uint64]bool // PagingNominate of these fails with EBUSY (a page still referenced)
+	evictErrGFN     map[uint64]bool // PagingEvict of these fails with EBUSY, the gfn staying nominated
+	// pausedAtPageOut records, per PageOut call, whether the domain was
+	// paused (the self-test evicts only paused).
+	pausedAtPageOut []bool
 	pagedOK         map[uint64]bool // gfns a test expects left paged out when paging goes off
 	// onSuspend runs (with the lock) when a guest has stopped its vCPUs
 	// for a suspend, before the snapshot.
@@ -123,7 +128,8 @@ type fakeHV struct {
 }
 
 func newFakeHV() *fakeHV {
-	h := &fakeHV{doms: map[uint32]*fdom{}, next: 1, loadErrGFN: map[uint64]bool{}, unmappable: map[uint64]bool{}}
+	h := &fakeHV{doms: map[uint32]*fdom{}, next: 1, loadErrGFN: map[uint64]bool{}, unmappable: map[uint64]bool{},
+		nominateErrGFN: map[uint64]bool{}, evictErrGFN: map[uint64]bool{}}
 	h.cond = sync.NewCond(&h.mu)
 	return h
 }
@@ -542,6 +548,11 @@ func (h *fakeHV) batchCall(calls *int, n int) int {
 // makes it stop early as the batched hypercall does when preempted.
 func (h *fakeHV) PageOut(id uint32, gfns []uint64) (int, error) {
 	n := h.batchCall(&h.pageOutCalls, len(gfns))
+	h.mu.Lock()
+	if d := h.doms[id]; d != nil {
+		h.pausedAtPageOut = append(h.pausedAtPageOut, d.info.Paused)
+	}
+	h.mu.Unlock()
 	for i, g := range gfns[:n] {
 		if err := h.PagingNominate(id, g); err != nil {
 			return i, err
@@ -583,6 +594,9 @@ func (h *fakeHV) PagingNominate(id uint32, g uint64) error {
 	if slices.Contains(special, g) {
 		h.violation("special gfn %#x nominated", g)
 	}
+	if h.nominateErrGFN[g] {
+		return fmt.Errorf("nominate gfn %#x: injected: %w", g, syscall.EBUSY)
+	}
 	d.nominated[g] = true
 	return nil
 }
@@ -596,6 +610,9 @@ func (h *fakeHV) PagingEvict(id uint32, g uint64) error {
 	}
 	if !d.nominated[g] || d.state[g] != gsRAM {
 		return fmt.Errorf("evict gfn %#x: not nominated: %w", g, syscall.EINVAL)
+	}
+	if h.evictErrGFN[g] {
+		return fmt.Errorf("evict gfn %#x: injected: %w", g, syscall.EBUSY)
 	}
 	delete(d.nominated, g)
 	d.state[g] = gsPaged
@@ -677,7 +694,10 @@ func (r *fakeRing) PutResponse(rsp xenctrl.Response) error {
 	if r.closed {
 		return errors.New("ring closed")
 	}
-	if (rsp.Flags&xenctrl.FlagVCPUPaused == 0 && rsp.PagingFlags&xenctrl.PagingDropPage == 0) || rsp.Reason != xenctrl.ReasonMemPaging {
+	// A foreign mapping's request paused no vCPU; a request of another
+	// reason is answered as it came.
+	if who := rsp.Flags & (xenctrl.FlagVCPUPaused | xenctrl.FlagForeign); (who == 0 && rsp.PagingFlags&xenctrl.PagingDropPage == 0) ||
+		(rsp.Reason != xenctrl.ReasonMemPaging && rsp.Reason != fakeOtherReason) {
 		r.h.violation("response %+v would not unpause the vCPU", rsp)
 	}
 	r.answered[rsp.GFN]++

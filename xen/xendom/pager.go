@@ -4,89 +4,163 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"syscall"
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/cgo/xenctrl"
-	"github.com/xl-postcopy/xl-postcopy/xen/engine"
 )
 
-// The destination's vm_event pager: evicting the new domain's pages,
-// paging them in (batched where the hypervisor carries the patch, one
-// hypercall per page otherwise) and the ring of the guest's paging
-// requests.
+// The vm_event pager: paging a domain's gfns out, paging them in (batched
+// where the hypervisor carries the patch, one hypercall per page
+// otherwise) and the ring of the guest's paging requests. The post-copy
+// destination (Dest) and the paging self-test (SelfTest) both run on it;
+// where the pages come from is theirs to say.
 
-// evictAll pages out every gfn that will come from the source, before
-// the source even pauses: domain creation is setup, not downtime. The gfns
-// go to the hypervisor evictBatch at a time.
-func (d *Dest) evictAll() error {
-	start := time.Now()
-	var todo []uint64
-	for i := range d.gfns {
-		if d.state[i] != stResident && d.state[i] != stAbsent {
-			todo = append(todo, uint64(i))
-		}
-	}
-	var failed []uint64
-	var firstErr error
-	for at := 0; at < len(todo); at += evictBatch {
-		chunk := todo[at:min(at+evictBatch, len(todo))]
-		f, err := d.pageOutIdx(chunk)
-		failed = append(failed, f...)
-		if err != nil && firstErr == nil {
-			firstErr = err
-		}
-		d.opt.Progress("evict", at+len(chunk), len(todo))
-	}
-	if len(failed) > 0 {
-		// A page still referenced (a mapping being torn down) is refused
-		// with EBUSY; one more try after a pause.
-		time.Sleep(200 * time.Millisecond)
-		still, _ := d.pageOutIdx(failed)
-		if len(still) > 0 {
-			return fmt.Errorf("page out %d of %d gfns of the new domain failed (first: %v)", len(still), len(d.gfns), firstErr)
-		}
-	}
-	n := len(todo)
-	d.opt.Progress("evict", n, n)
-	d.mu.Lock()
-	d.stats.Evicted = uint64(n)
-	d.stats.EvictMs = msSince(start)
-	d.stats.PagingOps = d.pagingOps()
-	d.mu.Unlock()
-	d.opt.Logf("paged out %d gfns in %v (%d kept resident for the core pages, %d absent; paging ops %s)", n, time.Since(start).Round(time.Millisecond), len(d.gfns)-n-int(d.stats.Absent), d.stats.Absent, d.stats.PagingOps)
-	return nil
+// PageState is where one of a Pager's gfns stands.
+type PageState uint8
+
+// The states of a Pager's gfns.
+const (
+	// PageEvicted: paged out (or about to be); a touch pauses the vCPU
+	// and raises a request that waits for a Load.
+	PageEvicted PageState = iota
+	// PageLoaded: in again, with the content its owner gave.
+	PageLoaded
+	// PageDropped: Xen dropped the paged-out page (the guest gave the gfn
+	// back or mapped something else there); nothing is to be loaded.
+	PageDropped
+	// PageResident: never paged out by us; a request for it is a fault
+	// the owner answers (the destination writes it before the resume).
+	PageResident
+	// PageAbsent: no memory behind the gfn (ballooned at the source): a
+	// touch is answered at once with a zero page.
+	PageAbsent
+)
+
+// PagerOptions configure a Pager.
+type PagerOptions struct {
+	// Logf gets the pager's notes (dropped pages, version mismatches);
+	// nil: none.
+	Logf func(format string, a ...any)
+	// Taken, if set, sees every request as it comes off the ring, and
+	// Answered every request once its response is on the ring (the
+	// destination's blocktime is measured between the two).
+	Taken, Answered func(xenctrl.Request)
 }
 
-// evictBatch is how many gfns one PageOut call takes at setup: the most a
-// batched hypercall takes, and few enough for progress to move.
-const evictBatch = 512
-
-// pagingOps names how the hypervisor pages ("batched", "per-gfn", "libxc"),
-// or "" when it cannot say.
-func (d *Dest) pagingOps() string {
-	if r, ok := d.opt.HV.(PagingOpsReporter); ok {
-		return r.PagingOps()
-	}
-	return ""
+// PagerStats are a Pager's counts.
+type PagerStats struct {
+	Requests        uint64  // paging requests taken off the ring
+	Foreign         uint64  // requests raised by a foreign mapping, not a vCPU
+	VCPUPaused      uint64  // requests whose vCPU waits for the response
+	EvictFailFlag   uint64  // requests carrying MEM_PAGING_EVICT_FAIL
+	Plain           uint64  // requests the pager answered itself: no page to load
+	Dropped         uint64  // DROP_PAGE requests
+	AbsentTouched   uint64  // requests for absent gfns, answered with a zero page
+	Events          uint64  // event-channel notifications seen by Serve
+	PolledRequests  uint64  // requests Serve found without an event
+	Loaded          uint64  // pages made resident by Load
+	DroppedOnLoad   uint64  // loads refused with ENOENT: the gfn was no longer paged out
+	ResidentWritten uint64  // pages written (Write) while still as the domain builder left them
+	Overwritten     uint64  // pages written (Write) over a loaded one
+	LoadMs          float64 // time spent in loads and writes (hypercalls)
 }
 
-// pageOutIdx pages out the gfns at the page indexes idx in as few calls as
+// Pager is the vm_event pager of one domain over a fixed, sorted set of
+// gfns; a gfn is named by its index in that set. It is safe for
+// concurrent use: one goroutine serves the ring while others load pages.
+type Pager struct {
+	hv   Hypervisor
+	dom  uint32
+	gfns []uint64
+	ring Ring
+	zero []byte
+	opt  PagerOptions
+
+	mu      sync.Mutex
+	state   []PageState
+	pending map[uint64][]xenctrl.Request // by page index: requests waiting for the page
+	stats   PagerStats
+
+	ringMu sync.Mutex // the ring is not safe for concurrent use
+}
+
+// NewPager returns the pager of dom's gfns (sorted ascending, each once),
+// every one in state initial, answering on ring (nil: set later, before
+// any ring method runs).
+func NewPager(hv Hypervisor, dom uint32, ring Ring, gfns []uint64, initial PageState, opt PagerOptions) *Pager {
+	if opt.Logf == nil {
+		opt.Logf = func(string, ...any) {}
+	}
+	p := &Pager{hv: hv, dom: dom, gfns: gfns, ring: ring, zero: make([]byte, PageSize), opt: opt,
+		state: make([]PageState, len(gfns)), pending: map[uint64][]xenctrl.Request{}}
+	for i := range p.state {
+		p.state[i] = initial
+	}
+	return p
+}
+
+// GFNs are the pager's gfns, by page index (not to be modified).
+func (p *Pager) GFNs() []uint64 { return p.gfns }
+
+// Index is the page index of gfn, if it is one of the pager's.
+func (p *Pager) Index(gfn uint64) (uint64, bool) {
+	i, ok := slices.BinarySearch(p.gfns, gfn)
+	return uint64(i), ok
+}
+
+// State is where page idx stands.
+func (p *Pager) State(idx uint64) PageState {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.state[idx]
+}
+
+// SetState sets page idx's state (the owner's own bookkeeping: a gfn it
+// released, populated, or wants answered differently).
+func (p *Pager) SetState(idx uint64, st PageState) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.state[idx] = st
+}
+
+// Count is the number of pages in state st.
+func (p *Pager) Count(st PageState) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, s := range p.state {
+		if s == st {
+			n++
+		}
+	}
+	return n
+}
+
+// Stats returns the pager's counts so far.
+func (p *Pager) Stats() PagerStats {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.stats
+}
+
+// PageOut pages out the gfns at the page indexes idx in as few calls as
 // the hypervisor allows, marks them evicted, and returns the indexes that
 // failed with the first error. A failure does not stop the others.
-func (d *Dest) pageOutIdx(idx []uint64) (failed []uint64, firstErr error) {
+func (p *Pager) PageOut(idx []uint64) (failed []uint64, firstErr error) {
 	gfns := make([]uint64, len(idx))
-	for i, p := range idx {
-		gfns[i] = d.gfns[p]
+	for i, x := range idx {
+		gfns[i] = p.gfns[x]
 	}
 	for at := 0; at < len(gfns); {
-		done, err := d.opt.HV.PageOut(d.dom, gfns[at:])
+		done, err := p.hv.PageOut(p.dom, gfns[at:])
 		done = max(0, min(done, len(gfns)-at))
-		d.mu.Lock()
-		for _, p := range idx[at : at+done] {
-			d.state[p] = stEvicted
+		p.mu.Lock()
+		for _, x := range idx[at : at+done] {
+			p.state[x] = PageEvicted
 		}
-		d.mu.Unlock()
+		p.mu.Unlock()
 		at += done
 		if err == nil {
 			if done == 0 && at < len(gfns) {
@@ -106,24 +180,26 @@ func (d *Dest) pageOutIdx(idx []uint64) (failed []uint64, firstErr error) {
 	return failed, firstErr
 }
 
-// load makes the paged-out pages idx (gfns, contents buf) resident and
+// Load makes the paged-out pages idx (gfns, contents buf) resident and
 // returns the paging requests now to be answered: those of every page
-// loaded, also when a later one failed.
-func (d *Dest) load(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) {
+// loaded, also when a later one failed. A gfn Xen no longer has paged out
+// (ENOENT) is not an error: it becomes PageDropped and its requests are
+// returned too.
+func (p *Pager) Load(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) {
 	var wake []xenctrl.Request
 	for at := 0; at < len(gfns); {
 		t0 := time.Now()
-		done, err := d.opt.HV.LoadPages(d.dom, gfns[at:], buf[at*PageSize:])
+		done, err := p.hv.LoadPages(p.dom, gfns[at:], buf[at*PageSize:])
 		done = max(0, min(done, len(gfns)-at))
-		d.mu.Lock()
-		d.stats.LoadMs += msSince(t0)
-		d.stats.Loaded += uint64(done)
-		for _, p := range idx[at : at+done] {
-			d.state[p] = stLoaded
-			wake = append(wake, d.pending[p]...)
-			delete(d.pending, p)
+		p.mu.Lock()
+		p.stats.LoadMs += msSince(t0)
+		p.stats.Loaded += uint64(done)
+		for _, x := range idx[at : at+done] {
+			p.state[x] = PageLoaded
+			wake = append(wake, p.pending[x]...)
+			delete(p.pending, x)
 		}
-		d.mu.Unlock()
+		p.mu.Unlock()
 		at += done
 		switch {
 		case err == nil && at < len(gfns) && done == 0:
@@ -139,23 +215,24 @@ func (d *Dest) load(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) {
 		// it back (its balloon) and Xen's DROP_PAGE request is still on
 		// the ring, or it populated it again. Either way the page is not
 		// the guest's memory any more.
-		p := idx[at]
-		d.mu.Lock()
-		d.state[p] = stDropped
-		d.stats.DroppedOnLoad++
-		wake = append(wake, d.pending[p]...)
-		delete(d.pending, p)
-		d.mu.Unlock()
+		x := idx[at]
+		p.mu.Lock()
+		p.state[x] = PageDropped
+		p.stats.DroppedOnLoad++
+		wake = append(wake, p.pending[x]...)
+		delete(p.pending, x)
+		p.mu.Unlock()
 		at++
 	}
 	return wake, nil
 }
 
-// write writes pages the domain holds through one foreign mapping and
-// returns the paging requests now to be answered.
-func (d *Dest) write(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) {
+// Write writes pages the domain holds (not paged out) through one
+// foreign mapping, marks them loaded and returns the paging requests now
+// to be answered.
+func (p *Pager) Write(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) {
 	t0 := time.Now()
-	failed, err := d.opt.HV.WritePages(d.dom, gfns, buf)
+	failed, err := p.hv.WritePages(p.dom, gfns, buf)
 	if err == nil && len(failed) > 0 {
 		err = fmt.Errorf("gfn %#x cannot be mapped", gfns[failed[0]])
 	}
@@ -163,208 +240,207 @@ func (d *Dest) write(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) 
 		return nil, fmt.Errorf("write %d resident gfns: %w", len(gfns), err)
 	}
 	var wake []xenctrl.Request
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.stats.LoadMs += msSince(t0)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.stats.LoadMs += msSince(t0)
 	for _, i := range idx {
-		if d.state[i] == stResident {
-			d.stats.ResidentWritten++
+		if p.state[i] == PageResident {
+			p.stats.ResidentWritten++
 		} else {
-			d.stats.Overwritten++
+			p.stats.Overwritten++
 		}
-		d.state[i] = stLoaded
-		wake = append(wake, d.pending[i]...)
-		delete(d.pending, i)
+		p.state[i] = PageLoaded
+		wake = append(wake, p.pending[i]...)
+		delete(p.pending, i)
 	}
 	return wake, nil
 }
 
-// respond answers requests whose pages are in and notifies Xen once.
-func (d *Dest) respond(reqs []xenctrl.Request) error {
-	d.ringMu.Lock()
-	defer d.ringMu.Unlock()
-	return d.answer(reqs)
+// TakePending puts page idx in state st and returns the requests that
+// waited for it, for the caller to answer: a fault it settles without a
+// Load (a page it cannot or will not load).
+func (p *Pager) TakePending(idx uint64, st PageState) []xenctrl.Request {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.state[idx] = st
+	wake := p.pending[idx]
+	delete(p.pending, idx)
+	return wake
 }
 
-// answer puts the responses to reqs on the ring (ringMu held), records
-// the vCPUs they resume and notifies Xen once.
-func (d *Dest) answer(reqs []xenctrl.Request) error {
+// Pending is the number of pages with requests waiting for them.
+func (p *Pager) Pending() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.pending)
+}
+
+// Answer puts the responses to reqs on the ring and notifies Xen once.
+func (p *Pager) Answer(reqs []xenctrl.Request) error {
+	p.ringMu.Lock()
+	defer p.ringMu.Unlock()
+	return p.answer(reqs)
+}
+
+// answer is Answer with ringMu held.
+func (p *Pager) answer(reqs []xenctrl.Request) error {
 	for _, r := range reqs {
-		if err := d.ring.PutResponse(xenctrl.ResponseFor(r)); err != nil {
+		if err := p.ring.PutResponse(xenctrl.ResponseFor(r)); err != nil {
 			return fmt.Errorf("answer the paging request for gfn %#x: %w", r.GFN, err)
 		}
-		if r.Flags&xenctrl.FlagVCPUPaused != 0 {
-			d.bt.unblock(r.VCPUID)
+		if p.opt.Answered != nil {
+			p.opt.Answered(r)
 		}
 	}
-	if err := d.ring.Notify(); err != nil {
+	if err := p.ring.Notify(); err != nil {
 		return fmt.Errorf("notify Xen of %d paging responses: %w", len(reqs), err)
 	}
 	return nil
 }
 
-// ringLoop takes requests off the paging ring: a request for a page
-// already in (or not ours) is answered at once, the others wait in
-// pending for Place and go to ReadFaults.
-func (d *Dest) ringLoop() {
-	defer close(d.loopDone)
+// Serve is one turn of the ring: it waits for the event channel at most
+// poll, takes every request off the ring, answers at once those that need
+// no page (not ours, not a paging request, DROP_PAGE, a page already in,
+// an absent gfn: a zero page) and returns the page indexes of new faults:
+// pages with requests now waiting for a Load (or TakePending). A page
+// already waited for is not returned again.
+func (p *Pager) Serve(poll time.Duration) ([]uint64, error) {
+	ev, err := p.ring.Wait(poll)
+	if err != nil {
+		return nil, fmt.Errorf("wait for the paging event channel: %w", err)
+	}
+	n, faults, err := p.turn()
+	p.mu.Lock()
+	if ev {
+		p.stats.Events++
+	} else {
+		p.stats.PolledRequests += uint64(n)
+	}
+	p.mu.Unlock()
+	return faults, err
+}
+
+// Poll is Serve without the wait: what is on the ring now.
+func (p *Pager) Poll() ([]uint64, error) {
+	_, faults, err := p.turn()
+	return faults, err
+}
+
+// turn takes the requests on the ring, answers those it can and returns
+// how many it took and the new faults.
+func (p *Pager) turn() (int, []uint64, error) {
 	var faults []uint64
-	for {
-		select {
-		case <-d.closed:
-			return
+	var answer []xenctrl.Request
+	p.ringMu.Lock()
+	reqs := p.takeRequests()
+	for _, req := range reqs {
+		p.mu.Lock()
+		p.stats.Requests++
+		if req.Flags&xenctrl.FlagForeign != 0 {
+			p.stats.Foreign++
+		}
+		if req.Flags&xenctrl.FlagVCPUPaused != 0 {
+			p.stats.VCPUPaused++
+		}
+		if req.PagingFlags&xenctrl.PagingEvictFail != 0 {
+			p.stats.EvictFailFlag++
+		}
+		i, ours := slices.BinarySearch(p.gfns, req.GFN)
+		idx := uint64(i)
+		switch {
+		case req.Reason != xenctrl.ReasonMemPaging, !ours:
+			answer = append(answer, req)
+			p.stats.Plain++
+		case req.PagingFlags&xenctrl.PagingDropPage != 0:
+			// The guest gave the page up or mapped something over the
+			// paged-out gfn (its grant table, shared info): the page is
+			// gone for good, nothing to load.
+			answer = append(answer, req)
+			p.stats.Plain++
+			p.stats.Dropped++
+			if p.state[idx] == PageEvicted {
+				p.state[idx] = PageDropped
+			}
+			p.opt.Logf("gfn %#x dropped by Xen (the guest mapped something over it)", req.GFN)
+		case p.state[idx] == PageLoaded:
+			answer = append(answer, req)
+			p.stats.Plain++
+		case p.state[idx] == PageAbsent:
+			// The guest touched a gfn it gave back before the pause
+			// (left paged out here): nothing comes from the source;
+			// a fresh page is zeroes, as a repopulated one would be.
+			if _, err := p.hv.LoadPages(p.dom, []uint64{req.GFN}, p.zero); err != nil && !errors.Is(err, syscall.ENOENT) {
+				p.opt.Logf("zero page for given-back gfn %#x: %v", req.GFN, err)
+			}
+			answer = append(answer, req)
+			p.stats.Plain++
+			p.stats.AbsentTouched++
 		default:
-		}
-		if _, err := d.ring.Wait(d.opt.Poll); err != nil {
-			d.loopErr = fmt.Errorf("wait for the paging event channel: %w", err)
-			close(d.faults)
-			return
-		}
-		faults = faults[:0]
-		var answer []xenctrl.Request
-		d.ringMu.Lock()
-		for _, req := range d.takeRequests() {
-			d.mu.Lock()
-			d.stats.Requests++
-			if req.Flags&xenctrl.FlagForeign != 0 {
-				d.stats.ForeignReq++
+			if len(p.pending[idx]) == 0 {
+				faults = append(faults, idx)
 			}
-			idx, ours := slices.BinarySearch(d.gfns, req.GFN)
-			switch {
-			case req.Reason != xenctrl.ReasonMemPaging, !ours:
-				answer = append(answer, req)
-				d.stats.PlainResponses++
-			case req.PagingFlags&xenctrl.PagingDropPage != 0:
-				// The guest mapped something over a paged-out gfn (its
-				// grant table, shared info): the page is gone for good.
-				answer = append(answer, req)
-				d.stats.PlainResponses++
-				d.stats.Dropped++
-				if d.state[idx] == stEvicted {
-					d.state[idx] = stDropped
-				}
-				d.opt.Logf("gfn %#x dropped by Xen (the guest mapped something over it)", req.GFN)
-			case d.state[idx] == stLoaded:
-				answer = append(answer, req)
-				d.stats.PlainResponses++
-			case d.state[idx] == stAbsent:
-				// The guest touched a gfn it gave back before the pause
-				// (left paged out here): nothing comes from the source;
-				// a fresh page is zeroes, as a repopulated one would be.
-				if _, err := d.opt.HV.LoadPages(d.dom, []uint64{req.GFN}, d.zero); err != nil && !errors.Is(err, syscall.ENOENT) {
-					d.opt.Logf("zero page for given-back gfn %#x: %v", req.GFN, err)
-				}
-				answer = append(answer, req)
-				d.stats.PlainResponses++
-				d.stats.AbsentTouched++
-			default:
-				if len(d.pending[uint64(idx)]) == 0 {
-					faults = append(faults, uint64(idx))
-				}
-				d.pending[uint64(idx)] = append(d.pending[uint64(idx)], req)
-			}
-			d.mu.Unlock()
+			p.pending[idx] = append(p.pending[idx], req)
 		}
-		d.ringMu.Unlock()
-		if len(answer) > 0 {
-			if err := d.respond(answer); err != nil {
-				d.loopErr = err
-				close(d.faults)
-				return
-			}
-		}
-		if len(faults) > 0 {
-			select {
-			case d.faults <- slices.Clone(faults):
-			case <-d.closed:
-				return
-			}
+		p.mu.Unlock()
+	}
+	p.ringMu.Unlock()
+	if len(answer) > 0 {
+		if err := p.Answer(answer); err != nil {
+			return len(reqs), faults, err
 		}
 	}
-}
-
-// ReadFaults implements engine.Dest.
-func (d *Dest) ReadFaults(dst []uint64) ([]uint64, error) {
-	dst = dst[:0]
-	select {
-	case f, ok := <-d.faults:
-		if !ok {
-			return dst, d.loopErr
-		}
-		dst = append(dst, f...)
-	case <-d.closed:
-		return dst, engine.ErrClosed
-	}
-	for {
-		select {
-		case f, ok := <-d.faults:
-			if !ok {
-				return dst, nil
-			}
-			dst = append(dst, f...)
-		default:
-			return dst, nil
-		}
-	}
-}
-
-// evictLateResident pages out resident gfns nothing was written to: the
-// source sends every gfn of its hint with the core pages, so this is a
-// guard, but a resident gfn left as the domain builder wrote it would be
-// read by the guest as its memory without a fault.
-func (d *Dest) evictLateResident() error {
-	d.mu.Lock()
-	var late []uint64
-	for i, s := range d.state {
-		if s == stResident {
-			late = append(late, uint64(i))
-		}
-	}
-	d.mu.Unlock()
-	if _, err := d.pageOutIdx(late); err != nil {
-		return fmt.Errorf("page out resident %w that the source did not send", err)
-	}
-	d.mu.Lock()
-	d.stats.ResidentLate += uint64(len(late))
-	d.mu.Unlock()
-	if len(late) > 0 {
-		d.opt.Logf("%d resident gfns were not sent before the resume: paged out", len(late))
-	}
-	return nil
+	return len(reqs), faults, nil
 }
 
 // takeRequests takes every request off the ring (ringMu held).
-func (d *Dest) takeRequests() []xenctrl.Request {
+func (p *Pager) takeRequests() []xenctrl.Request {
 	var out []xenctrl.Request
 	for {
-		req, ok, err := d.ring.GetRequest()
+		req, ok, err := p.ring.GetRequest()
 		if !ok {
 			return out
 		}
 		if err != nil {
-			d.opt.Logf("paging request: %v", err)
+			// A version mismatch: still answered, Xen is waiting.
+			p.opt.Logf("paging request: %v", err)
 		}
-		if req.Flags&xenctrl.FlagVCPUPaused != 0 {
-			d.bt.block(req.VCPUID)
+		if p.opt.Taken != nil {
+			p.opt.Taken(req)
 		}
 		out = append(out, req)
 	}
 }
 
-// drainRing answers every request still on the ring (Close, with ringMu
-// held, once every page is in).
-func (d *Dest) drainRing() error {
-	left := d.takeRequests()
+// Drain answers every request still on the ring without loading anything
+// and returns how many it answered: for closing, once every page is in (a
+// vCPU paused on a request must not outlive the ring that would answer
+// it).
+func (p *Pager) Drain() (int, error) {
+	p.ringMu.Lock()
+	defer p.ringMu.Unlock()
+	left := p.takeRequests()
 	if len(left) == 0 {
+		return 0, nil
+	}
+	p.mu.Lock()
+	p.stats.Requests += uint64(len(left))
+	p.stats.Plain += uint64(len(left))
+	p.mu.Unlock()
+	if err := p.answer(left); err != nil {
+		return 0, err
+	}
+	return len(left), nil
+}
+
+// CloseRing disables paging (closes the ring); without a ring it does
+// nothing.
+func (p *Pager) CloseRing() error {
+	p.ringMu.Lock()
+	defer p.ringMu.Unlock()
+	if p.ring == nil {
 		return nil
 	}
-	d.mu.Lock()
-	d.stats.Requests += uint64(len(left))
-	d.stats.PlainResponses += uint64(len(left))
-	d.mu.Unlock()
-	if err := d.answer(left); err != nil {
-		return fmt.Errorf("before disabling paging: %w", err)
-	}
-	d.opt.Logf("%d paging requests answered as paging was disabled", len(left))
-	return nil
+	err := p.ring.Close()
+	p.ring = nil
+	return err
 }
