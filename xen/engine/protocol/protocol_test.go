@@ -65,7 +65,7 @@ type sim struct {
 	recover            bool
 	srcWaits, dstWaits bool
 	// cutFrom is the source's state when the link was cut (cut mode).
-	cutFrom SourceState
+	cutFrom  SourceState
 	thenDone bool
 }
 
