@@ -72,3 +72,35 @@ func TestLabMigrateTraceWorkload(t *testing.T) {
 	require.Zero(t, res.Stats.IntegrityErrors)
 	require.LessOrEqual(t, res.Stats.WorkingSet, uint64(900))
 }
+
+// A lab domain whose link is reset after GO — once early, and three times
+// across the push — recovers: real userfaultfd faults keep waiting while
+// the link is down, the new link carries only what the destination
+// lacks, and the guest's memory and progress are right at the end.
+func TestLabMigrateRecoversResetLinks(t *testing.T) {
+	for name, at := range map[string][]uint64{
+		"once":        {256 << 10},
+		"three-times": {128 << 10, 4 << 20, 9 << 20},
+	} {
+		t.Run(name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+			defer cancel()
+			res, err := Run(ctx, RunConfig{Domain: smallDomain("zipf"),
+				Engine:  engine.Options{Mode: wire.ModePostcopy, Prepaging: "dual", BatchPages: 16, ProgressTimeout: 10 * time.Second},
+				Warmup:  200 * time.Millisecond, After: 100 * time.Millisecond,
+				Recover: 20 * time.Second, ResetAfterGo: at})
+			require.NoError(t, err)
+			st := res.Stats
+			require.Equal(t, len(at), res.Resets, "every reset happened (else the test shows nothing)")
+			require.Equal(t, len(at), st.Recoveries)
+			require.True(t, st.Verified)
+			require.Equal(t, "memory", st.VerifiedFrom)
+			require.Zero(t, st.RedundantPages)
+			require.Zero(t, st.IntegrityErrors)
+			require.True(t, res.Continued)
+			require.Positive(t, st.PostcopyPausedMs)
+			t.Logf("%s: recoveries %d paused %.1f ms lost pages %d resent %d total %.1f ms",
+				name, st.Recoveries, st.PostcopyPausedMs, st.LostPages, st.ResentPages, st.TotalTimeMs)
+		})
+	}
+}

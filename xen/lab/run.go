@@ -22,6 +22,12 @@ type RunConfig struct {
 	// (default 1 s); After is how long the destination runs once every
 	// page has arrived, to show the guest keeps going (default 300 ms).
 	Warmup, After time.Duration
+	// Recover turns recovery after a broken link on at both sides, for
+	// this long at the source (the destination waits a minute more);
+	// ResetAfterGo resets the link (a TCP reset of both connections) once
+	// the source has written each of these bulk byte counts after GO.
+	Recover      time.Duration
+	ResetAfterGo []uint64
 }
 
 // Result is a lab migration's outcome.
@@ -32,6 +38,8 @@ type Result struct {
 	// counter grew at the destination after the migration.
 	OpsAtStart, OpsAtEnd uint64
 	Continued            bool
+	// Resets is how many times the link was reset (ResetAfterGo).
+	Resets int
 }
 
 // Run migrates a fresh lab domain from a source to a destination in this
@@ -85,6 +93,11 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		err error
 	}
 	dch := make(chan destResult, 1)
+	dopt := engine.DestOptions{ProgressTimeout: rc.Engine.ProgressTimeout}
+	if rc.Recover > 0 {
+		dopt.Reattach = reattacher(ln)
+		dopt.RecoverTimeout = rc.Recover + time.Minute
+	}
 	go func() {
 		var dom *Dest
 		c1, c2, err := accept2(ln)
@@ -102,7 +115,7 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 				return nil, err
 			}
 			return d, nil
-		}, engine.DestOptions{ProgressTimeout: rc.Engine.ProgressTimeout})
+		}, dopt)
 		if err != nil {
 			// A source still waiting on the streams sees the end.
 			c1.Close()
@@ -128,22 +141,26 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		}
 	}()
 
-	addr := ln.Addr().String()
-	bulk, err := l.DialSrc(addr)
+	rs := &resetter{l: l, addr: ln.Addr().String(), at: rc.ResetAfterGo}
+	bulk, urgent, err := rs.dial()
 	if err != nil {
 		return nil, err
 	}
-	urgent, err := l.DialSrc(addr)
-	if err != nil {
-		bulk.Close()
-		return nil, err
+	eo := rc.Engine
+	if rc.Recover > 0 {
+		eo.Reconnect = rs.reconnect
+		eo.RecoverTimeout = rc.Recover
 	}
-	if err := link.SetUrgent(urgent); err != nil {
-		bulk.Close()
-		urgent.Close()
-		return nil, err
+	if len(rc.ResetAfterGo) > 0 {
+		onGo := eo.OnGo
+		eo.OnGo = func() {
+			rs.goSent()
+			if onGo != nil {
+				onGo()
+			}
+		}
 	}
-	st, serr := engine.RunSource(ctx, src, bulk, urgent, rc.Engine)
+	st, serr := engine.RunSource(ctx, src, bulk, urgent, eo)
 	if serr == nil {
 		srcDone = true // destroyed by the engine
 	} else {
@@ -153,9 +170,9 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 	}
 	dr = waitDest()
 	if serr != nil || dr.err != nil {
-		return &Result{Stats: st}, errors.Join(labOutcome(serr), wrapDest(dr.err))
+		return &Result{Stats: st, Resets: int(rs.resets.Load())}, errors.Join(labOutcome(serr), wrapDest(dr.err))
 	}
-	res := &Result{Stats: st, OpsAtStart: r0.Ops}
+	res := &Result{Stats: st, OpsAtStart: r0.Ops, Resets: int(rs.resets.Load())}
 	r1, err := dr.dom.Report()
 	if err != nil {
 		return res, err
