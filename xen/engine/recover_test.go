@@ -181,7 +181,17 @@ type recoverCase struct {
 
 // migrateCut migrates a guest that keeps faulting, with the link cut as
 // c says, and recovery on at both sides.
-func migrateCut(t *testing.T, c recoverCase) (*Stats, error, *DestStats, error, *memSource, *cutDest, *linkLab) {
+type cutRun struct {
+	st   *Stats
+	serr error
+	ds   *DestStats
+	derr error
+	src  *memSource
+	dst  *cutDest
+	k    *linkLab
+}
+
+func migrateCut(t *testing.T, c recoverCase) cutRun {
 	t.Helper()
 	k := newLinkLab(t)
 	src := newMemSource(800, 9)
@@ -212,7 +222,7 @@ func migrateCut(t *testing.T, c recoverCase) (*Stats, error, *DestStats, error, 
 	}
 	st, serr := RunSource(ctx, src, a1, a2, opt)
 	<-done
-	return st, serr, ds, derr, src, dst, k
+	return cutRun{st, serr, ds, derr, src, dst, k}
 }
 
 // A link cut once GO may have left — as GO leaves, mid push (once and
@@ -227,7 +237,8 @@ func TestCutLinkAfterGoIsRecovered(t *testing.T) {
 		"at-read-back": {cutBack: true},
 	} {
 		t.Run(name, func(t *testing.T) {
-			st, serr, ds, derr, src, dst, k := migrateCut(t, c)
+			r := migrateCut(t, c)
+			st, serr, ds, derr, src, dst, k := r.st, r.serr, r.ds, r.derr, r.src, r.dst, r.k
 			require.NoError(t, serr)
 			require.NoError(t, derr)
 			require.True(t, st.Verified)

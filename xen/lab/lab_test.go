@@ -86,8 +86,8 @@ func TestLabMigrateRecoversResetLinks(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 			defer cancel()
 			res, err := Run(ctx, RunConfig{Domain: smallDomain("zipf"),
-				Engine:  engine.Options{Mode: wire.ModePostcopy, Prepaging: "dual", BatchPages: 16, ProgressTimeout: 10 * time.Second},
-				Warmup:  200 * time.Millisecond, After: 100 * time.Millisecond,
+				Engine: engine.Options{Mode: wire.ModePostcopy, Prepaging: "dual", BatchPages: 16, ProgressTimeout: 10 * time.Second},
+				Warmup: 200 * time.Millisecond, After: 100 * time.Millisecond,
 				Recover: 20 * time.Second, ResetAfterGo: at})
 			require.NoError(t, err)
 			st := res.Stats
