@@ -429,11 +429,8 @@ func (m *Dest) paused(ev DestEvent) []DestAction {
 			return nil // the only running copy: a cancel does not end it
 		}
 		if m.err == nil {
-			err := ev.Err
-			if err == nil {
-				err = fmt.Errorf("%v", ev.Kind)
-			}
-			m.err = fmt.Errorf("%w (the link broke after SWITCHOVER: %v)", err, m.linkErr)
+			m.failed(ev)
+			m.err = fmt.Errorf("%w (the link broke after SWITCHOVER: %v)", m.err, m.linkErr)
 			m.at = m.from
 		}
 		m.state = DstFailed
