@@ -65,6 +65,8 @@ fuzz:
 	$(FUZZ) -fuzz '^FuzzAck$$' -fuzztime 20000x ./xen/wire
 	$(FUZZ) -fuzz '^FuzzU64$$' -fuzztime 20000x ./xen/wire
 	$(FUZZ) -fuzz '^FuzzBlob$$' -fuzztime 30000x ./xen/wire
+	$(FUZZ) -fuzz '^FuzzResume$$' -fuzztime 20000x ./xen/wire
+	$(FUZZ) -fuzz '^FuzzResumeAck$$' -fuzztime 30000x ./xen/wire
 	$(FUZZ) -fuzz '^FuzzDomainConfig$$' -fuzztime 60000x ./xen/xendom
 	$(FUZZ) -fuzz '^FuzzCoreState$$' -fuzztime 40000x ./xen/xendom
 	@if ls xen/prerecord/*_test.go >/dev/null 2>&1 && grep -q 'func FuzzBuild' xen/prerecord/*_test.go; then \

@@ -19,6 +19,7 @@ import (
 
 	"github.com/xl-postcopy/xl-postcopy/xen/dsb/control"
 	"github.com/xl-postcopy/xl-postcopy/xen/engine"
+	"github.com/xl-postcopy/xl-postcopy/xen/engine/protocol"
 	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
 	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 	"github.com/xl-postcopy/xl-postcopy/xen/xendom"
@@ -43,6 +44,7 @@ type migrateFlags struct {
 	hold       time.Duration
 	xlTimeout  time.Duration
 	progressTO time.Duration
+	recoverTO  time.Duration
 	destPaging string
 }
 
@@ -64,6 +66,7 @@ func init() {
 			fs.DurationVar(&f.suspendTO, "suspend-timeout", 30*time.Second, "how long the guest may take to suspend")
 			fs.DurationVar(&f.hold, "balloon-hold", 10*time.Minute, "with --balloon: guest-balloon keeps its target this long at most while the migration runs (the destination ends the hold when the domain is complete)")
 			fs.DurationVar(&f.progressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the other side after this long without a record from it (both sides send keepalives meanwhile); before the switchover the domain then runs on here")
+			fs.DurationVar(&f.recoverTO, "recover-timeout", engine.DefaultRecoverTimeout, "after the switchover, how long a broken link to the destination is tried again through the same -s command (the migration is paused meanwhile: the guest runs at the destination and waits there for pages it lacks; every page stays here); 0 ends the migration at the first break (this side's copy paused with every page, the destination's waiting for the pages it lacks)")
 			fs.DurationVar(&f.xlTimeout, "xl-timeout", xendom.DefaultXLTimeout, "limit for each xl command here and at the destination (xl create of the destination domain, renames, destroy)")
 			fs.StringVar(&f.destPaging, "dest-paging-ops", "auto", "how the destination pages: auto (one hypercall a batch where the hypervisor has scripts/xen-patches/0001-mem-paging-batch.patch, else one a page) or per-gfn (one a page always)")
 			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
@@ -84,6 +87,9 @@ func init() {
 					return usagef("--%s %v: must be a positive duration", d.name, d.v)
 				}
 			}
+			if f.recoverTO < 0 {
+				return usagef("--recover-timeout %v: must be 0 (no recovery) or a positive duration", f.recoverTO)
+			}
 			if f.hybridRnds < 1 {
 				return usagef("--hybrid-rounds %d: must be at least 1", f.hybridRnds)
 			}
@@ -97,9 +103,10 @@ func init() {
 		},
 	})
 	var urgentFD int
-	var listenTok, attachTok string
+	var listenTok, attachTok, recoverTok, linkTok string
+	var linkNo uint64
 	var recvDebug bool
-	var recvXLTimeout, recvProgressTO time.Duration
+	var recvXLTimeout, recvProgressTO, recvRecoverTO time.Duration
 	var recvPaging string
 	register(&command{
 		name:    "migrate-receive",
@@ -109,6 +116,10 @@ func init() {
 			fs.IntVar(&urgentFD, "urgent-fd", -1, "file descriptor of the urgent stream (local receiver)")
 			fs.StringVar(&listenTok, "urgent-listen", "", "accept the urgent stream on the abstract socket @xl-postcopy-`TOKEN`")
 			fs.StringVar(&attachTok, "urgent-attach", "", "relay stdin/stdout to the receiver waiting with --urgent-listen `TOKEN`")
+			fs.StringVar(&recoverTok, "recover-token", "", "after a break, take the source's new link on the abstract socket @xl-postcopy-recover-`TOKEN`")
+			fs.DurationVar(&recvRecoverTO, "recover-timeout", engine.DefaultRecoverTimeout+time.Minute, "after the switchover, how long to keep the domain and wait for the source on a new link when the link breaks (0: no recovery)")
+			fs.StringVar(&linkTok, "attach", "", "relay stdin/stdout to the receiver of --recover-token `TOKEN` (one connection of a new link after a break)")
+			fs.Uint64Var(&linkNo, "link", 0, "with --attach: the source's reconnect attempt this connection belongs to")
 			fs.BoolVar(&recvDebug, "debug", false, "print the backend's steps to stderr")
 			addLogFormat(fs)
 			fs.DurationVar(&recvProgressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the source after this long without a record from it")
@@ -125,13 +136,21 @@ func init() {
 			if attachTok != "" {
 				return attachUrgent(attachTok, 30*time.Second)
 			}
+			if linkTok != "" {
+				// Short: the source tries again with backoff.
+				return attachLink(linkTok, linkNo, 2*time.Second)
+			}
+			if recvRecoverTO < 0 {
+				return usagef("--recover-timeout %v: must be 0 (no recovery) or a positive duration", recvRecoverTO)
+			}
 			if recvXLTimeout <= 0 || recvProgressTO <= 0 {
 				return usagef("--xl-timeout %v, --progress-timeout %v: must be positive durations", recvXLTimeout, recvProgressTO)
 			}
 			if err := checkPagingOps("paging-ops", recvPaging); err != nil {
 				return err
 			}
-			return runMigrateReceive(urgentFD, listenTok, recvDebug, recvXLTimeout, recvProgressTO, recvPaging == "per-gfn")
+			return runMigrateReceive(receiveOptions{urgentFD: urgentFD, listenTok: listenTok, recoverTok: recoverTok, debug: recvDebug,
+				xlTimeout: recvXLTimeout, progressTO: recvProgressTO, recoverTO: recvRecoverTO, perGFN: recvPaging == "per-gfn"})
 		},
 	})
 }
@@ -276,6 +295,9 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		return err
 	}
 	defer xs.Close()
+	// A broken stream (the -s command died) is an EPIPE for the engine,
+	// not a SIGPIPE that would end this process with the domain's memory.
+	signal.Ignore(syscall.SIGPIPE)
 	sigs := newMigrateSignals(fmt.Sprintf("domain %d", dom), host)
 	defer sigs.stop()
 	ctx := sigs.ctx
@@ -329,6 +351,13 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	}
 	var recv *receiver
 	extra := []string{"--xl-timeout", f.xlTimeout.String(), "--progress-timeout", f.progressTO.String()}
+	if f.recoverTO > 0 {
+		// The destination waits longer than this side tries, so that
+		// the source gives up first and says so.
+		extra = append(extra, "--recover-timeout", (f.recoverTO + time.Minute).String())
+	} else {
+		extra = append(extra, "--recover-timeout", "0s")
+	}
 	if f.destPaging != "auto" {
 		// Only when asked: an older receiver without the flag still works.
 		extra = append(extra, "--paging-ops", f.destPaging)
@@ -359,6 +388,9 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 		eo.Logf = debugf(true, "engine")
 	}
 	eo.OnGo = sigs.passedGo
+	if f.recoverTO > 0 {
+		eo.Reconnect, eo.RecoverTimeout = recv.reconnect, f.recoverTO
+	}
 	var jp *jsonProgress
 	progress := isTerminal(os.Stderr) && !f.debug && !f.jsonProg
 	switch {
@@ -441,6 +473,10 @@ func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {
 		fmt.Fprintf(w, "page set          %d given back and %d taken again by the guest before the pause, %d given back after the resume, %d unreadable reads (none sent)\n",
 			st.DroppedPages, st.AddedPages, st.GuestDroppedPages, st.UnreadableReads)
 	}
+	if st.Recoveries > 0 {
+		fmt.Fprintf(w, "recoveries        %d broken links after the switchover recovered; %.1f ms without a link, %d pages sent again\n",
+			st.Recoveries, st.PostcopyPausedMs, st.LostPages)
+	}
 	fmt.Fprintf(w, "core state        %d pages in the pause (%d page-table pages), %d sent before it (%d of them again in the pause); guest hints: %s\n",
 		st.CorePages, xs.PageTablePages, st.EarlyCorePages, st.EarlyCoreRedirtied, xs.GuestHints)
 	if st.Mode != "precopy" {
@@ -518,8 +554,23 @@ func (s stdioConn) Read(b []byte) (int, error)  { return s.r.Read(b) }
 func (s stdioConn) Write(b []byte) (int, error) { return s.w.Write(b) }
 func (s stdioConn) Close() error                { return errors.Join(s.r.Close(), s.w.Close()) }
 
-func runMigrateReceive(urgentFD int, listenTok string, debug bool, xlTimeout, progressTO time.Duration, perGFN bool) error {
+// receiveOptions are migrate-receive's options.
+type receiveOptions struct {
+	urgentFD                         int
+	listenTok, recoverTok            string
+	debug, perGFN                    bool
+	xlTimeout, progressTO, recoverTO time.Duration
+}
+
+func runMigrateReceive(o receiveOptions) error {
+	urgentFD, listenTok, debug := o.urgentFD, o.listenTok, o.debug
 	logf := debugf(debug, "migrate-receive")
+	// The streams are pipes or sockets that may break (an ssh that
+	// dies): a write then fails with EPIPE, which the engine handles,
+	// instead of SIGPIPE ending this process and the domain's pages
+	// with it.
+	// (newMigrateSignals below takes SIGHUP like SIGTERM.)
+	signal.Ignore(syscall.SIGPIPE)
 	if urgentFD < 0 && listenTok == "" {
 		return usagef("migrate-receive needs --urgent-fd or --urgent-listen (it is started by `xl-postcopy migrate`)")
 	}
@@ -543,14 +594,25 @@ func runMigrateReceive(urgentFD int, listenTok string, debug bool, xlTimeout, pr
 	default:
 		return usagef("migrate-receive needs --urgent-fd or --urgent-listen (it is started by `xl-postcopy migrate`)")
 	}
+	do := engine.DestOptions{Logf: logf, ProgressTimeout: o.progressTO}
+	if o.recoverTok != "" && o.recoverTO > 0 {
+		rl, err := listenReattach(o.recoverTok, func(format string, args ...any) {
+			fmt.Fprintf(os.Stderr, "xl-postcopy migrate-receive: "+format+"\n", args...)
+		})
+		if err != nil {
+			return err
+		}
+		defer rl.Close()
+		do.Reattach, do.RecoverTimeout = rl.Reattach, o.recoverTO
+	}
 	x, err := xendom.OpenXen()
 	if err != nil {
 		return err
 	}
 	defer x.Close()
-	x.SetPerGFN(perGFN)
+	x.SetPerGFN(o.perGFN)
 	var dest *xendom.Dest
-	inner := xendom.NewFactory(xendom.DestOptions{HV: x, XL: xendom.XL{Timeout: xlTimeout}, Logf: debugf(debug, "xen-dest")})
+	inner := xendom.NewFactory(xendom.DestOptions{HV: x, XL: xendom.XL{Timeout: o.xlTimeout}, Logf: debugf(debug, "xen-dest")})
 	factory := func(h *wire.DomainHeader) (engine.Dest, error) {
 		d, err := inner(h)
 		if err == nil {
@@ -560,12 +622,27 @@ func runMigrateReceive(urgentFD int, listenTok string, debug bool, xlTimeout, pr
 	}
 	sigs := newMigrateSignals("the incoming domain", "this host")
 	defer sigs.stop()
-	st, err := engine.RunDest(sigs.ctx, bulk, urgent, factory, engine.DestOptions{OnResume: sigs.passedGo, Logf: logf, ProgressTimeout: progressTO})
+	do.OnResume = sigs.passedGo
+	st, err := engine.RunDest(sigs.ctx, bulk, urgent, factory, do)
+	var de *engine.DestError
+	if err != nil && errors.As(err, &de) && de.Complete && de.Where == protocol.RunsHere && dest != nil {
+		// Every page is here and the ACK went out; only the source's
+		// word that it had it (BYE) never came, and the source tried for
+		// less long than this side waited. It then either had the ACK and
+		// destroyed its copy, or gave up with its copy paused, never to
+		// be resumed: this copy is the domain either way, so it gets
+		// its name.
+		if rerr := dest.Rename(); rerr != nil {
+			return fmt.Errorf("receive: %w; renaming domain %d from %s failed too: %v", err, dest.DomID(), dest.Name(), rerr)
+		}
+		return fmt.Errorf("receive: %w; domain %d is complete and now named as at the source; if %s--migratedaway is still there, the source never had the ACK: destroy that paused copy, never resume it", err, dest.DomID(), strings.TrimSuffix(dest.Name(), "--incoming"))
+	}
 	if err != nil {
 		return fmt.Errorf("receive: %w", err)
 	}
 	if dest != nil {
-		logf("domain %d complete: %+v; engine: faults %d network %d", dest.DomID(), dest.Stats(), st.Faults, st.NetworkFaults)
+		logf("domain %d complete: %+v; engine: faults %d network %d recoveries %d postcopy_paused_ms %.1f",
+			dest.DomID(), dest.Stats(), st.Faults, st.NetworkFaults, st.Recoveries, st.PostcopyPausedMs)
 		if err := dest.Rename(); err != nil {
 			return fmt.Errorf("domain %d received, but renaming it from %s failed: %w", dest.DomID(), dest.Name(), err)
 		}
@@ -607,7 +684,9 @@ type migrateSignals struct {
 func newMigrateSignals(what, host string) *migrateSignals {
 	m := &migrateSignals{ch: make(chan os.Signal, 4), what: what, host: host}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
-	signal.Notify(m.ch, os.Interrupt, syscall.SIGTERM)
+	// SIGHUP too: the terminal of an admin whose ssh to dom0 dropped
+	// must not end a migration past GO.
+	signal.Notify(m.ch, os.Interrupt, syscall.SIGTERM, syscall.SIGHUP)
 	go func() {
 		for sig := range m.ch {
 			if m.gone.Load() {

@@ -13,14 +13,13 @@ import (
 // migration from orchestration"). State follows QEMU's migration states:
 // setup, active (pre-copy rounds), device (the stop phase: the domain is
 // paused), postcopy-active (the domain runs at the destination, memory
-// still coming), completed, failed. postcopy-paused is QEMU's state for a
-// broken link after the switchover; this tool does not recover from one
-// yet, so it never appears.
+// still coming), postcopy-paused (the link broke after the switchover and
+// is being tried again; see --recover-timeout), completed, failed.
 type progressEvent struct {
 	Event string `json:"event"` // "progress", then one "completed" or "failed"
 	State string `json:"state"`
 	// Phase is the engine's own name for where it is (setup, record,
-	// precopy, stop, postcopy, verify, done).
+	// precopy, stop, postcopy, postcopy-paused, verify, done).
 	Phase          string   `json:"phase,omitempty"`
 	ElapsedMs      float64  `json:"elapsed_ms"`
 	Round          int      `json:"round"`
@@ -49,6 +48,8 @@ func qemuState(phase string, mode wire.Mode) string {
 		return "device"
 	case "postcopy":
 		return "postcopy-active"
+	case "postcopy-paused":
+		return "postcopy-paused"
 	case "verify", "done":
 		if mode == wire.ModePrecopy {
 			return "active"

@@ -1,7 +1,9 @@
 package main
 
 import (
+	"context"
 	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -9,6 +11,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -26,20 +29,77 @@ import (
 // stream goes over a second `SSH HOST xl-postcopy migrate-receive
 // --urgent-attach TOKEN`, which relays to the receiver's abstract unix
 // socket @xl-postcopy-TOKEN.
+//
+// Recovery (postcopy-paused): the receiver also listens on
+// @xl-postcopy-recover-TOKEN for the whole migration. When the link
+// breaks after GO, the source runs the same command again twice, as
+// `SSH HOST xl-postcopy migrate-receive --attach TOKEN` (locally
+// `xl-postcopy migrate-receive --attach TOKEN`), and each relays one new
+// stream to that socket; the engine tells them apart by their channel
+// headers.
 
 // receiver is a started migrate-receive and its two streams.
 type receiver struct {
 	bulk, urgent io.ReadWriteCloser
-	cmds         []*exec.Cmd
+	// token names the receiver's abstract sockets.
+	token string
+	// attachCmd makes one relay process to the receiver's recovery
+	// socket for reconnect attempt n.
+	attachCmd func(n uint64) *exec.Cmd
+
+	mu       sync.Mutex
+	cmds     []*exec.Cmd
+	attempts uint64
+}
+
+// newToken is a random name for a receiver's sockets.
+func newToken() (string, error) {
+	tok := make([]byte, 8)
+	if _, err := rand.Read(tok); err != nil {
+		return "", fmt.Errorf("receiver token: %w", err)
+	}
+	return hex.EncodeToString(tok), nil
+}
+
+// reconnect is the engine's Options.Reconnect: two new relays to the
+// receiver's recovery socket, through the same transport as the first
+// link. A relay that cannot reach the receiver exits, which the engine
+// sees as the handshake failing, and it tries again later.
+func (r *receiver) reconnect(ctx context.Context) (bulk, urgent io.ReadWriteCloser, err error) {
+	if err := ctx.Err(); err != nil {
+		return nil, nil, err
+	}
+	r.mu.Lock()
+	r.attempts++
+	n := r.attempts
+	r.mu.Unlock()
+	c1, s1, err := startPiped(r.attachCmd(n))
+	if err != nil {
+		return nil, nil, err
+	}
+	c2, s2, err := startPiped(r.attachCmd(n))
+	if err != nil {
+		s1.Close()
+		_ = c1.Process.Kill()
+		_ = c1.Wait()
+		return nil, nil, err
+	}
+	r.mu.Lock()
+	r.cmds = append(r.cmds, c1, c2)
+	r.mu.Unlock()
+	return s1, s2, nil
 }
 
 // wait reaps the receiver's processes; their failure was reported over
 // the stream already, so only the first exit error is returned for logs.
 func (r *receiver) wait(timeout time.Duration) error {
+	r.mu.Lock()
+	cmds := append([]*exec.Cmd(nil), r.cmds...)
+	r.mu.Unlock()
 	done := make(chan error, 1)
 	go func() {
 		var first error
-		for _, c := range r.cmds {
+		for _, c := range cmds {
 			if err := c.Wait(); err != nil && first == nil {
 				first = fmt.Errorf("%s: %w", strings.Join(c.Args, " "), err)
 			}
@@ -50,7 +110,7 @@ func (r *receiver) wait(timeout time.Duration) error {
 	case err := <-done:
 		return err
 	case <-time.After(timeout):
-		for _, c := range r.cmds {
+		for _, c := range cmds {
 			_ = c.Process.Kill()
 		}
 		return errors.New("the receiver did not exit; killed")
@@ -60,6 +120,10 @@ func (r *receiver) wait(timeout time.Duration) error {
 // startLocalReceiver runs `self migrate-receive` with the two streams on
 // socket pairs: bulk on stdin/stdout, urgent on fd 3.
 func startLocalReceiver(self string, extra []string) (*receiver, error) {
+	token, err := newToken()
+	if err != nil {
+		return nil, err
+	}
 	bulkA, bulkB, err := socketPair()
 	if err != nil {
 		return nil, err
@@ -70,7 +134,7 @@ func startLocalReceiver(self string, extra []string) (*receiver, error) {
 		bulkB.Close()
 		return nil, err
 	}
-	args := append([]string{"migrate-receive", "--urgent-fd", "3"}, extra...)
+	args := append([]string{"migrate-receive", "--urgent-fd", "3", "--recover-token", token}, extra...)
 	cmd := exec.Command(self, args...)
 	cmd.Env = xendom.CleanEnv()
 	cmd.Stdin, cmd.Stdout, cmd.Stderr = bulkB, bulkB, os.Stderr
@@ -92,36 +156,48 @@ func startLocalReceiver(self string, extra []string) (*receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &receiver{bulk: b, urgent: u, cmds: []*exec.Cmd{cmd}}, nil
+	attach := func(n uint64) *exec.Cmd {
+		c := exec.Command(self, "migrate-receive", "--attach", token, "--link", strconv.FormatUint(n, 10))
+		c.Env = xendom.CleanEnv()
+		return c
+	}
+	return &receiver{bulk: b, urgent: u, token: token, attachCmd: attach, cmds: []*exec.Cmd{cmd}}, nil
 }
 
 // startRemoteReceiver runs the receiver through sshCmd (a shell command
 // prefix such as "ssh -o BatchMode=yes") on host.
 func startRemoteReceiver(sshCmd, host, remoteBin string, extra []string) (*receiver, error) {
-	tok := make([]byte, 8)
-	if _, err := rand.Read(tok); err != nil {
-		return nil, fmt.Errorf("receiver token: %w", err)
-	}
-	token := hex.EncodeToString(tok)
-	rune1 := fmt.Sprintf("%s %s %s migrate-receive --urgent-listen %s %s", sshCmd, shellQuote(host), remoteBin, token, strings.Join(extra, " "))
-	rune2 := fmt.Sprintf("%s %s %s migrate-receive --urgent-attach %s", sshCmd, shellQuote(host), remoteBin, token)
-	c1, bulk, err := startPiped(rune1)
+	token, err := newToken()
 	if err != nil {
 		return nil, err
 	}
-	c2, urg, err := startPiped(rune2)
+	rune1 := fmt.Sprintf("%s %s %s migrate-receive --urgent-listen %s --recover-token %s %s", sshCmd, shellQuote(host), remoteBin, token, token, strings.Join(extra, " "))
+	rune2 := fmt.Sprintf("%s %s %s migrate-receive --urgent-attach %s", sshCmd, shellQuote(host), remoteBin, token)
+	rune3 := fmt.Sprintf("%s %s %s migrate-receive --attach %s --link", sshCmd, shellQuote(host), remoteBin, token)
+	c1, bulk, err := startPiped(shellCmd(rune1))
+	if err != nil {
+		return nil, err
+	}
+	c2, urg, err := startPiped(shellCmd(rune2))
 	if err != nil {
 		bulk.Close()
 		_ = c1.Process.Kill()
 		_ = c1.Wait()
 		return nil, err
 	}
-	return &receiver{bulk: bulk, urgent: urg, cmds: []*exec.Cmd{c1, c2}}, nil
+	return &receiver{bulk: bulk, urgent: urg, token: token, attachCmd: func(n uint64) *exec.Cmd { return shellCmd(fmt.Sprintf("%s %d", rune3, n)) },
+		cmds: []*exec.Cmd{c1, c2}}, nil
 }
 
-func startPiped(rune string) (*exec.Cmd, io.ReadWriteCloser, error) {
+// shellCmd runs a transport command line through /bin/sh, as xl does.
+func shellCmd(rune string) *exec.Cmd {
 	cmd := exec.Command("/bin/sh", "-c", rune)
 	cmd.Env = xendom.CleanEnv()
+	return cmd
+}
+
+// startPiped starts cmd with its stdin and stdout as one stream.
+func startPiped(cmd *exec.Cmd) (*exec.Cmd, io.ReadWriteCloser, error) {
 	w, err := cmd.StdinPipe()
 	if err != nil {
 		return nil, nil, err
@@ -132,7 +208,7 @@ func startPiped(rune string) (*exec.Cmd, io.ReadWriteCloser, error) {
 	}
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
-		return nil, nil, fmt.Errorf("start %q: %w", rune, err)
+		return nil, nil, fmt.Errorf("start %q: %w", strings.Join(cmd.Args, " "), err)
 	}
 	return cmd, &pipeConn{r: r, w: w}, nil
 }
@@ -183,39 +259,191 @@ func shellQuote(s string) string {
 // urgentSocket is the abstract unix socket of a receiver's urgent stream.
 func urgentSocket(token string) string { return "@xl-postcopy-" + token }
 
+// recoverSocket is the abstract unix socket a receiver takes a new link
+// on after a break (postcopy-paused).
+func recoverSocket(token string) string { return "@xl-postcopy-recover-" + token }
+
 // listenUrgent accepts the attach relay's connection.
 func listenUrgent(token string, timeout time.Duration) (net.Conn, error) {
-	l, err := net.Listen("unix", urgentSocket(token))
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: urgentSocket(token), Net: "unix"})
 	if err != nil {
 		return nil, fmt.Errorf("listen for the urgent stream: %w", err)
 	}
 	defer l.Close()
-	if ul, ok := l.(*net.UnixListener); ok {
-		_ = ul.SetDeadline(time.Now().Add(timeout))
+	deadline := time.Now().Add(timeout)
+	for {
+		_ = l.SetDeadline(deadline)
+		c, err := l.AcceptUnix()
+		if err != nil {
+			return nil, fmt.Errorf("no urgent stream attached within %v: %w", timeout, err)
+		}
+		if err := samePeer(c); err != nil {
+			c.Close()
+			continue
+		}
+		return c, nil
 	}
-	c, err := l.Accept()
+}
+
+// samePeer refuses a connection to an abstract socket (which any process
+// in this network namespace can reach) from another user than this one.
+func samePeer(c *net.UnixConn) error {
+	raw, err := c.SyscallConn()
 	if err != nil {
-		return nil, fmt.Errorf("no urgent stream attached within %v: %w", timeout, err)
+		return err
 	}
-	return c, nil
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return err
+	}
+	if cerr != nil {
+		return fmt.Errorf("peer credentials: %w", cerr)
+	}
+	if int(cred.Uid) != os.Geteuid() {
+		return fmt.Errorf("peer pid %d runs as uid %d, not %d", cred.Pid, cred.Uid, os.Geteuid())
+	}
+	return nil
+}
+
+// reattachListener takes a paused migration's new links on the recovery
+// socket; its Reattach is the engine's DestOptions.Reattach. Each relay
+// opens its connection with the source's attempt number (8 bytes, big
+// endian), so the two connections of one attempt are paired and those
+// of attempts the source gave up on are dropped, whatever order the
+// relays arrive in.
+type reattachListener struct {
+	l     *net.UnixListener
+	conns chan linkConn
+	logf  func(string, ...any)
+	// pending are connections whose attempt's other half has not come.
+	pending map[uint64]*net.UnixConn
+	done    chan struct{}
+	once    sync.Once
+}
+
+// linkConn is one connection of a source's reconnect attempt.
+type linkConn struct {
+	attempt uint64
+	c       *net.UnixConn
+}
+
+// listenReattach listens on the recovery socket of token for the whole
+// migration.
+func listenReattach(token string, logf func(string, ...any)) (*reattachListener, error) {
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: recoverSocket(token), Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen for a new link after a break: %w", err)
+	}
+	r := &reattachListener{l: l, conns: make(chan linkConn), logf: logf, pending: map[uint64]*net.UnixConn{}, done: make(chan struct{})}
+	go r.acceptLoop()
+	return r, nil
+}
+
+func (r *reattachListener) acceptLoop() {
+	for {
+		c, err := r.l.AcceptUnix()
+		if err != nil {
+			return
+		}
+		go func() {
+			if err := samePeer(c); err != nil {
+				r.logf("a connection to the recovery socket was refused: %v", err)
+				c.Close()
+				return
+			}
+			var b [8]byte
+			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			if _, err := io.ReadFull(c, b[:]); err != nil {
+				r.logf("a connection to the recovery socket said nothing: %v", err)
+				c.Close()
+				return
+			}
+			_ = c.SetReadDeadline(time.Time{})
+			select {
+			case r.conns <- linkConn{attempt: binary.BigEndian.Uint64(b[:]), c: c}:
+			case <-r.done:
+				c.Close()
+			}
+		}()
+	}
+}
+
+// Close stops listening and drops the connections waiting for a pair.
+func (r *reattachListener) Close() error {
+	err := r.l.Close()
+	r.once.Do(func() { close(r.done) })
+	for a, c := range r.pending {
+		c.Close()
+		delete(r.pending, a)
+	}
+	return err
+}
+
+// Reattach waits for both connections of one attempt of the source's.
+func (r *reattachListener) Reattach(ctx context.Context) (io.ReadWriteCloser, io.ReadWriteCloser, error) {
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, nil, ctx.Err()
+		case <-r.done:
+			return nil, nil, errors.New("the recovery socket is closed")
+		case lc := <-r.conns:
+			first, ok := r.pending[lc.attempt]
+			if !ok {
+				r.pending[lc.attempt] = lc.c
+				continue
+			}
+			delete(r.pending, lc.attempt)
+			// Attempts before this one were given up by the source.
+			for a, c := range r.pending {
+				if a < lc.attempt {
+					c.Close()
+					delete(r.pending, a)
+				}
+			}
+			return first, lc.c, nil
+		}
+	}
+}
+
+// attachLink relays stdin/stdout to the receiver's recovery socket,
+// saying first which of the source's attempts it belongs to.
+func attachLink(token string, attempt uint64, timeout time.Duration) error {
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], attempt)
+	return attachSocket(recoverSocket(token), "recovery socket", timeout, b[:])
 }
 
 // attachUrgent relays stdin/stdout to the receiver's urgent socket.
 func attachUrgent(token string, timeout time.Duration) error {
+	return attachSocket(urgentSocket(token), "urgent stream", timeout, nil)
+}
+
+// attachSocket relays stdin/stdout to the abstract socket name, trying to
+// connect for timeout, after writing preamble.
+func attachSocket(name, what string, timeout time.Duration, preamble []byte) error {
 	deadline := time.Now().Add(timeout)
 	var c net.Conn
 	var err error
 	for {
-		c, err = net.Dial("unix", urgentSocket(token))
+		c, err = net.Dial("unix", name)
 		if err == nil {
 			break
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("attach to the receiver's urgent stream: %w", err)
+			return fmt.Errorf("attach to the receiver's %s: %w", what, err)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 	defer c.Close()
+	if len(preamble) > 0 {
+		if _, err := c.Write(preamble); err != nil {
+			return fmt.Errorf("attach to the receiver's %s: %w", what, err)
+		}
+	}
 	errc := make(chan error, 2)
 	go func() {
 		_, err := io.Copy(c, os.Stdin)

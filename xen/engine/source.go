@@ -911,11 +911,19 @@ func (s *source) awaitAck(r *srcRun) error {
 	// BYE tells a destination that recovers broken links that the ACK
 	// arrived (else it would wait for this source to come back for it).
 	// A destination that does not wait for it has closed already.
+	// With recovery, a BYE that cannot be written is a broken link like
+	// any other: the destination would wait for it in vain, so the link
+	// is made again (the destination says it is acking) and BYE is sent
+	// on the new one.
 	s.bulkMu.Lock()
-	if s.bw.WriteRecord(wire.TypeBye) == nil {
-		_ = s.bw.Flush()
+	berr := s.bw.WriteRecord(wire.TypeBye)
+	if berr == nil {
+		berr = s.bw.Flush()
 	}
 	s.bulkMu.Unlock()
+	if berr != nil && s.opt.Reconnect != nil {
+		return fmt.Errorf("send BYE: %w", berr)
+	}
 	if s.faultDone != nil {
 		// The destination closes the urgent connection once it holds
 		// every page, which ends the fault server.
@@ -1136,8 +1144,14 @@ func (s *source) readReverse(r *wire.Reader, win *window, done chan struct{}) {
 				s.fail(err)
 				return
 			}
-			s.ack = a
-			close(s.acked)
+			select {
+			case <-s.acked:
+				// The ACK again, on a link made after the first one's
+				// BYE could not be sent: the first one stands.
+			default:
+				s.ack = a
+				close(s.acked)
+			}
 			return
 		case wire.TypeError, wire.TypeNotResumed:
 			msg, _ := wire.DecodeBlob(rec.Body)

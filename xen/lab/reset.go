@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/xen/link"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
 
 // resetter resets the source's link to the destination at chosen points
@@ -27,6 +28,9 @@ type resetter struct {
 	mu     sync.Mutex
 	cur    []net.Conn // the current link's connections
 	resets atomic.Int32
+	// points are the protocol points still to reset the link at (one
+	// reset each, the first time the point is passed).
+	points map[FaultPoint]bool
 }
 
 // dial makes one link: bulk and urgent connections, the bulk one counted.
@@ -48,7 +52,9 @@ func (r *resetter) dial() (io.ReadWriteCloser, io.ReadWriteCloser, error) {
 	r.mu.Lock()
 	r.cur = []net.Conn{bulk, urgent}
 	r.mu.Unlock()
-	return &countConn{Conn: bulk, r: r}, urgent, nil
+	// The destination's direction has no stream header.
+	return &countConn{Conn: bulk, r: r, out: newRecTap(), in: &recTap{}},
+		&tapConn{Conn: urgent, r: r, out: newRecTap()}, nil
 }
 
 func (r *resetter) reconnect(ctx context.Context) (io.ReadWriteCloser, io.ReadWriteCloser, error) {
@@ -70,9 +76,36 @@ func (r *resetter) wrote(n int) {
 		return
 	}
 	r.at = r.at[1:]
+	r.mu.Unlock()
+	r.reset()
+}
+
+// record is called for each record the source writes (out) or reads (in) on
+// a stream; it resets the link at a point still pending.
+func (r *resetter) record(urgent, out bool, t wire.Type) {
+	p, ok := pointOf(urgent, out, t, r.armed.Load())
+	if !ok {
+		return
+	}
+	r.mu.Lock()
+	if !r.points[p] {
+		r.mu.Unlock()
+		return
+	}
+	delete(r.points, p)
+	r.mu.Unlock()
+	r.reset()
+}
+
+// reset resets the current link: both connections, with a TCP RST.
+func (r *resetter) reset() {
+	r.mu.Lock()
 	cur := r.cur
 	r.cur = nil
 	r.mu.Unlock()
+	if cur == nil {
+		return
+	}
 	for _, c := range cur {
 		if tc, ok := c.(*net.TCPConn); ok {
 			_ = tc.SetLinger(0) // close sends RST, as a reset link does
@@ -82,15 +115,37 @@ func (r *resetter) wrote(n int) {
 	r.resets.Add(1)
 }
 
-// countConn counts what the engine writes on a bulk connection.
+// countConn counts what the engine writes on a bulk connection and
+// follows the records both ways.
 type countConn struct {
 	net.Conn
-	r *resetter
+	r       *resetter
+	out, in *recTap
 }
 
 func (c *countConn) Write(b []byte) (int, error) {
 	n, err := c.Conn.Write(b)
+	c.out.feed(b[:n], func(t wire.Type) { c.r.record(false, true, t) })
 	c.r.wrote(n)
+	return n, err
+}
+
+func (c *countConn) Read(b []byte) (int, error) {
+	n, err := c.Conn.Read(b)
+	c.in.feed(b[:n], func(t wire.Type) { c.r.record(false, false, t) })
+	return n, err
+}
+
+// tapConn follows the records the source writes on an urgent connection.
+type tapConn struct {
+	net.Conn
+	r   *resetter
+	out *recTap
+}
+
+func (c *tapConn) Write(b []byte) (int, error) {
+	n, err := c.Conn.Write(b)
+	c.out.feed(b[:n], func(t wire.Type) { c.r.record(true, true, t) })
 	return n, err
 }
 

@@ -23,11 +23,14 @@ type RunConfig struct {
 	// page has arrived, to show the guest keeps going (default 300 ms).
 	Warmup, After time.Duration
 	// Recover turns recovery after a broken link on at both sides, for
-	// this long at the source (the destination waits a minute more);
+	// this long at the source (the destination waits 5 s more);
 	// ResetAfterGo resets the link (a TCP reset of both connections) once
 	// the source has written each of these bulk byte counts after GO.
 	Recover      time.Duration
 	ResetAfterGo []uint64
+	// ResetAt resets the link the first time the source passes each of
+	// these protocol points (see FaultPoint).
+	ResetAt []FaultPoint
 }
 
 // Result is a lab migration's outcome.
@@ -38,8 +41,16 @@ type Result struct {
 	// counter grew at the destination after the migration.
 	OpsAtStart, OpsAtEnd uint64
 	Continued            bool
-	// Resets is how many times the link was reset (ResetAfterGo).
+	// Resets is how many times the link was reset (ResetAfterGo,
+	// ResetAt).
 	Resets int
+	// SourceRuns and DestRuns say which copies of the guest were running
+	// when the migration had ended (before Run ended them): exactly one
+	// must be.
+	SourceRuns, DestRuns bool
+	// Where is where the engine said the domain was after a failed
+	// migration (zero after a successful one).
+	Where engine.Where
 }
 
 // Run migrates a fresh lab domain from a source to a destination in this
@@ -96,7 +107,8 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 	dopt := engine.DestOptions{ProgressTimeout: rc.Engine.ProgressTimeout}
 	if rc.Recover > 0 {
 		dopt.Reattach = reattacher(ln)
-		dopt.RecoverTimeout = rc.Recover + time.Minute
+		// Longer than the source tries, so that it gives up first.
+		dopt.RecoverTimeout = rc.Recover + 5*time.Second
 	}
 	go func() {
 		var dom *Dest
@@ -141,7 +153,10 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		}
 	}()
 
-	rs := &resetter{l: l, addr: ln.Addr().String(), at: rc.ResetAfterGo}
+	rs := &resetter{l: l, addr: ln.Addr().String(), at: rc.ResetAfterGo, points: map[FaultPoint]bool{}}
+	for _, p := range rc.ResetAt {
+		rs.points[p] = true
+	}
 	bulk, urgent, err := rs.dial()
 	if err != nil {
 		return nil, err
@@ -151,7 +166,7 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		eo.Reconnect = rs.reconnect
 		eo.RecoverTimeout = rc.Recover
 	}
-	if len(rc.ResetAfterGo) > 0 {
+	if len(rc.ResetAfterGo) > 0 || len(rc.ResetAt) > 0 {
 		onGo := eo.OnGo
 		eo.OnGo = func() {
 			rs.goSent()
@@ -170,9 +185,13 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 	}
 	dr = waitDest()
 	if serr != nil || dr.err != nil {
-		return &Result{Stats: st, Resets: int(rs.resets.Load())}, errors.Join(labOutcome(serr), wrapDest(dr.err))
+		res := &Result{Stats: st, Resets: int(rs.resets.Load())}
+		res.Where, _ = engine.WhereOf(serr)
+		res.SourceRuns, res.DestRuns = runs(src, srcDone), dr.dom != nil && runs(dr.dom, false)
+		return res, errors.Join(labOutcome(serr), wrapDest(dr.err))
 	}
 	res := &Result{Stats: st, OpsAtStart: r0.Ops, Resets: int(rs.resets.Load())}
+	res.SourceRuns = runs(src, srcDone)
 	r1, err := dr.dom.Report()
 	if err != nil {
 		return res, err
@@ -187,6 +206,7 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		return res, err
 	}
 	res.OpsAtEnd = r2.Ops
+	res.DestRuns = r2.Running
 	res.Continued = r2.Running && r2.Ops > r1.Ops && r1.Ops >= r0.Ops
 	st.IntegrityErrors = r2.Integrity
 	st.Progress = r2.Ops
@@ -194,6 +214,21 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		st.SetLink(l.RateBps)
 	}
 	return res, nil
+}
+
+// runs says whether a lab guest's copy runs: it answers and says so, and
+// its progress counter moves.
+func runs(g interface{ Report() (Report, error) }, gone bool) bool {
+	if gone {
+		return false
+	}
+	r1, err := g.Report()
+	if err != nil || !r1.Running {
+		return false
+	}
+	time.Sleep(100 * time.Millisecond)
+	r2, err := g.Report()
+	return err == nil && r2.Running && r2.Ops > r1.Ops
 }
 
 // labOutcome rewords the engine's outcome for lab domains: the engine

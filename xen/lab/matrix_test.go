@@ -1,0 +1,84 @@
+package lab
+
+import (
+	"bytes"
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+)
+
+// The record tap finds record boundaries in bytes cut anywhere.
+func TestRecTapFollowsRecords(t *testing.T) {
+	var buf bytes.Buffer
+	require.NoError(t, wire.WriteHeader(&buf, wire.ChannelBulk))
+	w := wire.NewWriter(&buf)
+	require.NoError(t, w.WriteBlob(wire.TypeCoreState, bytes.Repeat([]byte{7}, 13)))
+	require.NoError(t, w.WriteBlob(wire.TypeError, []byte("x")))
+	require.NoError(t, w.WriteBlob(wire.TypeCoreState, nil))
+	require.NoError(t, w.Flush())
+	want := []wire.Type{wire.TypeCoreState, wire.TypeError, wire.TypeCoreState}
+	for _, cut := range []int{1, 3, 8, 17, 1 << 20} {
+		p := newRecTap()
+		var got []wire.Type
+		b := buf.Bytes()
+		for len(b) > 0 {
+			n := min(cut, len(b))
+			p.feed(b[:n], func(t wire.Type) { got = append(got, t) })
+			b = b[n:]
+		}
+		require.Equal(t, want, got, "cut %d", cut)
+	}
+}
+
+func TestParseFaultPoints(t *testing.T) {
+	all, err := ParseFaultPoints("all")
+	require.NoError(t, err)
+	require.Equal(t, FaultPoints, all)
+	ps, err := ParseFaultPoints("setup,mid-push")
+	require.NoError(t, err)
+	require.Equal(t, []FaultPoint{AtSetup, AtMidPushByte}, ps)
+	_, err = ParseFaultPoints("setup,nowhere")
+	require.ErrorContains(t, err, `fault point "nowhere"`)
+}
+
+// Every protocol point once, on a hybrid migration (it passes them all):
+// a reset before GO leaves the guest running at the source only, a reset
+// from GO on is recovered, verified, nothing placed twice or wrong. With
+// recovery off, the same resets after GO are counted as not recovered:
+// the matrix sees what it measures.
+func TestFaultMatrixEveryPoint(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	rows, err := RunMatrix(ctx, MatrixConfig{Domain: smallDomain("zipf"), Mode: wire.ModeHybrid, Points: FaultPoints, Runs: 1,
+		Progress: func(p FaultPoint, run int, o RunOutcome) {
+			t.Logf("%s: reached %v exactly-once %v recovered %v ran-on %v recoveries %d paused %.1f ms err %v",
+				p, o.Reached, o.ExactlyOnce, o.Recovered, o.RanOn, o.Recoveries, o.PausedMs, o.Err)
+		}})
+	require.NoError(t, err)
+	var out bytes.Buffer
+	require.NoError(t, WriteMatrix(&out, rows))
+	t.Log("\n" + out.String())
+	for _, r := range rows {
+		require.Zero(t, r.NotReached, "%s: the run passed the point without a reset (the test shows nothing)", r.Point)
+		require.Zero(t, r.Failed, "%s: %s", r.Point, r.FirstFailure)
+		require.Equal(t, 1, r.ExactlyOnce, r.Point)
+		switch r.Point.Demand() {
+		case DemandRecovered:
+			require.Equal(t, 1, r.Recovered, r.Point)
+		case DemandRanOn:
+			require.Equal(t, 1, r.RanOn, r.Point)
+		default:
+			require.Equal(t, 1, r.Recovered+r.RanOn, r.Point)
+		}
+	}
+
+	rows, err = RunMatrix(ctx, MatrixConfig{Domain: smallDomain("zipf"), Mode: wire.ModeHybrid, Points: []FaultPoint{AtGo, AtSetup}, Runs: 1, NoRecovery: true})
+	require.NoError(t, err)
+	require.Equal(t, 1, rows[0].Failed, "without recovery a reset right after GO is not recovered")
+	require.Zero(t, rows[0].Recovered)
+	require.Zero(t, rows[1].Failed, "before GO nothing changes without recovery")
+}
