@@ -4,7 +4,7 @@ export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 BIN := bin
 
-.PHONY: all deps build run test vet lint nocgo unit fuzz integration deb bench lab-test lab-bench lab-shell clean
+.PHONY: all deps build run test vet lint nocgo unit fuzz integration deb bench lab-test lab-bench lab-faults lab-shell clean
 
 all: build
 
@@ -88,6 +88,11 @@ LAB_BENCH_SCENARIOS = scripts/lab/dom0/scenarios/50-postcopy-migrate.sh scripts/
 lab-bench:
 	LAB_BUILTIN=0 LAB_PC_POLICIES=$${LAB_PC_POLICIES:-dual:record+lr+dbscan} LAB_TIMEOUT=$${LAB_TIMEOUT:-4800} \
 		LAB_EXTRA_SCENARIOS="$(LAB_BENCH_SCENARIOS)" scripts/lab/lab-test.sh
+
+# The fault-injection matrix on lab domains (docs/RELIABILITY.md): a link reset at each
+# protocol point, 10 runs each, post-copy and hybrid; about 10 minutes.
+lab-faults: build
+	$(BIN)/xl-postcopy lab faults --runs $${RUNS:-10} -o $(BIN)/faults.md
 
 lab-shell:
 	scripts/lab/lab-shell.sh

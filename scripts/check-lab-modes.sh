@@ -43,4 +43,15 @@ PY
 ) || verdict="FAIL lab migrate --json-progress: $verdict"
 echo "$verdict"
 case "$verdict" in PASS*) ;; *) fail=1 ;; esac
+
+# The fault matrix's command (issue 13), one run at a point each side of GO: the reset
+# before GO must leave the guest running at the source, the one after GO be recovered.
+if "$bin" lab faults --runs 1 --mode postcopy --points setup,right-after-go,ack -o "$tmp/faults.md" >"$tmp/faults.out" 2>&1 &&
+	[ "$(grep -c '| 1 | 0 | 1 |' "$tmp/faults.md")" = 3 ] && grep -q '^0 runs not as demanded' "$tmp/faults.md"; then
+	echo "PASS lab faults: setup, right-after-go, ack each as demanded"
+else
+	echo "FAIL lab faults:"
+	cat "$tmp/faults.out"
+	fail=1
+fi
 exit $fail

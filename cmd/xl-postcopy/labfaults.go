@@ -87,7 +87,8 @@ func init() {
 					Progress: func(p lab.FaultPoint, run int, o lab.RunOutcome) {
 						verdict := "ok"
 						if !o.OK(p) {
-							verdict = fmt.Sprintf("NOT AS DEMANDED (%s): %v", p.Demand(), o.Err)
+							verdict = fmt.Sprintf("NOT AS DEMANDED (%s; reset %v, exactly once %v, recovered %v, ran on at source %v, lost %v, both ran %v, redundant %d, wrong %d): %v",
+								p.Demand(), o.Reached, o.ExactlyOnce, o.Recovered, o.RanOn, o.Lost, o.BothRan, o.Redundant, o.Wrong, o.Err)
 						}
 						fmt.Fprintf(os.Stderr, "%s %s run %d/%d: recoveries %d, paused %.1f ms: %s\n", mode, p, run+1, runs, o.Recoveries, o.PausedMs, verdict)
 					}})

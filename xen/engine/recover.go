@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/xen/engine/protocol"
@@ -192,6 +193,54 @@ func (s *source) learnHeld(held *prepage.Bitmap) uint64 {
 	return lost
 }
 
+// tellGaveUp tells a destination that may be waiting for this source on a
+// new link — it had the core state, perhaps not GO — that the migration
+// failed before GO and the domain runs on here, so that it removes its
+// copy now rather than when its recovery time is over: an ERROR record as
+// the first record of a new link. Best effort, bounded: a destination that
+// is not waiting is not reached, and that is fine.
+func (s *source) tellGaveUp(ctx context.Context, why error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	defer cancel()
+	bulk, urgent, err := s.opt.Reconnect(ctx)
+	if err != nil {
+		if s.opt.Logf != nil {
+			s.opt.Logf("could not tell the destination that the domain runs on here: %v", err)
+		}
+		return
+	}
+	stop := context.AfterFunc(ctx, func() {
+		bulk.Close()
+		urgent.Close()
+	})
+	defer func() {
+		stop()
+		bulk.Close()
+		urgent.Close()
+	}()
+	err = wire.WriteHeader(bulk, wire.ChannelBulk)
+	if err == nil {
+		err = wire.WriteHeader(urgent, wire.ChannelUrgent)
+	}
+	if err == nil {
+		w := wire.NewWriter(bulk)
+		if err = w.WriteBlob(wire.TypeError, []byte(fmt.Sprintf("%s: %v", errSourceGaveUp, why))); err == nil {
+			err = w.Flush()
+		}
+	}
+	if err == nil {
+		// Until the destination has read it and closed the link.
+		_, err = io.Copy(io.Discard, bulk)
+	}
+	if s.opt.Logf != nil {
+		s.opt.Logf("told the destination that the domain runs on here (%v)", err)
+	}
+}
+
+// errSourceGaveUp opens the ERROR a source sends on a new link once the
+// domain runs on at the source (tellGaveUp).
+var errSourceGaveUp = errors.New("the migration failed before GO and the source resumed its copy")
+
 // The destination's side: with DestOptions.Reattach, a link that breaks
 // after SWITCHOVER leaves the domain as it is (a vCPU waiting on a page
 // keeps waiting) while this side waits for the source on a new link; it
@@ -214,6 +263,9 @@ func (d *dest) awaitReattach(x *destRun, m *protocol.Dest) protocol.DestEvent {
 			return d.failure(protocol.DevTimeout, fmt.Errorf("the source did not come back within %v: %w", d.opt.RecoverTimeout, err))
 		}
 		rd, l, err := d.handshake(c1, c2, m.Stage())
+		if errors.Is(err, errSourceGaveUp) {
+			return d.failure(protocol.DevPeerError, err)
+		}
 		if err != nil {
 			if d.opt.Logf != nil {
 				d.opt.Logf("a new link was refused: %v", err)
@@ -262,6 +314,12 @@ func (d *dest) handshake(c1, c2 io.ReadWriteCloser, stage protocol.Stage) (*wire
 	rec, err := rd.Next()
 	if err != nil {
 		return nil, nil, fmt.Errorf("read RESUME: %w", err)
+	}
+	if rec.Type == wire.TypeError {
+		msg, _ := wire.DecodeBlob(rec.Body)
+		if strings.HasPrefix(string(msg), errSourceGaveUp.Error()) {
+			return nil, nil, fmt.Errorf("%w (%s)", errSourceGaveUp, strings.TrimPrefix(string(msg), errSourceGaveUp.Error()+": "))
+		}
 	}
 	if rec.Type != wire.TypeResume {
 		return nil, nil, fmt.Errorf("a new link opened with %v, not RESUME", rec.Type)

@@ -122,6 +122,8 @@ type source struct {
 	opt  Options
 	dom  Source
 	info Info
+	// switchTried: the core state may have reached the destination.
+	switchTried atomic.Bool
 
 	bulk, urgent io.ReadWriteCloser
 	bw, uw       *wire.Writer
@@ -435,6 +437,9 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	}
 	o := m.Outcome()
 	st.Recoveries = o.Recoveries
+	if !o.OK && o.Where == RunsAtSource && s.opt.Reconnect != nil && s.switchTried.Load() {
+		s.tellGaveUp(ctx, o.Err)
+	}
 	return st, s.outcome(r, o)
 }
 
@@ -835,6 +840,9 @@ func (s *source) sendStop(r *srcRun) error {
 		}
 		s.dbg(r, fmt.Sprintf("page set: %d dropped, %d added", st.DroppedPages, len(added)))
 	}
+	// From here the destination may hold the core state and, with
+	// recovery, wait for this side after a break (tellGaveUp).
+	s.switchTried.Store(true)
 	s.bulkMu.Lock()
 	err = s.bw.WriteBlob(wire.TypeCoreState, core)
 	if err == nil {

@@ -43,9 +43,10 @@ const (
 	DemandRanOn Demand = "runs on at source"
 	// DemandRecovered: from GO on, the migration recovers and completes.
 	DemandRecovered Demand = "recovered"
-	// DemandEither: right after READY the source sends GO at once; which
-	// of the two it notices the break at decides (both are right, and
-	// exactly one copy runs either way).
+	// DemandEither: a reset as SWITCHOVER leaves or READY comes races
+	// the destination's READY and the source's GO: whether the source
+	// notices the break before or after it sent GO decides (both are
+	// right, and exactly one copy runs either way).
 	DemandEither Demand = "either"
 )
 
@@ -54,7 +55,7 @@ func (p FaultPoint) Demand() Demand {
 	switch p {
 	case AtGo, AtResumed, AtFaultReply, AtDone, AtAck, AtMidPushByte:
 		return DemandRecovered
-	case AtReady:
+	case AtPause, AtReady:
 		return DemandEither
 	}
 	return DemandRanOn

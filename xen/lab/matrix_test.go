@@ -8,6 +8,7 @@ import (
 
 	"github.com/stretchr/testify/require"
 
+	"github.com/xl-postcopy/xl-postcopy/xen/engine"
 	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
 
@@ -81,4 +82,24 @@ func TestFaultMatrixEveryPoint(t *testing.T) {
 	require.Equal(t, 1, rows[0].Failed, "without recovery a reset right after GO is not recovered")
 	require.Zero(t, rows[0].Recovered)
 	require.Zero(t, rows[1].Failed, "before GO nothing changes without recovery")
+}
+
+// A reset after SWITCHOVER and before GO: the source resumes its copy and
+// says so on a new link, so the destination, which waits for the source
+// after a break there, removes its copy at once instead of when its
+// recovery time is over.
+func TestResetBeforeGoEndsTheWaitingDestination(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	start := time.Now()
+	res, err := Run(ctx, RunConfig{Domain: smallDomain("zipf"),
+		Engine: engine.Options{Mode: wire.ModePostcopy, Prepaging: "dual", BatchPages: 16, ProgressTimeout: 10 * time.Second},
+		Warmup: 200 * time.Millisecond, After: 100 * time.Millisecond, Recover: 30 * time.Second, ResetAt: []FaultPoint{AtPause}})
+	require.Error(t, err)
+	require.Equal(t, 1, res.Resets)
+	require.Equal(t, engine.RunsAtSource, res.Where)
+	require.True(t, res.SourceRuns)
+	require.False(t, res.DestRuns)
+	require.ErrorContains(t, err, "the source resumed its copy")
+	require.Less(t, time.Since(start), 25*time.Second, "the destination did not wait out its 35 s")
 }

@@ -202,11 +202,17 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		return res, ctx.Err()
 	}
 	r2, err := dr.dom.Report()
+	// On a loaded machine the guest's process may not have run yet: a
+	// counter that has not moved gets a few seconds more.
+	for end := time.Now().Add(3 * time.Second); err == nil && r2.Running && r2.Ops <= r1.Ops && time.Now().Before(end); {
+		time.Sleep(50 * time.Millisecond)
+		r2, err = dr.dom.Report()
+	}
 	if err != nil {
 		return res, err
 	}
 	res.OpsAtEnd = r2.Ops
-	res.DestRuns = r2.Running
+	res.DestRuns = r2.Running && r2.Ops > r1.Ops
 	res.Continued = r2.Running && r2.Ops > r1.Ops && r1.Ops >= r0.Ops
 	st.IntegrityErrors = r2.Integrity
 	st.Progress = r2.Ops
@@ -226,9 +232,19 @@ func runs(g interface{ Report() (Report, error) }, gone bool) bool {
 	if err != nil || !r1.Running {
 		return false
 	}
-	time.Sleep(100 * time.Millisecond)
-	r2, err := g.Report()
-	return err == nil && r2.Running && r2.Ops > r1.Ops
+	// On a loaded machine the guest's process may not run for a while:
+	// its counter has a few seconds to move.
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); {
+		time.Sleep(50 * time.Millisecond)
+		r2, err := g.Report()
+		if err != nil || !r2.Running {
+			return false
+		}
+		if r2.Ops > r1.Ops {
+			return true
+		}
+	}
+	return false
 }
 
 // labOutcome rewords the engine's outcome for lab domains: the engine

@@ -8,7 +8,7 @@
 # recoveries equal to the breaks made, on both sides; verified from the destination's
 # memory; no page placed twice; the guest's progress counter goes on; the domain is in
 # `xl list` exactly once, with no --incoming or --migratedaway copy left.
-# lab-timeout: 900
+# lab-timeout: 1200
 # shellcheck source-path=SCRIPTDIR source=../lab-lib.sh
 . /lab/lab-lib.sh
 n=lab-pcr
