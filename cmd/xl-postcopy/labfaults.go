@@ -86,6 +86,9 @@ func init() {
 				rows, err := lab.RunMatrix(in.ctx, lab.MatrixConfig{Domain: cfg, Mode: mode, Points: mps, Runs: runs, Recover: recoverTO,
 					Progress: func(p lab.FaultPoint, run int, o lab.RunOutcome) {
 						verdict := "ok"
+						if !o.Reached {
+							verdict = "ok, but the run never passed the point (no reset)"
+						}
 						if !o.OK(p) {
 							verdict = fmt.Sprintf("NOT AS DEMANDED (%s; reset %v, exactly once %v, recovered %v, ran on at source %v, lost %v, both ran %v, redundant %d, wrong %d): %v",
 								p.Demand(), o.Reached, o.ExactlyOnce, o.Recovered, o.RanOn, o.Lost, o.BothRan, o.Redundant, o.Wrong, o.Err)

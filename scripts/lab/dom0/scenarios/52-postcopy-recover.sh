@@ -33,6 +33,19 @@ if ! seq0=$(lab_wait_progress "$(lab_console_log "$n")" 3 180); then
 	exit 1
 fi
 
+# kill_matching TEXT: SIGKILL every process whose command line holds TEXT (dom0's busybox
+# has no pkill); fails if there was none.
+kill_matching() {
+	_k=1
+	for _p in /proc/[0-9]*; do
+		_c=$(tr '\0' ' ' <"$_p/cmdline" 2>/dev/null) || continue
+		case $_c in
+		*"$1"*) kill -9 "${_p#/proc/}" 2>/dev/null && _k=0 ;;
+		esac
+	done
+	return $_k
+}
+
 # wait_log PATTERN COUNT TIMEOUT: until $e holds COUNT lines matching PATTERN and the
 # migration still runs; fails otherwise.
 wait_log() {
@@ -55,13 +68,13 @@ why=
 # Break 1: the urgent stream's relay (the second "ssh") dies mid post-copy.
 if wait_log 'resumed received' 1 600; then
 	sleep 2
-	if pkill -f 'migrate-receive --urgent-attach'; then
+	if kill_matching 'migrate-receive --urgent-attach'; then
 		breaks=1
 		lab_log "postcopy-recover: killed the urgent relay at +$(lab_since "$t0") s"
 		# Break 2: both relays of the new link, once it is up.
 		if wait_log 'link back after' 1 120; then
 			sleep 2
-			if kill -0 "$pid" 2>/dev/null && pkill -f 'migrate-receive --attach'; then
+			if kill -0 "$pid" 2>/dev/null && kill_matching 'migrate-receive --attach'; then
 				breaks=2
 				lab_log "postcopy-recover: killed the new link's relays at +$(lab_since "$t0") s"
 			fi
