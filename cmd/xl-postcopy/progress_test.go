@@ -93,3 +93,15 @@ func TestPlotReadsBothOutputsAndDrawsTheTimeline(t *testing.T) {
 	_, err = readPlotStats([]byte(`{"mode":"precopy","total_time_ms":5}`))
 	require.ErrorIs(t, err, errNoTimeline)
 }
+
+// The engine's phases to QEMU's states, postcopy-paused (a broken link
+// being made again after the switchover) included.
+func TestQEMUStates(t *testing.T) {
+	for phase, want := range map[string]string{
+		"setup": "setup", "record": "setup", "precopy": "active", "stop": "device",
+		"postcopy": "postcopy-active", "postcopy-paused": "postcopy-paused", "verify": "postcopy-active",
+	} {
+		require.Equal(t, want, qemuState(phase, wire.ModePostcopy), phase)
+	}
+	require.Equal(t, "active", qemuState("verify", wire.ModePrecopy))
+}

@@ -52,7 +52,7 @@ func (s *source) reconnect(r *srcRun) protocol.Event {
 		if err == nil {
 			lost := s.learnHeld(held)
 			paused := time.Since(brokeAt)
-			r.st.PostcopyPausedMs += ms(paused)
+			r.st.PostcopyPausedMs = addMs(r.st.PostcopyPausedMs, paused)
 			r.st.LostPages += lost
 			if s.opt.Logf != nil {
 				s.opt.Logf("link back after %v (attempt %d): destination %v, %d pages sent before the break to send again",
@@ -275,7 +275,7 @@ func (d *dest) awaitReattach(x *destRun, m *protocol.Dest) protocol.DestEvent {
 		x.r = rd
 		d.mu.Lock()
 		d.stats.Recoveries++
-		d.stats.PostcopyPausedMs += ms(time.Since(brokeAt))
+		d.stats.PostcopyPausedMs = addMs(d.stats.PostcopyPausedMs, time.Since(brokeAt))
 		d.mu.Unlock()
 		if m.Stage() == protocol.StageAcking {
 			go d.drainKeepalives(rd, l)

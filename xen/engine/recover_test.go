@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"io"
 	"math/rand"
@@ -323,4 +324,16 @@ func TestCutLinkBeforeGoResumesTheSource(t *testing.T) {
 	var de *DestError
 	require.ErrorAs(t, derr, &de)
 	require.Equal(t, protocol.DestroyedHere, de.Where)
+}
+
+// Pause times summed to the microsecond print as such.
+func TestAddMs(t *testing.T) {
+	sum := 0.0
+	for _, us := range []int64{1234567, 2915118, 333} {
+		sum = addMs(sum, time.Duration(us)*time.Microsecond)
+	}
+	require.Equal(t, 4150.018, sum)
+	b, err := json.Marshal(sum)
+	require.NoError(t, err)
+	require.Equal(t, "4150.018", string(b))
 }

@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"math"
 	"sort"
 	"time"
 )
@@ -197,6 +198,12 @@ func (s *Stats) SetLink(rateBps uint64) {
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// addMs adds d to a sum of milliseconds kept to the microsecond (summed
+// floats would print as 4149.6849999999995).
+func addMs(sum float64, d time.Duration) float64 {
+	return float64(int64(math.Round(sum*1000))+d.Microseconds()) / 1000
+}
 
 // percentile returns the p-th percentile (0..1) of xs in microseconds.
 func percentile(xs []time.Duration, p float64) float64 {
