@@ -315,19 +315,21 @@ func samePeer(c *net.UnixConn) error {
 // of attempts the source gave up on are dropped, whatever order the
 // relays arrive in.
 type reattachListener struct {
-	l     *net.UnixListener
-	conns chan linkConn
-	logf  func(string, ...any)
-	// pending are connections whose attempt's other half has not come.
-	pending map[uint64]*net.UnixConn
+	l    *net.UnixListener
+	logf func(string, ...any)
+	// arrived is poked whenever a connection joins pending.
+	arrived chan struct{}
 	done    chan struct{}
 	once    sync.Once
-}
 
-// linkConn is one connection of a source's reconnect attempt.
-type linkConn struct {
-	attempt uint64
-	c       *net.UnixConn
+	mu sync.Mutex
+	// pending are connections whose attempt's other half has not come
+	// or that no Reattach has taken yet.
+	pending map[uint64][]*net.UnixConn
+	// newest is the latest attempt handed out: a connection of it or of
+	// an earlier one is of a link given up, and closed when it comes.
+	newest uint64
+	closed bool
 }
 
 // listenReattach listens on the recovery socket of token for the whole
@@ -337,7 +339,8 @@ func listenReattach(token string, logf func(string, ...any)) (*reattachListener,
 	if err != nil {
 		return nil, fmt.Errorf("listen for a new link after a break: %w", err)
 	}
-	r := &reattachListener{l: l, conns: make(chan linkConn), logf: logf, pending: map[uint64]*net.UnixConn{}, done: make(chan struct{})}
+	r := &reattachListener{l: l, logf: logf, arrived: make(chan struct{}, 1), done: make(chan struct{}),
+		pending: map[uint64][]*net.UnixConn{}}
 	go r.acceptLoop()
 	return r, nil
 }
@@ -348,26 +351,37 @@ func (r *reattachListener) acceptLoop() {
 		if err != nil {
 			return
 		}
-		go func() {
-			if err := samePeer(c); err != nil {
-				r.logf("a connection to the recovery socket was refused: %v", err)
-				c.Close()
-				return
-			}
-			var b [8]byte
-			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-			if _, err := io.ReadFull(c, b[:]); err != nil {
-				r.logf("a connection to the recovery socket said nothing: %v", err)
-				c.Close()
-				return
-			}
-			_ = c.SetReadDeadline(time.Time{})
-			select {
-			case r.conns <- linkConn{attempt: binary.BigEndian.Uint64(b[:]), c: c}:
-			case <-r.done:
-				c.Close()
-			}
-		}()
+		go r.admit(c)
+	}
+}
+
+// admit reads a connection's attempt number and files it.
+func (r *reattachListener) admit(c *net.UnixConn) {
+	if err := samePeer(c); err != nil {
+		r.logf("a connection to the recovery socket was refused: %v", err)
+		c.Close()
+		return
+	}
+	var b [8]byte
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		r.logf("a connection to the recovery socket said nothing: %v", err)
+		c.Close()
+		return
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	a := binary.BigEndian.Uint64(b[:])
+	r.mu.Lock()
+	if r.closed || a <= r.newest || len(r.pending[a]) >= 2 {
+		r.mu.Unlock()
+		c.Close()
+		return
+	}
+	r.pending[a] = append(r.pending[a], c)
+	r.mu.Unlock()
+	select {
+	case r.arrived <- struct{}{}:
+	default:
 	}
 }
 
@@ -375,38 +389,59 @@ func (r *reattachListener) acceptLoop() {
 func (r *reattachListener) Close() error {
 	err := r.l.Close()
 	r.once.Do(func() { close(r.done) })
-	for a, c := range r.pending {
-		c.Close()
+	r.mu.Lock()
+	r.closed = true
+	for a, cs := range r.pending {
+		for _, c := range cs {
+			c.Close()
+		}
 		delete(r.pending, a)
 	}
+	r.mu.Unlock()
 	return err
 }
 
-// Reattach waits for both connections of one attempt of the source's.
+// Reattach waits for both connections of one attempt of the source's (the
+// newest, if several are complete) and drops those of earlier attempts.
 func (r *reattachListener) Reattach(ctx context.Context) (io.ReadWriteCloser, io.ReadWriteCloser, error) {
 	for {
+		if c1, c2, ok := r.takePair(); ok {
+			return c1, c2, nil
+		}
 		select {
 		case <-ctx.Done():
 			return nil, nil, ctx.Err()
 		case <-r.done:
 			return nil, nil, errors.New("the recovery socket is closed")
-		case lc := <-r.conns:
-			first, ok := r.pending[lc.attempt]
-			if !ok {
-				r.pending[lc.attempt] = lc.c
-				continue
-			}
-			delete(r.pending, lc.attempt)
-			// Attempts before this one were given up by the source.
-			for a, c := range r.pending {
-				if a < lc.attempt {
-					c.Close()
-					delete(r.pending, a)
-				}
-			}
-			return first, lc.c, nil
+		case <-r.arrived:
 		}
 	}
+}
+
+func (r *reattachListener) takePair() (*net.UnixConn, *net.UnixConn, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	best, found := uint64(0), false
+	for a, cs := range r.pending {
+		if len(cs) == 2 && (!found || a > best) {
+			best, found = a, true
+		}
+	}
+	if !found {
+		return nil, nil, false
+	}
+	pair := r.pending[best]
+	delete(r.pending, best)
+	r.newest = best
+	for a, cs := range r.pending {
+		if a < best {
+			for _, c := range cs {
+				c.Close()
+			}
+			delete(r.pending, a)
+		}
+	}
+	return pair[0], pair[1], true
 }
 
 // attachLink relays stdin/stdout to the receiver's recovery socket,

@@ -27,7 +27,7 @@ func TestShellQuote(t *testing.T) {
 // The urgent stream of a remote receiver: the receiver listens on an
 // abstract socket, the relay started by a second ssh connects to it.
 func TestUrgentListenAttach(t *testing.T) {
-	token := "test" + filepath.Base(t.TempDir())
+	token := testToken(t)
 	got := make(chan string, 1)
 	errc := make(chan error, 1)
 	go func() {
@@ -120,9 +120,10 @@ func dialAttempt(t *testing.T, token string, attempt uint64) net.Conn {
 // as a pair, a connection of an attempt the source gave up on is closed,
 // and a Reattach ends on its context or on Close.
 func TestReattachPairsAttempts(t *testing.T) {
-	token := "test" + filepath.Base(t.TempDir())
+	token := testToken(t)
 	rl, err := listenReattach(token, t.Logf)
 	require.NoError(t, err)
+	t.Cleanup(func() { rl.Close() })
 	stale := dialAttempt(t, token, 5)
 	defer stale.Close()
 	a := dialAttempt(t, token, 6)
@@ -186,7 +187,7 @@ func TestReattachPairsAttempts(t *testing.T) {
 // closes its side.
 func TestReconnectThroughRelays(t *testing.T) {
 	bin := builtCLI(t)
-	token := "test" + filepath.Base(t.TempDir())
+	token := testToken(t)
 	rl, err := listenReattach(token, t.Logf)
 	require.NoError(t, err)
 	defer rl.Close()
@@ -233,4 +234,13 @@ func TestAttachLinkWithoutReceiver(t *testing.T) {
 	err := attachLink("no-such-receiver-token", 1, 100*time.Millisecond)
 	require.ErrorContains(t, err, "attach to the receiver's recovery socket")
 	require.Less(t, time.Since(start), 5*time.Second)
+}
+
+// testToken is a socket token of this test alone (abstract sockets are
+// shared by every process of the network namespace, other test runs too).
+func testToken(t *testing.T) string {
+	t.Helper()
+	tok, err := newToken()
+	require.NoError(t, err)
+	return "test-" + tok
 }

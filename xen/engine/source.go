@@ -564,8 +564,10 @@ func (s *source) do(r *srcRun, a protocol.ActionKind) (protocol.Event, bool) {
 		if err := s.wait(r.ctx, s.resumed, "RESUMED"); err != nil {
 			return s.event(0, err, false), true
 		}
-		r.st.DowntimeMs = ms(time.Since(r.pausedAt))
-		s.downtime.Store(int64(time.Since(r.pausedAt)))
+		// One reading for both, so that progress and stats agree.
+		dt := time.Since(r.pausedAt)
+		r.st.DowntimeMs = ms(dt)
+		s.downtime.Store(int64(dt))
 		s.dbg(r, "resumed received")
 		r.stopLog()
 		return protocol.Event{Kind: protocol.EvResumed}, true
