@@ -89,10 +89,13 @@ lab-bench:
 	LAB_BUILTIN=0 LAB_PC_POLICIES=$${LAB_PC_POLICIES:-dual:record+lr+dbscan} LAB_TIMEOUT=$${LAB_TIMEOUT:-4800} \
 		LAB_EXTRA_SCENARIOS="$(LAB_BENCH_SCENARIOS)" scripts/lab/lab-test.sh
 
-# The fault-injection matrix on lab domains (docs/RELIABILITY.md): a link reset at each
-# protocol point, 10 runs each, post-copy and hybrid; about 10 minutes.
+# The fault-injection matrix on lab domains (docs/RELIABILITY.md): a link reset and a 2 s
+# outage at each protocol point, 10 runs each, post-copy and hybrid (about 40 minutes),
+# then a 60 s outage at the points either side of GO, post-copy (about an hour).
 lab-faults: build
-	$(BIN)/xl-postcopy lab faults --runs $${RUNS:-10} -o $(BIN)/faults.md
+	$(BIN)/xl-postcopy lab faults --runs $${RUNS:-10} --faults reset,2s -o $(BIN)/faults.md
+	$(BIN)/xl-postcopy lab faults --runs $${RUNS:-10} --faults 60s --mode postcopy \
+		--points setup,right-after-go,mid-fault-reply,mid-push,ack -o $(BIN)/faults-60s.md
 
 lab-shell:
 	scripts/lab/lab-shell.sh

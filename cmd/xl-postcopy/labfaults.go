@@ -18,19 +18,20 @@ import (
 // of the domain.
 func init() {
 	var runs int
-	var points, modes, mem, out string
+	var points, modes, mem, out, faults string
 	var recoverTO time.Duration
 	register(&command{
 		name: "lab faults",
 		args: "[options]",
-		summary: "Reset a lab migration's link (a TCP reset of both connections) at each protocol point, --runs times each, " +
-			"and print a table of what became of the domain: exactly one copy running, recovered, ran on at the source, lost, both ran, " +
-			"pages placed twice, wrong pages. Exits 1 if any run did not come out as its point demands. No Xen host needed.",
+		summary: "Reset a lab migration's link (a TCP reset of both connections) or take it down for a while (silent: no FIN, no RST) at each protocol point, --runs times each, " +
+			"and print a table of what became of the domain: exactly one copy running, recovered, survived (a short outage: no recovery needed), ran on at the source, lost, both ran, " +
+			"pages placed twice, wrong pages, how soon an outage was noticed. Exits 1 if any run did not come out as demanded. No Xen host needed.",
 		setup: func(fs *pflag.FlagSet) {
 			fs.IntVar(&runs, "runs", 10, "runs at each point")
 			fs.StringVar(&points, "points", "all", "comma-separated fault points, or all: "+pointNames())
 			fs.StringVar(&modes, "mode", "hybrid,postcopy", "comma-separated migration modes (hybrid passes every point; post-copy has no pre-copy round)")
 			fs.StringVar(&mem, "mem", "16M", "lab domain memory")
+			fs.StringVar(&faults, "faults", "reset", fmt.Sprintf("comma-separated faults: reset, or an outage's length such as 2s or 60s (one under %v must pass unnoticed; a longer one must be noticed within the link timeout, %v, and recovered after GO)", lab.LabLinkTimeout/2, lab.LabLinkTimeout))
 			fs.DurationVar(&recoverTO, "recover-timeout", 10*time.Second, "how long the source tries a broken link again (the destination waits 5 s more)")
 			fs.StringVarP(&out, "output", "o", "", "also write the table (Markdown) to this file")
 		},
@@ -43,6 +44,10 @@ func init() {
 			}
 			if recoverTO <= 0 {
 				return usagef("--recover-timeout %v: must be positive", recoverTO)
+			}
+			fts, err := lab.ParseFaults(faults)
+			if err != nil {
+				return usagef("--faults: %v", err)
 			}
 			ps, err := lab.ParseFaultPoints(points)
 			if err != nil {
@@ -71,43 +76,54 @@ func init() {
 			var table bytes.Buffer
 			failed := 0
 			start := time.Now()
-			for _, mode := range ms {
-				// Post-copy sends no page batch before the pause except
-				// early core pages: its pre-copy-round point is hybrid's.
-				mps := ps
-				if mode == wire.ModePostcopy {
-					mps = nil
-					for _, p := range ps {
-						if p != lab.AtPrecopy {
-							mps = append(mps, p)
+			for _, ft := range fts {
+				for _, mode := range ms {
+					// Post-copy sends no page batch before the pause except
+					// early core pages: its pre-copy-round point is hybrid's.
+					mps := ps
+					if mode == wire.ModePostcopy {
+						mps = nil
+						for _, p := range ps {
+							if p != lab.AtPrecopy {
+								mps = append(mps, p)
+							}
 						}
 					}
-				}
-				rows, err := lab.RunMatrix(in.ctx, lab.MatrixConfig{Domain: cfg, Mode: mode, Points: mps, Runs: runs, Recover: recoverTO,
-					Progress: func(p lab.FaultPoint, run int, o lab.RunOutcome) {
+					rto := recoverTO
+					if !fs.Changed("recover-timeout") {
+						rto = 0 // the matrix's default: 10 s, or the outage and 30 s
+					}
+					mc := lab.MatrixConfig{Domain: cfg, Mode: mode, Points: mps, Runs: runs, Recover: rto, Fault: ft}
+					mc.Progress = func(p lab.FaultPoint, run int, o lab.RunOutcome) {
 						verdict := "ok"
 						if !o.Reached {
-							verdict = "ok, but the run never passed the point (no reset)"
+							verdict = "ok, but the run never passed the point (no fault)"
 						}
-						if !o.OK(p) {
-							verdict = fmt.Sprintf("NOT AS DEMANDED (%s; reset %v, exactly once %v, recovered %v, ran on at source %v, lost %v, both ran %v, redundant %d, wrong %d): %v",
-								p.Demand(), o.Reached, o.ExactlyOnce, o.Recovered, o.RanOn, o.Lost, o.BothRan, o.Redundant, o.Wrong, o.Err)
+						if d := mc.Demand(p); !o.OK(d) {
+							verdict = fmt.Sprintf("NOT AS DEMANDED (%s; fault %v, exactly once %v, recovered %v, survived %v, ran on at source %v, lost %v, both ran %v, redundant %d, wrong %d): %v",
+								d, o.Reached, o.ExactlyOnce, o.Recovered, o.Survived, o.RanOn, o.Lost, o.BothRan, o.Redundant, o.Wrong, o.Err)
 						}
-						fmt.Fprintf(os.Stderr, "%s %s run %d/%d: recoveries %d, paused %.1f ms: %s\n", mode, p, run+1, runs, o.Recoveries, o.PausedMs, verdict)
-					}})
-				if err != nil {
-					if sig := in.signal(); sig != nil {
-						return fmt.Errorf("lab faults: %v: stopped; the lab guests of the run in progress were ended", sig)
+						noticed := ""
+						if o.Detected > 0 {
+							noticed = fmt.Sprintf(", noticed after %.1f s", o.Detected.Seconds())
+						}
+						fmt.Fprintf(os.Stderr, "%s %s %s run %d/%d: recoveries %d, paused %.1f ms%s: %s\n", ft, mode, p, run+1, runs, o.Recoveries, o.PausedMs, noticed, verdict)
 					}
-					return err
-				}
-				fmt.Fprintf(&table, "\n%s, %d runs a point, lab domain of %s (`xl-postcopy lab faults --runs %d --mode %s --points %s`):\n\n",
-					mode, runs, mem, runs, mode, points)
-				if err := lab.WriteMatrix(&table, rows); err != nil {
-					return err
-				}
-				for _, r := range rows {
-					failed += r.Failed
+					rows, err := lab.RunMatrix(in.ctx, mc)
+					if err != nil {
+						if sig := in.signal(); sig != nil {
+							return fmt.Errorf("lab faults: %v: stopped; the lab guests of the run in progress were ended", sig)
+						}
+						return err
+					}
+					fmt.Fprintf(&table, "\n%s, %s, %d runs a point, lab domain of %s (`xl-postcopy lab faults --faults %s --runs %d --mode %s --points %s`):\n\n",
+						ft, mode, runs, mem, faultArg(ft), runs, mode, points)
+					if err := lab.WriteMatrix(&table, rows); err != nil {
+						return err
+					}
+					for _, r := range rows {
+						failed += r.Failed
+					}
 				}
 			}
 			fmt.Fprintf(&table, "\n%d runs not as demanded; %.0f s.\n", failed, time.Since(start).Seconds())
@@ -123,6 +139,13 @@ func init() {
 			return nil
 		},
 	})
+}
+
+func faultArg(f lab.Fault) string {
+	if f.Outage <= 0 {
+		return "reset"
+	}
+	return f.Outage.String()
 }
 
 func pointNames() string {

@@ -45,6 +45,7 @@ type migrateFlags struct {
 	xlTimeout  time.Duration
 	progressTO time.Duration
 	recoverTO  time.Duration
+	linkTO     time.Duration
 	destPaging string
 }
 
@@ -67,6 +68,7 @@ func init() {
 			fs.DurationVar(&f.hold, "balloon-hold", 10*time.Minute, "with --balloon: guest-balloon keeps its target this long at most while the migration runs (the destination ends the hold when the domain is complete)")
 			fs.DurationVar(&f.progressTO, "progress-timeout", engine.DefaultProgressTimeout, "give up on the other side after this long without a record from it (both sides send keepalives meanwhile); before the switchover the domain then runs on here")
 			fs.DurationVar(&f.recoverTO, "recover-timeout", engine.DefaultRecoverTimeout, "after the switchover, how long a broken link to the destination is tried again through the same -s command (the migration is paused meanwhile: the guest runs at the destination and waits there for pages it lacks; every page stays here); 0 ends the migration at the first break (this side's copy paused with every page, the destination's waiting for the pages it lacks)")
+			fs.DurationVar(&f.linkTO, "link-timeout", engine.DefaultLinkTimeout, "with recovery, after the switchover: the silence of the destination (both sides send keepalives) after which the link is taken as broken and the migration pauses to reconnect; the receiver uses the same (at most --progress-timeout)")
 			fs.DurationVar(&f.xlTimeout, "xl-timeout", xendom.DefaultXLTimeout, "limit for each xl command here and at the destination (xl create of the destination domain, renames, destroy)")
 			fs.StringVar(&f.destPaging, "dest-paging-ops", "auto", "how the destination pages: auto (one hypercall a batch where the hypervisor has scripts/xen-patches/0001-mem-paging-batch.patch, else one a page) or per-gfn (one a page always)")
 			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
@@ -82,7 +84,7 @@ func init() {
 			for _, d := range []struct {
 				name string
 				v    time.Duration
-			}{{"record", f.record}, {"record-interval", f.recordInt}, {"suspend-timeout", f.suspendTO}, {"balloon-hold", f.hold}, {"xl-timeout", f.xlTimeout}, {"progress-timeout", f.progressTO}} {
+			}{{"record", f.record}, {"record-interval", f.recordInt}, {"suspend-timeout", f.suspendTO}, {"balloon-hold", f.hold}, {"xl-timeout", f.xlTimeout}, {"progress-timeout", f.progressTO}, {"link-timeout", f.linkTO}} {
 				if d.v <= 0 {
 					return usagef("--%s %v: must be a positive duration", d.name, d.v)
 				}
@@ -106,7 +108,7 @@ func init() {
 	var listenTok, attachTok, recoverTok, linkTok string
 	var linkNo uint64
 	var recvDebug bool
-	var recvXLTimeout, recvProgressTO, recvRecoverTO time.Duration
+	var recvXLTimeout, recvProgressTO, recvRecoverTO, recvLinkTO time.Duration
 	var recvPaging string
 	register(&command{
 		name:    "migrate-receive",
@@ -118,6 +120,7 @@ func init() {
 			fs.StringVar(&attachTok, "urgent-attach", "", "relay stdin/stdout to the receiver waiting with --urgent-listen `TOKEN`")
 			fs.StringVar(&recoverTok, "recover-token", "", "after a break, take the source's new link on the abstract socket @xl-postcopy-recover-`TOKEN`")
 			fs.DurationVar(&recvRecoverTO, "recover-timeout", engine.DefaultRecoverTimeout+time.Minute, "after the switchover, how long to keep the domain and wait for the source on a new link when the link breaks (0: no recovery)")
+			fs.DurationVar(&recvLinkTO, "link-timeout", engine.DefaultLinkTimeout, "with recovery, after the switchover: the silence of the source after which the link is taken as broken and this side waits for a new one (at most --progress-timeout)")
 			fs.StringVar(&linkTok, "attach", "", "relay stdin/stdout to the receiver of --recover-token `TOKEN` (one connection of a new link after a break)")
 			fs.Uint64Var(&linkNo, "link", 0, "with --attach: the source's reconnect attempt this connection belongs to")
 			fs.BoolVar(&recvDebug, "debug", false, "print the backend's steps to stderr")
@@ -140,6 +143,9 @@ func init() {
 				// Short: the source tries again with backoff.
 				return attachLink(linkTok, linkNo, 2*time.Second)
 			}
+			if recvLinkTO <= 0 {
+				return usagef("--link-timeout %v: must be a positive duration", recvLinkTO)
+			}
 			if recvRecoverTO < 0 {
 				return usagef("--recover-timeout %v: must be 0 (no recovery) or a positive duration", recvRecoverTO)
 			}
@@ -150,7 +156,7 @@ func init() {
 				return err
 			}
 			return runMigrateReceive(receiveOptions{urgentFD: urgentFD, listenTok: listenTok, recoverTok: recoverTok, debug: recvDebug,
-				xlTimeout: recvXLTimeout, progressTO: recvProgressTO, recoverTO: recvRecoverTO, perGFN: recvPaging == "per-gfn"})
+				xlTimeout: recvXLTimeout, progressTO: recvProgressTO, recoverTO: recvRecoverTO, linkTO: recvLinkTO, perGFN: recvPaging == "per-gfn"})
 		},
 	})
 }
@@ -354,7 +360,7 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	if f.recoverTO > 0 {
 		// The destination waits longer than this side tries, so that
 		// the source gives up first and says so.
-		extra = append(extra, "--recover-timeout", (f.recoverTO + time.Minute).String())
+		extra = append(extra, "--recover-timeout", (f.recoverTO + time.Minute).String(), "--link-timeout", f.linkTO.String())
 	} else {
 		extra = append(extra, "--recover-timeout", "0s")
 	}
@@ -389,7 +395,7 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	}
 	eo.OnGo = sigs.passedGo
 	if f.recoverTO > 0 {
-		eo.Reconnect, eo.RecoverTimeout = recv.reconnect, f.recoverTO
+		eo.Reconnect, eo.RecoverTimeout, eo.LinkTimeout = recv.reconnect, f.recoverTO, f.linkTO
 	}
 	var jp *jsonProgress
 	progress := isTerminal(os.Stderr) && !f.debug && !f.jsonProg
@@ -556,10 +562,10 @@ func (s stdioConn) Close() error                { return errors.Join(s.r.Close()
 
 // receiveOptions are migrate-receive's options.
 type receiveOptions struct {
-	urgentFD                         int
-	listenTok, recoverTok            string
-	debug, perGFN                    bool
-	xlTimeout, progressTO, recoverTO time.Duration
+	urgentFD                                 int
+	listenTok, recoverTok                    string
+	debug, perGFN                            bool
+	xlTimeout, progressTO, recoverTO, linkTO time.Duration
 }
 
 func runMigrateReceive(o receiveOptions) error {
@@ -603,7 +609,7 @@ func runMigrateReceive(o receiveOptions) error {
 			return err
 		}
 		defer rl.Close()
-		do.Reattach, do.RecoverTimeout = rl.Reattach, o.recoverTO
+		do.Reattach, do.RecoverTimeout, do.LinkTimeout = rl.Reattach, o.recoverTO, o.linkTO
 	}
 	x, err := xendom.OpenXen()
 	if err != nil {

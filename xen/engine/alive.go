@@ -16,6 +16,15 @@ import (
 // link too slow to carry one record in that time trips it.
 const DefaultProgressTimeout = 60 * time.Second
 
+// DefaultLinkTimeout is the longest silence after GO, with recovery on,
+// before either side takes the link as broken and pauses the migration to
+// reconnect. It is shorter than the progress timeout because after GO the
+// guest runs at the destination and waits there for pages: a link that
+// went silent (cable pulled, a router's state lost, the peer stopped)
+// must be noticed in seconds, not after TCP's retransmissions give up
+// (some 15 minutes). A wrong guess costs one recovery, not the domain.
+const DefaultLinkTimeout = 10 * time.Second
+
 // liveness sends keepalives on a stream and watches that records come
 // back from the peer.
 type liveness struct {
@@ -23,19 +32,31 @@ type liveness struct {
 	// idle > 0 while this side is not reading the peer's stream (busy
 	// with local work: creating the domain, reading its memory back):
 	// records wait in the socket then, and silence means nothing.
-	idle    atomic.Int32
-	timeout time.Duration
+	idle atomic.Int32
+	// limit is the silence, in nanoseconds, after which the peer is
+	// taken as gone: the progress timeout, then the link timeout once GO
+	// passed with recovery on.
+	limit atomic.Int64
+	// sending is set while a keepalive is being written: on a dead link
+	// the write blocks once the socket's buffer is full, and the watch
+	// must go on meanwhile (it used to wait in that write, so a silent
+	// link was never noticed by the side that was sending).
+	sending atomic.Bool
 	stop    chan struct{}
 	once    sync.Once
 }
 
-// startLiveness sends a KEEPALIVE every timeout/4 through send and calls
-// dead once nothing was heard (heard) for timeout.
-func startLiveness(timeout time.Duration, send func() error, dead func(error)) *liveness {
-	l := &liveness{timeout: timeout, stop: make(chan struct{})}
+// startLiveness calls dead once nothing was heard (heard) for timeout,
+// and sends a KEEPALIVE through send every period (at most timeout/4).
+func startLiveness(timeout, period time.Duration, send func() error, dead func(error)) *liveness {
+	l := &liveness{stop: make(chan struct{})}
+	l.limit.Store(int64(timeout))
+	if period <= 0 || period > timeout/4 {
+		period = timeout / 4
+	}
 	l.heard()
 	go func() {
-		t := time.NewTicker(timeout / 4)
+		t := time.NewTicker(period)
 		defer t.Stop()
 		for {
 			select {
@@ -46,17 +67,22 @@ func startLiveness(timeout time.Duration, send func() error, dead func(error)) *
 			// After a death it goes on watching: with recovery a new
 			// link replaces the dead one (heard starts it afresh), and
 			// without, the migration ends and closes it.
-			if err := send(); err != nil {
-				dead(fmt.Errorf("send keepalive: %w", err))
-				l.heard()
-				continue
+			if l.sending.CompareAndSwap(false, true) {
+				go func() {
+					defer l.sending.Store(false)
+					if err := send(); err != nil {
+						dead(fmt.Errorf("send keepalive: %w", err))
+						l.heard()
+					}
+				}()
 			}
 			if l.idle.Load() > 0 {
 				l.heard()
 				continue
 			}
-			if since := time.Since(time.Unix(0, l.last.Load())); since > timeout {
-				dead(fmt.Errorf("no record from the peer for %v (limit %v): the link is down, or the peer is stopped or too slow", since.Round(time.Second), timeout))
+			limit := time.Duration(l.limit.Load())
+			if since := time.Since(time.Unix(0, l.last.Load())); since > limit {
+				dead(fmt.Errorf("no record from the peer for %v (limit %v): the link is down, or the peer is stopped or too slow", since.Round(100*time.Millisecond), limit))
 				l.heard()
 			}
 		}
@@ -65,6 +91,13 @@ func startLiveness(timeout time.Duration, send func() error, dead func(error)) *
 }
 
 func (l *liveness) heard() { l.last.Store(time.Now().UnixNano()) }
+
+// setLimit changes the silence that counts as a dead peer (at GO: the link
+// timeout); the silence so far starts afresh.
+func (l *liveness) setLimit(d time.Duration) {
+	l.heard()
+	l.limit.Store(int64(d))
+}
 
 // busy marks local work during which the peer's stream is not read;
 // the returned function ends it.

@@ -38,6 +38,11 @@ type DestOptions struct {
 	// plus a minute, so that the source gives up first) has passed.
 	Reattach       func(ctx context.Context) (c1, c2 io.ReadWriteCloser, err error)
 	RecoverTimeout time.Duration
+	// LinkTimeout, with recovery on, replaces ProgressTimeout once GO has
+	// come: the silence of the source after which the link is taken as
+	// broken and this side pauses for a new one (default
+	// DefaultLinkTimeout).
+	LinkTimeout time.Duration
 }
 
 // destLink is one pair of connections to the source; a recovery replaces
@@ -153,7 +158,18 @@ func RunDest(ctx context.Context, c1, c2 io.ReadWriteCloser, factory Factory, op
 	if opt.ProgressTimeout <= 0 {
 		opt.ProgressTimeout = DefaultProgressTimeout
 	}
-	d.alive = startLiveness(opt.ProgressTimeout, func() error {
+	if opt.LinkTimeout <= 0 {
+		opt.LinkTimeout = DefaultLinkTimeout
+	}
+	if opt.LinkTimeout > opt.ProgressTimeout {
+		opt.LinkTimeout = opt.ProgressTimeout
+	}
+	d.opt.LinkTimeout = opt.LinkTimeout
+	period := opt.ProgressTimeout / 4
+	if d.recover {
+		period = opt.LinkTimeout / 4
+	}
+	d.alive = startLiveness(opt.ProgressTimeout, period, func() error {
 		return d.writeBulk(writeKeepalive)
 	}, func(err error) { d.failLink(d.curLink(), fmt.Errorf("source: %w", err)) })
 	defer d.alive.close()
@@ -368,6 +384,11 @@ func (d *dest) run() (*DestStats, error) {
 				acts = m.Step(d.failure(kind, err))
 				continue
 			}
+			if r == protocol.RecGo && d.recover {
+				// From GO on the guest may run here and wait for pages:
+				// a silent link must be noticed in seconds.
+				d.alive.setLimit(d.opt.LinkTimeout)
+			}
 			acts = m.Step(protocol.DestEvent{Kind: protocol.DevRecord, Record: r})
 			continue
 		}
@@ -426,7 +447,12 @@ func (d *dest) do(x *destRun, m *protocol.Dest, a protocol.DestAction) (protocol
 		// its check that the caller has not cancelled already.
 		return protocol.DestEvent{}, false
 	case protocol.DactResume:
-		if err := d.resume(x.core); err != nil {
+		// Local work during which the bulk stream is not read: it must
+		// not count as the source's silence (the link timeout is short).
+		done := d.alive.busy()
+		err := d.resume(x.core)
+		done()
+		if err != nil {
 			// The domain never ran here: the source may resume it, and
 			// must be told so (NOT_RESUMED) to do it.
 			return fail(protocol.DevBackendError, fmt.Errorf("resume the domain (it never ran here): %w", err))

@@ -67,6 +67,10 @@ type Options struct {
 	// DefaultRecoverTimeout) has passed.
 	Reconnect      func(ctx context.Context) (bulk, urgent io.ReadWriteCloser, err error)
 	RecoverTimeout time.Duration
+	// LinkTimeout, with recovery on, replaces ProgressTimeout once GO has
+	// been sent: the silence after which the link is taken as broken and
+	// the migration pauses to reconnect (default DefaultLinkTimeout).
+	LinkTimeout time.Duration
 }
 
 // DefaultRecoverTimeout is how long a broken link is tried again.
@@ -114,6 +118,12 @@ func (o *Options) defaults() {
 	}
 	if o.RecoverTimeout <= 0 {
 		o.RecoverTimeout = DefaultRecoverTimeout
+	}
+	if o.LinkTimeout <= 0 {
+		o.LinkTimeout = DefaultLinkTimeout
+	}
+	if o.LinkTimeout > o.ProgressTimeout {
+		o.LinkTimeout = o.ProgressTimeout
 	}
 }
 
@@ -223,7 +233,11 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 	stop := context.AfterFunc(ctx, func() { s.fail(ctx.Err()) })
 	s.stopCancel = func() { stop() }
 	defer stop()
-	s.alive = startLiveness(opt.ProgressTimeout, func() error {
+	period := opt.ProgressTimeout / 4
+	if opt.Reconnect != nil {
+		period = opt.LinkTimeout / 4
+	}
+	s.alive = startLiveness(opt.ProgressTimeout, period, func() error {
 		s.bulkMu.Lock()
 		defer s.bulkMu.Unlock()
 		if !s.opened {
@@ -555,6 +569,9 @@ func (s *source) do(r *srcRun, a protocol.ActionKind) (protocol.Event, bool) {
 			// on a GO it received whole, so the guest runs in at most one
 			// place; which one is not known here.
 			return s.event(0, fmt.Errorf("send GO: %w", err), false), true
+		}
+		if s.opt.Reconnect != nil {
+			s.alive.setLimit(s.opt.LinkTimeout)
 		}
 		if s.opt.OnGo != nil {
 			s.opt.OnGo()

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 )
@@ -48,9 +49,61 @@ const (
 	// notices the break before or after it sent GO decides (both are
 	// right, and exactly one copy runs either way).
 	DemandEither Demand = "either"
+	// DemandSurvived: an outage shorter than the timeouts passes
+	// unnoticed: the migration completes with no recovery.
+	DemandSurvived Demand = "survived"
 )
 
-// Demand says what a reset at p must come to.
+// Fault is what is done to the link at a point.
+type Fault struct {
+	// Outage is how long the link is down (silent: no FIN, no RST); 0
+	// is a TCP reset of both connections instead.
+	Outage time.Duration
+}
+
+func (f Fault) String() string {
+	if f.Outage <= 0 {
+		return "reset"
+	}
+	return "down " + f.Outage.String()
+}
+
+// Short says the outage is shorter than linkTimeout, the silence either
+// side takes as a broken link: it must pass unnoticed.
+func (f Fault) Short(linkTimeout time.Duration) bool {
+	return f.Outage > 0 && f.Outage < linkTimeout/2
+}
+
+// ParseFaults reads a comma-separated list of faults: "reset" or an
+// outage's length ("2s", "60s").
+func ParseFaults(s string) ([]Fault, error) {
+	var out []Fault
+	for _, f := range strings.Split(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "reset" {
+			out = append(out, Fault{})
+			continue
+		}
+		d, err := time.ParseDuration(f)
+		if err != nil || d <= 0 {
+			return nil, fmt.Errorf("fault %q: want reset or an outage's length such as 2s or 60s", f)
+		}
+		out = append(out, Fault{Outage: d})
+	}
+	return out, nil
+}
+
+// DemandFor says what fault f at p must come to, where linkTimeout is
+// the silence either side takes as a broken link.
+func (p FaultPoint) DemandFor(f Fault, linkTimeout time.Duration) Demand {
+	if f.Short(linkTimeout) {
+		return DemandSurvived
+	}
+	return p.Demand()
+}
+
+// Demand says what a reset (or an outage long enough to be noticed) at
+// p must come to.
 func (p FaultPoint) Demand() Demand {
 	switch p {
 	case AtGo, AtResumed, AtFaultReply, AtDone, AtAck, AtMidPushByte:

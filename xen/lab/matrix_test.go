@@ -115,3 +115,36 @@ func TestResetBeforeGoEndsTheWaitingDestination(t *testing.T) {
 	require.ErrorContains(t, err, "the source resumed its copy")
 	require.Less(t, time.Since(start), 25*time.Second, "the destination did not wait out its 35 s")
 }
+
+// A silent link (no FIN, no RST) after GO: an outage of 2 s passes
+// unnoticed, one longer than the link timeout is noticed by the source
+// while the link is still down — by the silence, not by the end of the
+// outage — and recovered once it is back, with the guest verified.
+func TestOutageNoticedBySilence(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	run := func(outage time.Duration) (*Result, error) {
+		return Run(ctx, RunConfig{Domain: smallDomain("zipf"),
+			Engine: engine.Options{Mode: wire.ModePostcopy, Prepaging: "dual", BatchPages: 16, ProgressTimeout: 10 * time.Second, LinkTimeout: 4 * time.Second},
+			Warmup: 200 * time.Millisecond, After: 100 * time.Millisecond, Recover: 40 * time.Second,
+			ResetAt: []FaultPoint{AtFaultReply}, Outage: outage})
+	}
+	res, err := run(1 * time.Second)
+	require.NoError(t, err)
+	require.Equal(t, 1, res.Resets, "the outage did not happen: the test shows nothing")
+	require.Zero(t, res.Stats.Recoveries, "a 1 s outage is not a broken link")
+	require.Zero(t, res.DetectedAfter)
+	require.True(t, res.Stats.Verified)
+
+	const outage = 15 * time.Second
+	res, err = run(outage)
+	require.NoError(t, err)
+	require.Equal(t, 1, res.Resets)
+	require.Equal(t, 1, res.Stats.Recoveries)
+	require.True(t, res.Stats.Verified)
+	require.True(t, res.Continued)
+	require.Positive(t, res.DetectedAfter, "the source noticed only once the link was back")
+	require.Less(t, res.DetectedAfter, outage)
+	require.GreaterOrEqual(t, res.DetectedAfter, 4*time.Second, "noticed before the link timeout")
+	t.Logf("15 s outage noticed after %v, paused %.1f ms", res.DetectedAfter, res.Stats.PostcopyPausedMs)
+}

@@ -31,10 +31,133 @@ type resetter struct {
 	// points are the protocol points still to reset the link at (one
 	// reset each, the first time the point is passed).
 	points map[FaultPoint]bool
+	// outage, if set, takes the link down for this long at each point
+	// instead of resetting it: nothing passes either way and no new
+	// connection can be made, and no FIN or RST tells either side — what
+	// a pulled cable or a lost route does. A side that gives up on the
+	// link closes its connections; the peer hears of it once the link is
+	// back.
+	outage time.Duration
+	up     chan struct{} // closed when the link is back (nil: up)
+	downAt time.Time
+	// detected is how long after the link went down the source closed
+	// the link (it noticed the silence); 0: not while it was down.
+	detected atomic.Int64
+}
+
+// fault injects the configured fault at a point: a reset, or an outage.
+func (r *resetter) fault() {
+	if r.outage <= 0 {
+		r.reset()
+		return
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.up != nil {
+		return
+	}
+	up := make(chan struct{})
+	r.up, r.downAt = up, time.Now()
+	r.resets.Add(1)
+	time.AfterFunc(r.outage, func() {
+		r.mu.Lock()
+		r.up = nil
+		r.mu.Unlock()
+		close(up)
+	})
+}
+
+// down returns the channel closed when the link is back, or nil if it is
+// up.
+func (r *resetter) down() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.up
+}
+
+// passable waits until the link is up; an error if the connection was
+// closed meanwhile.
+func (r *resetter) passable(closed <-chan struct{}) error {
+	up := r.down()
+	if up == nil {
+		return nil
+	}
+	select {
+	case <-up:
+		return nil
+	case <-closed:
+		return net.ErrClosed
+	}
+}
+
+// closing is called when the source closes a connection of its link: while
+// the link is down the close is noted as the source's detection of the
+// outage and carried out (FIN or RST leaving) only once the link is back.
+func (r *resetter) closing(c net.Conn) {
+	r.mu.Lock()
+	up, at := r.up, r.downAt
+	r.mu.Unlock()
+	if up == nil {
+		c.Close()
+		return
+	}
+	r.detected.CompareAndSwap(0, int64(time.Since(at)))
+	// A local close ends local reads and writes at once and sends
+	// nothing; the FIN or RST waits for the link.
+	_ = c.SetDeadline(time.Unix(1, 0))
+	go func() {
+		<-up
+		c.Close()
+	}()
+}
+
+// linkConn is the source's end of one connection, as the lab's faults see
+// it.
+type linkConn struct {
+	net.Conn
+	r      *resetter
+	once   sync.Once
+	closed chan struct{}
+}
+
+func newLinkConn(c net.Conn, r *resetter) linkConn {
+	return linkConn{Conn: c, r: r, closed: make(chan struct{})}
+}
+
+func (c *linkConn) Close() error {
+	c.once.Do(func() {
+		close(c.closed)
+		c.r.closing(c.Conn)
+	})
+	return nil
+}
+
+// write passes b once the link is up.
+func (c *linkConn) write(b []byte) (int, error) {
+	if err := c.r.passable(c.closed); err != nil {
+		return 0, err
+	}
+	return c.Conn.Write(b)
+}
+
+// read passes what arrives once the link is up: what the peer sent during
+// an outage is held until the link is back, as if still on the wire.
+func (c *linkConn) read(b []byte) (int, error) {
+	if err := c.r.passable(c.closed); err != nil {
+		return 0, err
+	}
+	n, err := c.Conn.Read(b)
+	if perr := c.r.passable(c.closed); perr != nil {
+		return 0, perr
+	}
+	return n, err
 }
 
 // dial makes one link: bulk and urgent connections, the bulk one counted.
 func (r *resetter) dial() (io.ReadWriteCloser, io.ReadWriteCloser, error) {
+	if r.down() != nil {
+		return nil, nil, errors.New("connect: network is unreachable (the lab's link is down)")
+	}
 	bulk, err := r.l.DialSrc(r.addr)
 	if err != nil {
 		return nil, nil, err
@@ -53,8 +176,8 @@ func (r *resetter) dial() (io.ReadWriteCloser, io.ReadWriteCloser, error) {
 	r.cur = []net.Conn{bulk, urgent}
 	r.mu.Unlock()
 	// The destination's direction has no stream header.
-	return &countConn{Conn: bulk, r: r, out: newRecTap(), in: &recTap{}},
-		&tapConn{Conn: urgent, r: r, out: newRecTap()}, nil
+	return &countConn{linkConn: newLinkConn(bulk, r), out: newRecTap(), in: &recTap{}},
+		&tapConn{linkConn: newLinkConn(urgent, r), out: newRecTap()}, nil
 }
 
 func (r *resetter) reconnect(ctx context.Context) (io.ReadWriteCloser, io.ReadWriteCloser, error) {
@@ -77,7 +200,7 @@ func (r *resetter) wrote(n int) {
 	}
 	r.at = r.at[1:]
 	r.mu.Unlock()
-	r.reset()
+	r.fault()
 }
 
 // record is called for each record the source writes (out) or reads (in) on
@@ -94,7 +217,7 @@ func (r *resetter) record(urgent, out bool, t wire.Type) {
 	}
 	delete(r.points, p)
 	r.mu.Unlock()
-	r.reset()
+	r.fault()
 }
 
 // reset resets the current link: both connections, with a TCP RST.
@@ -118,33 +241,33 @@ func (r *resetter) reset() {
 // countConn counts what the engine writes on a bulk connection and
 // follows the records both ways.
 type countConn struct {
-	net.Conn
-	r       *resetter
+	linkConn
 	out, in *recTap
 }
 
 func (c *countConn) Write(b []byte) (int, error) {
-	n, err := c.Conn.Write(b)
+	n, err := c.write(b)
 	c.out.feed(b[:n], func(t wire.Type) { c.r.record(false, true, t) })
 	c.r.wrote(n)
 	return n, err
 }
 
 func (c *countConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
+	n, err := c.read(b)
 	c.in.feed(b[:n], func(t wire.Type) { c.r.record(false, false, t) })
 	return n, err
 }
 
 // tapConn follows the records the source writes on an urgent connection.
 type tapConn struct {
-	net.Conn
-	r   *resetter
+	linkConn
 	out *recTap
 }
 
+func (c *tapConn) Read(b []byte) (int, error) { return c.read(b) }
+
 func (c *tapConn) Write(b []byte) (int, error) {
-	n, err := c.Conn.Write(b)
+	n, err := c.write(b)
 	c.out.feed(b[:n], func(t wire.Type) { c.r.record(true, true, t) })
 	return n, err
 }

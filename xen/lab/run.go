@@ -31,6 +31,10 @@ type RunConfig struct {
 	// ResetAt resets the link the first time the source passes each of
 	// these protocol points (see FaultPoint).
 	ResetAt []FaultPoint
+	// Outage, if set, makes the faults of ResetAfterGo and ResetAt
+	// outages instead of resets: the link is down for this long, silent,
+	// with no FIN or RST (a pulled cable).
+	Outage time.Duration
 }
 
 // Result is a lab migration's outcome.
@@ -41,9 +45,13 @@ type Result struct {
 	// counter grew at the destination after the migration.
 	OpsAtStart, OpsAtEnd uint64
 	Continued            bool
-	// Resets is how many times the link was reset (ResetAfterGo,
-	// ResetAt).
+	// Resets is how many times the link was reset or went down
+	// (ResetAfterGo, ResetAt).
 	Resets int
+	// DetectedAfter is, for an outage, how long after the link went down
+	// the source gave it up (closed it); 0 if it did not while it was
+	// down.
+	DetectedAfter time.Duration
 	// SourceRuns and DestRuns say which copies of the guest were running
 	// when the migration had ended (before Run ended them): exactly one
 	// must be.
@@ -104,7 +112,7 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		err error
 	}
 	dch := make(chan destResult, 1)
-	dopt := engine.DestOptions{ProgressTimeout: rc.Engine.ProgressTimeout}
+	dopt := engine.DestOptions{ProgressTimeout: rc.Engine.ProgressTimeout, LinkTimeout: rc.Engine.LinkTimeout}
 	if rc.Recover > 0 {
 		dopt.Reattach = reattacher(ln)
 		// Longer than the source tries, so that it gives up first.
@@ -153,7 +161,7 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 		}
 	}()
 
-	rs := &resetter{l: l, addr: ln.Addr().String(), at: rc.ResetAfterGo, points: map[FaultPoint]bool{}}
+	rs := &resetter{l: l, addr: ln.Addr().String(), at: rc.ResetAfterGo, points: map[FaultPoint]bool{}, outage: rc.Outage}
 	for _, p := range rc.ResetAt {
 		rs.points[p] = true
 	}
@@ -185,12 +193,12 @@ func Run(ctx context.Context, rc RunConfig) (*Result, error) {
 	}
 	dr = waitDest()
 	if serr != nil || dr.err != nil {
-		res := &Result{Stats: st, Resets: int(rs.resets.Load())}
+		res := &Result{Stats: st, Resets: int(rs.resets.Load()), DetectedAfter: time.Duration(rs.detected.Load())}
 		res.Where, _ = engine.WhereOf(serr)
 		res.SourceRuns, res.DestRuns = runs(src, srcDone), dr.dom != nil && runs(dr.dom, false)
 		return res, errors.Join(labOutcome(serr), wrapDest(dr.err))
 	}
-	res := &Result{Stats: st, OpsAtStart: r0.Ops, Resets: int(rs.resets.Load())}
+	res := &Result{Stats: st, OpsAtStart: r0.Ops, Resets: int(rs.resets.Load()), DetectedAfter: time.Duration(rs.detected.Load())}
 	res.SourceRuns = runs(src, srcDone)
 	r1, err := dr.dom.Report()
 	if err != nil {
