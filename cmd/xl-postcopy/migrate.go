@@ -20,6 +20,7 @@ import (
 	"github.com/xl-postcopy/xl-postcopy/xen/dsb/control"
 	"github.com/xl-postcopy/xl-postcopy/xen/engine"
 	"github.com/xl-postcopy/xl-postcopy/xen/engine/protocol"
+	"github.com/xl-postcopy/xl-postcopy/xen/migstate"
 	"github.com/xl-postcopy/xl-postcopy/xen/prepage"
 	"github.com/xl-postcopy/xl-postcopy/xen/wire"
 	"github.com/xl-postcopy/xl-postcopy/xen/xendom"
@@ -271,7 +272,7 @@ func balloonFirst(xs *xenstore.Client, dom uint32, hold time.Duration, logf func
 	return r
 }
 
-func runMigrate(f migrateFlags, domArg, host string) error {
+func runMigrate(f migrateFlags, domArg, host string) (err error) {
 	if err := checkLogFormat(); err != nil {
 		return err
 	}
@@ -325,6 +326,12 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	if err != nil {
 		return err
 	}
+	// From here the migration has a record (`xl-postcopy list`); until
+	// the engine runs, a failure leaves the domain running here.
+	tr := startRecord("migrate", migstate.Record{Domain: name, Role: migstate.Source, Peer: host, Mode: mode.String()})
+	whereIfFailed := engine.RunsAtSource.String()
+	var st *engine.Stats
+	defer func() { endSourceRecord(tr, st, err, whereIfFailed) }()
 	logf("domain %s (%d, %s), config %s, mode %s, pre-paging %s", name, dom, info.Kind(), cfgPath, mode, f.prepaging)
 	var dsb dsbReport
 	if f.balloon {
@@ -388,6 +395,9 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 			return err
 		}
 	}
+	if f.recoverTO > 0 {
+		tr.Set(func(r *migstate.Record) { r.RecoverToken = recv.token })
+	}
 	eo := engine.Options{Mode: mode, Prepaging: f.prepaging, Policy: prepage.Options{}, HybridRounds: f.hybridRnds,
 		Record: f.record, RecordInterval: f.recordInt, ProgressTimeout: f.progressTO}
 	if f.debug {
@@ -406,10 +416,13 @@ func runMigrate(f migrateFlags, domArg, host string) error {
 	case progress:
 		eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
 	}
+	eo.Progress = recordProgress(tr, mode, eo.Progress)
 	if !f.asJSON && !f.jsonProg {
 		fmt.Fprintf(os.Stderr, "migrating %s (domain %d, %s, %d RAM pages) to %s: mode %s, pre-paging %s\n",
 			name, dom, info.Kind(), src.Info().NumPages, host, mode, f.prepaging)
 	}
+	// The engine says where the domain is if it fails (engine.WhereOf).
+	whereIfFailed = ""
 	st, runErr := engine.RunSource(ctx, src, recv.bulk, recv.urgent, eo)
 	if progress {
 		fmt.Fprintln(os.Stderr)
@@ -517,6 +530,8 @@ func migrateByXL(f migrateFlags, xs *xenstore.Client, dom uint32, name, host, ki
 	if !f.asJSON && !f.jsonProg {
 		fmt.Fprintf(os.Stderr, "%s (%s) has no vm_event paging: pre-copy by xl %s\n", name, kind, strings.Join(args, " "))
 	}
+	tr := startRecord("migrate", migstate.Record{Domain: name, Role: migstate.Source, Peer: host, Mode: wire.ModePrecopy.String(),
+		Phase: "xl migrate", State: migstate.StateActive})
 	start := time.Now()
 	elapsed := func() float64 { return float64(time.Since(start).Microseconds()) / 1000 }
 	enc := json.NewEncoder(os.Stdout)
@@ -538,12 +553,14 @@ func migrateByXL(f migrateFlags, xs *xenstore.Client, dom uint32, name, host, ki
 	}{"precopy", name, "xl migrate", elapsed(), dsb}
 	if err != nil {
 		err = fmt.Errorf("xl migrate %s: %w", name, err)
+		tr.Fail("as xl migrate left it (see its messages)", err.Error(), -1)
 		if f.jsonProg {
 			_ = enc.Encode(progressEvent{Event: "failed", State: "failed", ElapsedMs: elapsed(), Error: err.Error(),
 				Where: "as xl migrate left it (see its messages above)"})
 		}
 		return err
 	}
+	tr.Done()
 	switch {
 	case f.jsonProg:
 		return enc.Encode(progressEvent{Event: "completed", State: "completed", ElapsedMs: stats.TotalTimeMs, Stats: stats})
@@ -568,7 +585,7 @@ type receiveOptions struct {
 	xlTimeout, progressTO, recoverTO, linkTO time.Duration
 }
 
-func runMigrateReceive(o receiveOptions) error {
+func runMigrateReceive(o receiveOptions) (err error) {
 	urgentFD, listenTok, debug := o.urgentFD, o.listenTok, o.debug
 	logf := debugf(debug, "migrate-receive")
 	// The streams are pipes or sockets that may break (an ssh that
@@ -601,6 +618,11 @@ func runMigrateReceive(o receiveOptions) error {
 		return usagef("migrate-receive needs --urgent-fd or --urgent-listen (it is started by `xl-postcopy migrate`)")
 	}
 	do := engine.DestOptions{Logf: logf, ProgressTimeout: o.progressTO}
+	// The record starts with the domain's header (its name) and follows
+	// the events this side sees: resume, break, new link.
+	var trp atomic.Pointer[migstate.Tracker]
+	var st *engine.DestStats
+	defer func() { endDestRecord(trp.Load(), st, err) }()
 	if o.recoverTok != "" && o.recoverTO > 0 {
 		rl, err := listenReattach(o.recoverTok, func(format string, args ...any) {
 			fmt.Fprintf(os.Stderr, "xl-postcopy migrate-receive: "+format+"\n", args...)
@@ -609,7 +631,22 @@ func runMigrateReceive(o receiveOptions) error {
 			return err
 		}
 		defer rl.Close()
-		do.Reattach, do.RecoverTimeout, do.LinkTimeout = rl.Reattach, o.recoverTO, o.linkTO
+		do.Reattach, do.RecoverTimeout = func(ctx context.Context) (io.ReadWriteCloser, io.ReadWriteCloser, error) {
+			trp.Load().Mark("postcopy-paused", migstate.StatePostcopyPaused)
+			c1, c2, err := rl.Reattach(ctx)
+			if err == nil {
+				// A new link; should its handshake be refused, the
+				// next call marks the pause again (and this counted
+				// one recovery too many until the end's figures).
+				trp.Load().Mark("postcopy", migstate.StatePostcopyActive)
+			}
+			return c1, c2, err
+		}, o.recoverTO
+		do.LinkTimeout = o.linkTO
+	}
+	recoverTok := ""
+	if do.Reattach != nil {
+		recoverTok = o.recoverTok
 	}
 	x, err := xendom.OpenXen()
 	if err != nil {
@@ -620,6 +657,10 @@ func runMigrateReceive(o receiveOptions) error {
 	var dest *xendom.Dest
 	inner := xendom.NewFactory(xendom.DestOptions{HV: x, XL: xendom.XL{Timeout: o.xlTimeout}, Logf: debugf(debug, "xen-dest")})
 	factory := func(h *wire.DomainHeader) (engine.Dest, error) {
+		if trp.Load() == nil {
+			trp.Store(startRecord("migrate-receive", migstate.Record{Domain: h.Name, Role: migstate.Dest,
+				Peer: receiverPeer(urgentFD >= 0), Mode: h.Mode.String(), RecoverToken: recoverTok}))
+		}
 		d, err := inner(h)
 		if err == nil {
 			dest = d.(*xendom.Dest)
@@ -628,8 +669,14 @@ func runMigrateReceive(o receiveOptions) error {
 	}
 	sigs := newMigrateSignals("the incoming domain", "this host")
 	defer sigs.stop()
-	do.OnResume = sigs.passedGo
-	st, err := engine.RunDest(sigs.ctx, bulk, urgent, factory, do)
+	do.OnResume = func() {
+		sigs.passedGo()
+		if tr := trp.Load(); tr != nil {
+			mode, _ := wire.ParseMode(tr.Record().Mode)
+			tr.Mark(destPhase(mode), qemuState(destPhase(mode), mode))
+		}
+	}
+	st, err = engine.RunDest(sigs.ctx, bulk, urgent, factory, do)
 	var de *engine.DestError
 	if err != nil && errors.As(err, &de) && de.Complete && de.Where == protocol.RunsHere && dest != nil {
 		// Every page is here and the ACK went out; only the source's
