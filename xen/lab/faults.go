@@ -22,7 +22,7 @@ const (
 	AtCreated     FaultPoint = "after-created"   // the source reads CREATED (the destination domain exists)
 	AtPrecopy     FaultPoint = "precopy-round"   // the source writes its first page batch of a pre-copy round (hybrid)
 	AtPause       FaultPoint = "pause"           // the source writes SWITCHOVER (paused, core state sent)
-	AtReady       FaultPoint = "after-ready"     // the source reads READY
+	AtReady       FaultPoint = "after-ready"     // the source reads READY (a reset loses it: GO is never sent)
 	AtGo          FaultPoint = "right-after-go"  // the source writes GO
 	AtResumed     FaultPoint = "after-resumed"   // the source reads RESUMED
 	AtFaultReply  FaultPoint = "mid-fault-reply" // the source writes a page batch on the urgent stream (a demand fault's reply)
@@ -44,7 +44,7 @@ const (
 	DemandRanOn Demand = "runs on at source"
 	// DemandRecovered: from GO on, the migration recovers and completes.
 	DemandRecovered Demand = "recovered"
-	// DemandEither: a reset as SWITCHOVER leaves or READY comes races
+	// DemandEither: a reset as SWITCHOVER leaves races
 	// the destination's READY and the source's GO: whether the source
 	// notices the break before or after it sent GO decides (both are
 	// right, and exactly one copy runs either way).
@@ -108,7 +108,7 @@ func (p FaultPoint) Demand() Demand {
 	switch p {
 	case AtGo, AtResumed, AtFaultReply, AtDone, AtAck, AtMidPushByte:
 		return DemandRecovered
-	case AtPause, AtReady:
+	case AtPause:
 		return DemandEither
 	}
 	return DemandRanOn

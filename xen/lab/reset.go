@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/xl-postcopy/xl-postcopy/xen/link"
@@ -254,7 +255,20 @@ func (c *countConn) Write(b []byte) (int, error) {
 
 func (c *countConn) Read(b []byte) (int, error) {
 	n, err := c.read(b)
+	before := c.r.resets.Load()
 	c.in.feed(b[:n], func(t wire.Type) { c.r.record(false, false, t) })
+	if c.r.resets.Load() != before {
+		// A fault at a record the source reads: the record is caught in
+		// it. A reset loses it (else the engine would act on a record
+		// the reset was meant to stop, and which way a run went would
+		// be a race); an outage holds it until the link is back.
+		if c.r.outage <= 0 {
+			return 0, &net.OpError{Op: "read", Net: "tcp", Err: syscall.ECONNRESET}
+		}
+		if perr := c.r.passable(c.closed); perr != nil {
+			return 0, perr
+		}
+	}
 	return n, err
 }
 

@@ -4,7 +4,11 @@
 # COMMAND...` runs COMMAND, as ssh would at HOST). Mid post-copy the urgent stream's relay
 # process is killed, and once the link is back, both relays of the new link: each break
 # pauses the migration (postcopy-paused), the source runs the transport again, the
-# destination says which pages it holds, and the migration goes on. Checked: exit 0,
+# destination says which pages it holds, and the migration goes on. Then the receiver is
+# stopped (SIGSTOP) for 25 s: its link goes silent, with no FIN or RST, and the source must
+# notice within its link timeout (10 s, the default), pause, and recover once the receiver
+# runs again (SIGCONT) and sees the silence itself. recoveries equal to breaks also shows
+# that the default link timeout raised no false alarm on this slow, emulated dom0. Checked: exit 0,
 # recoveries equal to the breaks made, on both sides; verified from the destination's
 # memory; no page placed twice; the guest's progress counter goes on; the domain is in
 # `xl list` exactly once, with no --incoming or --migratedaway copy left.
@@ -33,14 +37,14 @@ if ! seq0=$(lab_wait_progress "$(lab_console_log "$n")" 3 180); then
 	exit 1
 fi
 
-# kill_matching TEXT: SIGKILL every process whose command line holds TEXT (dom0's busybox
-# has no pkill); fails if there was none.
+# kill_matching TEXT [SIGNAL]: send SIGNAL (default KILL) to every process whose command
+# line holds TEXT (dom0's busybox has no pkill); fails if there was none.
 kill_matching() {
 	_k=1
 	for _p in /proc/[0-9]*; do
 		_c=$(tr '\0' ' ' <"$_p/cmdline" 2>/dev/null) || continue
 		case $_c in
-		*"$1"*) kill -9 "${_p#/proc/}" 2>/dev/null && _k=0 ;;
+		*"$1"*) kill -"${2:-KILL}" "${_p#/proc/}" 2>/dev/null && _k=0 ;;
 		esac
 	done
 	return $_k
@@ -64,6 +68,8 @@ xl-postcopy migrate -s /tmp/lab-ssh --receiver xl-postcopy -C "/tmp/$n.cfg" --js
 	--recover-timeout 2m "$n" localhost >"$j" 2>"$e" &
 pid=$!
 breaks=0
+stopped=no
+listed=no
 why=
 # Break 1: the urgent stream's relay (the second "ssh") dies mid post-copy.
 if wait_log 'resumed received' 1 600; then
@@ -77,6 +83,27 @@ if wait_log 'resumed received' 1 600; then
 			if kill -0 "$pid" 2>/dev/null && kill_matching 'migrate-receive --attach'; then
 				breaks=2
 				lab_log "postcopy-recover: killed the new link's relays at +$(lab_since "$t0") s"
+				# Break 3: the receiver stopped for 25 s, if post-copy still runs.
+				if wait_log 'link back after' 2 120; then
+					sleep 2
+					if kill -0 "$pid" 2>/dev/null && kill_matching 'migrate-receive --urgent-listen' STOP; then
+						lab_log "postcopy-recover: stopped the receiver at +$(lab_since "$t0") s"
+						# Meanwhile `xl-postcopy list` shows the source paused.
+						sleep 18
+						xl-postcopy list --json >/tmp/pc-list.json 2>&1
+						xl-postcopy list 2>&1 | sed 's/^/lab: pc-recover list: /'
+						grep -q '"state": "postcopy-paused"' /tmp/pc-list.json && listed=yes
+						sleep 7
+						kill_matching 'migrate-receive --urgent-listen' CONT
+						lab_log "postcopy-recover: continued the receiver at +$(lab_since "$t0") s"
+						breaks=3
+						stopped=yes
+						# The source must have paused before the receiver ran again.
+						if ! grep -q 'link to the destination broken after GO (.*no record from the peer' "$e"; then
+							why=stop-not-noticed
+						fi
+					fi
+				fi
 			fi
 		else
 			why=no-first-recovery
@@ -93,7 +120,7 @@ wall=$(lab_since "$t0")
 dl=$(grep -E 'msg="domain [0-9]+ complete: .* who=migrate-receive' "$e" | tail -n 1)
 dest_rec=$(echo "$dl" | sed -n 's/.* recoveries \([0-9]*\) .*/\1/p')
 dest_paused=$(echo "$dl" | sed -n 's/.* postcopy_paused_ms \([0-9.]*\).*/\1/p')
-kv="breaks=$breaks recoveries=$(jget "$j" recoveries) dest_recoveries=${dest_rec:-none} paused_ms=$(jget "$j" postcopy_paused_ms)"
+kv="breaks=$breaks receiver_stopped=$stopped listed_paused=$listed recoveries=$(jget "$j" recoveries) dest_recoveries=${dest_rec:-none} paused_ms=$(jget "$j" postcopy_paused_ms)"
 kv="$kv dest_paused_ms=${dest_paused:-none} lost_pages=$(jget "$j" recovery_lost_pages) resent_pages=$(jget "$j" resent_pages)"
 kv="$kv early_core_redirtied=$(jget "$j" early_core_redirtied) redundant_pages=$(jget "$j" redundant_pages) verified=$(jget "$j" verified)"
 kv="$kv verified_from=$(jget "$j" verified_from) verified_pages=$(jget "$j" verified_pages) total_ms=$(jget "$j" total_time_ms) wall_s=$wall seq_before=$seq0"
@@ -103,6 +130,14 @@ if [ -n "$why" ]; then
 	st=1
 elif [ "$rc" != 0 ]; then
 	lab_result postcopy-recover FAIL "reason=exit-$rc" $kv
+	st=1
+elif [ "$stopped" = yes ] && [ "$listed" != yes ]; then
+	lab_result postcopy-recover FAIL reason=list-not-paused $kv
+	cat /tmp/pc-list.json
+	st=1
+elif [ -n "$(xl-postcopy list --all --json 2>/dev/null | grep '"domain": "'"$n"'"')" ]; then
+	lab_result postcopy-recover FAIL reason=state-record-left $kv
+	xl-postcopy list --all
 	st=1
 elif [ "$(jget "$j" recoveries)" != "$breaks" ] || [ "$dest_rec" != "$breaks" ]; then
 	lab_result postcopy-recover FAIL reason=recoveries-not-breaks $kv
