@@ -111,6 +111,9 @@ func (s *source) tryLink(ctx context.Context) (protocol.Stage, *prepage.Bitmap, 
 	if err == nil {
 		err = s.bw.Flush()
 	}
+	// The stream's headers are out (a take-over's first link): keepalives
+	// may go.
+	s.opened = true
 	s.bulkMu.Unlock()
 	if err != nil {
 		return 0, nil, fmt.Errorf("send RESUME: %w", err)

@@ -123,6 +123,7 @@ type cutDest struct {
 	cutBack bool
 	early   int // pages placed before the resume
 	before  int // cut once this many pages are placed before the resume (0: never)
+	onCut   func() // called before each cut after the resume
 }
 
 func (d *cutDest) Resume(core []byte) error {
@@ -149,6 +150,9 @@ func (d *cutDest) Place(pages []Page) error {
 	d.placed += len(pages)
 	if len(d.after) > 0 && d.placed >= d.after[0] {
 		d.after = d.after[1:]
+		if d.onCut != nil {
+			d.onCut()
+		}
 		d.k.cut()
 	}
 	return nil
@@ -336,4 +340,77 @@ func TestAddMs(t *testing.T) {
 	b, err := json.Marshal(sum)
 	require.NoError(t, err)
 	require.Equal(t, "4150.018", string(b))
+}
+
+// A source that dies after GO (here: gives up, its link refused, which
+// leaves the same as a killed process — the source copy paused with every
+// page, the destination waiting for a new link) is taken over by a new
+// source on the same paused copy: it reconnects, learns where the
+// destination stands and what it holds, and completes the migration,
+// verified from the destination's memory, with nothing placed twice.
+func TestTakeOverAfterTheSourceDied(t *testing.T) {
+	for name, c := range map[string]recoverCase{
+		"at-go":    {onGo: true},
+		"mid-push": {after: []int{150}},
+	} {
+		t.Run(name, func(t *testing.T) {
+			k := newLinkLab(t)
+			src := newMemSource(800, 9)
+			rng := rand.New(rand.NewSource(7))
+			var touches []uint64
+			for range 400 {
+				touches = append(touches, uint64(rng.Intn(800)))
+			}
+			dst := &cutDest{memDest: newMemDest(touches), k: k, after: c.after}
+			a1, a2, err := k.dial()
+			require.NoError(t, err)
+			b1, b2, err := k.reattach(context.Background())
+			require.NoError(t, err)
+			var ds *DestStats
+			var derr error
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				ds, derr = RunDest(context.Background(), b1, b2, func(*wire.DomainHeader) (Dest, error) { return dst, nil },
+					DestOptions{Reattach: k.reattach, RecoverTimeout: 30 * time.Second, ProgressTimeout: 5 * time.Second})
+			}()
+			opt := Options{Mode: wire.ModePostcopy, Prepaging: "dual", BatchPages: 8, WindowBytes: 32 << 10,
+				Reconnect: k.reconnect, RecoverTimeout: 500 * time.Millisecond, ProgressTimeout: 5 * time.Second}
+			if c.onGo {
+				opt.OnGo = func() {
+					k.refuse.Store(true)
+					k.cut()
+				}
+			} else {
+				dst.onCut = func() { k.refuse.Store(true) }
+			}
+			_, serr := RunSource(context.Background(), src, a1, a2, opt)
+			requireWhere(t, serr, AfterGo)
+			require.False(t, src.resumed)
+			require.False(t, src.destroyed)
+
+			k.refuse.Store(false)
+			opt.OnGo, opt.RecoverTimeout = nil, 10*time.Second
+			st, terr := TakeOverSource(context.Background(), src, opt)
+			<-done
+			require.NoError(t, terr)
+			require.NoError(t, derr)
+			require.True(t, st.TakenOver)
+			require.True(t, st.Verified)
+			require.Equal(t, "memory", st.VerifiedFrom)
+			require.True(t, src.destroyed)
+			require.False(t, src.resumed, "the source copy never runs again after GO")
+			checkSame(t, src, dst.memDest)
+			require.Equal(t, 1, st.Recoveries)
+			require.Equal(t, 1, ds.Recoveries)
+			require.Zero(t, st.RedundantPages)
+			require.Zero(t, st.DowntimeMs, "the pause was the dead process's to see")
+		})
+	}
+}
+
+// A take-over needs a way to the destination.
+func TestTakeOverNeedsReconnect(t *testing.T) {
+	_, err := TakeOverSource(context.Background(), newMemSource(10, 0), Options{Mode: wire.ModePostcopy})
+	require.ErrorContains(t, err, "Reconnect")
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"net"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -134,6 +135,9 @@ type source struct {
 	info Info
 	// switchTried: the core state may have reached the destination.
 	switchTried atomic.Bool
+	// takeOver: this source took over a migration whose source process
+	// died after GO (TakeOverSource).
+	takeOver bool
 
 	bulk, urgent io.ReadWriteCloser
 	bw, uw       *wire.Writer
@@ -187,6 +191,35 @@ type source struct {
 // been told to resume, the domain is resumed here and the error says so;
 // after that point the source copy is kept paused, never resumed.
 func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser, opt Options) (*Stats, error) {
+	return runSource(ctx, dom, bulk, urgent, opt, false)
+}
+
+// TakeOverSource goes on with a migration whose source process died after
+// GO: dom is the paused source copy (every page), and the destination,
+// which waits for a new link as after any break, is reached through
+// opt.Reconnect (required). It starts paused (postcopy-paused), learns on
+// the new link where the destination stands and which pages it holds,
+// sends it GO if it never had it and the pages it lacks, and ends as
+// RunSource does. The figures cover this process's part: the downtime,
+// the setup and the pre-copy were measured by the process that died.
+// Pre-record policies fall back to their bubble policy (the recorded
+// trajectory died with that process).
+func TakeOverSource(ctx context.Context, dom Source, opt Options) (*Stats, error) {
+	if opt.Reconnect == nil {
+		return nil, errors.New("taking over a migration needs Options.Reconnect (a new link to the destination)")
+	}
+	if opt.Mode == wire.ModePrecopy {
+		return nil, errors.New("a pre-copy migration has nothing to take over after GO")
+	}
+	// Placeholders until the first new link: closed, so that retiring
+	// them does nothing.
+	b1, b2 := net.Pipe()
+	b1.Close()
+	b2.Close()
+	return runSource(ctx, dom, b1, b2, opt, true)
+}
+
+func runSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser, opt Options, takeOver bool) (*Stats, error) {
 	opt.defaults()
 	info := dom.Info()
 	if info.NumPages == 0 || info.PageSize == 0 {
@@ -208,7 +241,11 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 		zeroPage:   make([]byte, info.PageSize),
 	}
 	s.win = newWindow(uint64(opt.WindowBytes))
+	s.takeOver = takeOver
 	s.phase.Store("setup")
+	if takeOver {
+		s.phase.Store("postcopy")
+	}
 	for _, p := range info.Absent {
 		if p >= info.NumPages {
 			return nil, fmt.Errorf("source domain %q reports absent page %d of %d", info.Name, p, info.NumPages)
@@ -220,6 +257,9 @@ func RunSource(ctx context.Context, dom Source, bulk, urgent io.ReadWriteCloser,
 		spec, err := parsePolicy(opt.Prepaging)
 		if err != nil {
 			return nil, err
+		}
+		if takeOver {
+			spec.record = false
 		}
 		s.spec = spec
 		if !spec.record {
@@ -433,6 +473,14 @@ func (s *source) run(ctx context.Context) (*Stats, error) {
 	if s.opt.Reconnect != nil {
 		m.EnableRecovery()
 	}
+	if s.takeOver {
+		m.TakeOver()
+		// GO was sent by the process that died: from here on no cancel
+		// may strand the guest at the destination.
+		s.stopCancel()
+		r.ctx = context.WithoutCancel(r.ctx)
+		st.TakenOver = true
+	}
 	acts := m.Start()
 	for len(acts) > 0 {
 		a := acts[0]
@@ -581,10 +629,13 @@ func (s *source) do(r *srcRun, a protocol.ActionKind) (protocol.Event, bool) {
 		if err := s.wait(r.ctx, s.resumed, "RESUMED"); err != nil {
 			return s.event(0, err, false), true
 		}
-		// One reading for both, so that progress and stats agree.
-		dt := time.Since(r.pausedAt)
-		r.st.DowntimeMs = ms(dt)
-		s.downtime.Store(int64(dt))
+		// One reading for both, so that progress and stats agree. (A
+		// take-over did not see the pause: no downtime of its own.)
+		if !r.pausedAt.IsZero() {
+			dt := time.Since(r.pausedAt)
+			r.st.DowntimeMs = ms(dt)
+			s.downtime.Store(int64(dt))
+		}
 		s.dbg(r, "resumed received")
 		r.stopLog()
 		return protocol.Event{Kind: protocol.EvResumed}, true

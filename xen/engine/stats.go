@@ -48,6 +48,11 @@ type Stats struct {
 	// PostcopyPausedMs the time spent without a link, summed; LostPages
 	// the pages sent before a break that the destination did not hold
 	// after it, sent again (counted in ResentPages too).
+	// TakenOver says this process took the migration over from a source
+	// process that died after GO (TakeOverSource): the figures are this
+	// process's part; the downtime, setup and pre-copy figures, measured
+	// by the process that died, are 0 here and mean nothing.
+	TakenOver          bool    `json:"taken_over,omitempty"`
 	Recoveries         int     `json:"recoveries"`
 	PostcopyPausedMs   float64 `json:"postcopy_paused_ms"`
 	LostPages          uint64  `json:"recovery_lost_pages"`

@@ -552,3 +552,50 @@ func replaceable(it item, f *fault) bool {
 	}
 	return true
 }
+
+// A machine that takes over from a source process that died after GO
+// starts paused, asks for a new link first, and goes on from where the
+// destination says it stands; any failure then leaves the domain where a
+// failure after GO does (AfterGo), never resumed here on its own.
+func TestTakeOver(t *testing.T) {
+	for _, tc := range []struct {
+		stage Stage
+		next  ActionKind
+		state SourceState
+	}{
+		{StageNotResumed, ActSendGo, SrcGoing},
+		{StageRunning, ActPostcopy, SrcPostcopy},
+		{StageAcking, ActAwaitAck, SrcVerifying},
+	} {
+		m := NewSource()
+		m.TakeOver()
+		require.True(t, m.MayRunAtDestination(), "GO was sent by the process that died")
+		require.Equal(t, []ActionKind{ActReconnect}, m.Start())
+		require.Equal(t, SrcRecovering, m.State())
+		require.Nil(t, m.Step(Event{Kind: EvCancel}), "a cancel cannot strand the guest")
+		require.Equal(t, []ActionKind{tc.next}, m.Step(Event{Kind: EvRecovered, Stage: tc.stage}), tc.stage)
+		require.Equal(t, tc.state, m.State())
+		require.Equal(t, 1, m.Outcome().Recoveries)
+	}
+	m := NewSource()
+	m.TakeOver()
+	m.Start()
+	require.Equal(t, []ActionKind{ActReport}, m.Step(Event{Kind: EvTimeout, Err: errors.New("no new link")}))
+	o := m.Outcome()
+	require.False(t, o.OK)
+	require.Equal(t, AfterGo, o.Where)
+	require.ErrorContains(t, o.Err, "died")
+
+	// After a take-over the usual recovery goes on: a later cut pauses
+	// again.
+	m = NewSource()
+	m.TakeOver()
+	m.Start()
+	m.Step(Event{Kind: EvRecovered, Stage: StageRunning})
+	require.Equal(t, []ActionKind{ActReconnect}, m.Step(Event{Kind: EvConnClosed}))
+	require.Equal(t, []ActionKind{ActAwaitAck}, m.Step(Event{Kind: EvRecovered, Stage: StageAcking}))
+	require.Equal(t, []ActionKind{ActDestroySource}, m.Step(Event{Kind: EvAcked, Verified: true}))
+	require.Equal(t, []ActionKind{ActReport}, m.Step(Event{Kind: EvDestroyed}))
+	require.True(t, m.Outcome().OK)
+	require.Equal(t, 2, m.Outcome().Recoveries)
+}

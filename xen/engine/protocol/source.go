@@ -260,6 +260,7 @@ type Source struct {
 	// recover: after GO a broken link pauses the migration
 	// (SrcRecovering) instead of ending it.
 	recover    bool
+	takeOver   bool // started paused after GO (TakeOver)
 	recoveries int
 	linkErr    error
 	destRan    bool // RESUMED arrived (or a recovery said it runs there)
@@ -279,6 +280,18 @@ func NewSource() *Source { return &Source{state: SrcOpening} }
 // reconnect (ActReconnect) instead of ending it. Call before Start.
 func (m *Source) EnableRecovery() { m.recover = true }
 
+// TakeOver makes the machine start where a source process that died
+// after GO left its migration: paused (SrcRecovering), recovery on, the
+// first action a new link (ActReconnect). The destination's answer says
+// where it stands, and GO was sent before by the dead process, so from
+// the start the domain may run at the destination. Call before Start.
+func (m *Source) TakeOver() {
+	m.recover = true
+	m.takeOver = true
+	m.state = SrcRecovering
+	m.linkErr = errors.New("the source process that sent GO died")
+}
+
 // State is the current state.
 func (m *Source) State() SourceState { return m.state }
 
@@ -288,6 +301,9 @@ func (m *Source) Start() []ActionKind {
 		return nil
 	}
 	m.started = true
+	if m.takeOver {
+		return []ActionKind{ActReconnect}
+	}
 	return []ActionKind{ActOpen}
 }
 
