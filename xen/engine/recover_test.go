@@ -121,8 +121,8 @@ type cutDest struct {
 	after   []int
 	resumed bool
 	cutBack bool
-	early   int // pages placed before the resume
-	before  int // cut once this many pages are placed before the resume (0: never)
+	early   int    // pages placed before the resume
+	before  int    // cut once this many pages are placed before the resume (0: never)
 	onCut   func() // called before each cut after the resume
 }
 
