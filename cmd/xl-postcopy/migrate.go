@@ -48,6 +48,7 @@ type migrateFlags struct {
 	recoverTO  time.Duration
 	linkTO     time.Duration
 	destPaging string
+	resume     bool
 }
 
 func init() {
@@ -73,6 +74,7 @@ func init() {
 			fs.DurationVar(&f.xlTimeout, "xl-timeout", xendom.DefaultXLTimeout, "limit for each xl command here and at the destination (xl create of the destination domain, renames, destroy)")
 			fs.StringVar(&f.destPaging, "dest-paging-ops", "auto", "how the destination pages: auto (one hypercall a batch where the hypervisor has scripts/xen-patches/0001-mem-paging-batch.patch, else one a page) or per-gfn (one a page always)")
 			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
+			fs.BoolVar(&f.resume, "resume", false, "take over the migration of <domain> (its name) to <host> whose source process died after the switchover: the paused copy here (NAME--migratedaway) and the state record (xl-postcopy list) say where it stood; the receiver, which waits for a new link for its --recover-timeout (the source's plus a minute; 4 min by default), says which pages it holds, and only the others are sent. -s and --receiver default to the dead process's")
 			fs.BoolVar(&f.asJSON, "json", false, "print the statistics as one JSON object on stdout")
 			fs.BoolVar(&f.jsonProg, "json-progress", false, "JSON lines on stdout while it runs (QEMU-like state, bytes, pages remaining, faults, downtime once known), the last one completed or failed with the statistics; instead of --json (post-copy and hybrid)")
 			fs.BoolVar(&f.debug, "debug", false, "print the backend's and the engine's steps to stderr")
@@ -101,6 +103,9 @@ func init() {
 			}
 			if f.asJSON && f.jsonProg {
 				return usagef("--json and --json-progress: choose one (the last --json-progress line holds the statistics)")
+			}
+			if f.resume {
+				return runTakeOver(fs, f, args[0], args[1])
 			}
 			return runMigrate(f, args[0], args[1])
 		},
@@ -395,9 +400,13 @@ func runMigrate(f migrateFlags, domArg, host string) (err error) {
 			return err
 		}
 	}
-	if f.recoverTO > 0 {
-		tr.Set(func(r *migstate.Record) { r.RecoverToken = recv.token })
-	}
+	// What a take-over (--resume) needs if this process dies after GO.
+	tr.Set(func(r *migstate.Record) {
+		if f.recoverTO > 0 {
+			r.RecoverToken = recv.token
+		}
+		r.Transport, r.Receiver, r.Prepaging, r.PageSpace = f.ssh, f.receiver, f.prepaging, src.PageSpace()
+	})
 	eo := engine.Options{Mode: mode, Prepaging: f.prepaging, Policy: prepage.Options{}, HybridRounds: f.hybridRnds,
 		Record: f.record, RecordInterval: f.recordInt, ProgressTimeout: f.progressTO}
 	if f.debug {
@@ -443,6 +452,10 @@ func runMigrate(f migrateFlags, domArg, host string) (err error) {
 		} else if st != nil && st.TotalTimeMs > 0 && !f.asJSON {
 			// It got to the end: the figures say what went wrong.
 			printXenStats(os.Stdout, st, src.Stats())
+		}
+		if where, ok := engine.WhereOf(runErr); ok && where == engine.AfterGo && f.recoverTO > 0 {
+			// The receiver waits a minute longer than this side tried.
+			return fmt.Errorf("migrate %s: %w; once the destination can be reached again, and within a minute, `xl-postcopy migrate --resume %s %s` takes the migration over", name, runErr, name, host)
 		}
 		return fmt.Errorf("migrate %s: %w", name, runErr)
 	}

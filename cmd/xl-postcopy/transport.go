@@ -156,12 +156,38 @@ func startLocalReceiver(self string, extra []string) (*receiver, error) {
 	if err != nil {
 		return nil, err
 	}
-	attach := func(n uint64) *exec.Cmd {
+	return &receiver{bulk: b, urgent: u, token: token, attachCmd: localAttach(self, token), cmds: []*exec.Cmd{cmd}}, nil
+}
+
+// localAttach makes the relay command of a local receiver's new links.
+func localAttach(self, token string) func(n uint64) *exec.Cmd {
+	return func(n uint64) *exec.Cmd {
 		c := exec.Command(self, "migrate-receive", "--attach", token, "--link", strconv.FormatUint(n, 10))
 		c.Env = xendom.CleanEnv()
 		return c
 	}
-	return &receiver{bulk: b, urgent: u, token: token, attachCmd: attach, cmds: []*exec.Cmd{cmd}}, nil
+}
+
+// remoteAttach makes the relay command of a remote receiver's new links.
+func remoteAttach(sshCmd, host, remoteBin, token string) func(n uint64) *exec.Cmd {
+	rune3 := fmt.Sprintf("%s %s %s migrate-receive --attach %s --link", sshCmd, shellQuote(host), remoteBin, token)
+	return func(n uint64) *exec.Cmd { return shellCmd(fmt.Sprintf("%s %d", rune3, n)) }
+}
+
+// A take-over's receiver is one that waits already: only new links are
+// made to it. Their attempt numbers start from the clock, above any the
+// dead process used (it counted from 1), since the receiver drops a
+// connection of an attempt not newer than the last it took.
+func takeOverAttempts() uint64 { return uint64(time.Now().UnixNano()) }
+
+// attachOnlyLocal is a take-over's local receiver (-s ”).
+func attachOnlyLocal(self, token string) *receiver {
+	return &receiver{token: token, attachCmd: localAttach(self, token), attempts: takeOverAttempts()}
+}
+
+// attachOnlyRemote is a take-over's receiver through sshCmd on host.
+func attachOnlyRemote(sshCmd, host, remoteBin, token string) *receiver {
+	return &receiver{token: token, attachCmd: remoteAttach(sshCmd, host, remoteBin, token), attempts: takeOverAttempts()}
 }
 
 // startRemoteReceiver runs the receiver through sshCmd (a shell command
@@ -173,7 +199,6 @@ func startRemoteReceiver(sshCmd, host, remoteBin string, extra []string) (*recei
 	}
 	rune1 := fmt.Sprintf("%s %s %s migrate-receive --urgent-listen %s --recover-token %s %s", sshCmd, shellQuote(host), remoteBin, token, token, strings.Join(extra, " "))
 	rune2 := fmt.Sprintf("%s %s %s migrate-receive --urgent-attach %s", sshCmd, shellQuote(host), remoteBin, token)
-	rune3 := fmt.Sprintf("%s %s %s migrate-receive --attach %s --link", sshCmd, shellQuote(host), remoteBin, token)
 	c1, bulk, err := startPiped(shellCmd(rune1))
 	if err != nil {
 		return nil, err
@@ -185,7 +210,7 @@ func startRemoteReceiver(sshCmd, host, remoteBin string, extra []string) (*recei
 		_ = c1.Wait()
 		return nil, err
 	}
-	return &receiver{bulk: bulk, urgent: urg, token: token, attachCmd: func(n uint64) *exec.Cmd { return shellCmd(fmt.Sprintf("%s %d", rune3, n)) },
+	return &receiver{bulk: bulk, urgent: urg, token: token, attachCmd: remoteAttach(sshCmd, host, remoteBin, token),
 		cmds: []*exec.Cmd{c1, c2}}, nil
 }
 

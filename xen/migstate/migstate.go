@@ -93,6 +93,15 @@ type Record struct {
 	// command said when it ended (set on failure).
 	Where    string `json:"where,omitempty"`
 	WhatToDo string `json:"what_to_do,omitempty"`
+	// What a later `migrate --resume` needs to take the migration over
+	// if the source process dies (source records): the transport
+	// command (-s), the receiver command on the destination host, the
+	// pre-paging policy, and the backend's page space (page index to
+	// gfn, opaque here).
+	Transport string          `json:"transport,omitempty"`
+	Receiver  string          `json:"receiver,omitempty"`
+	Prepaging string          `json:"prepaging,omitempty"`
+	PageSpace json.RawMessage `json:"page_space,omitempty"`
 }
 
 // Ended says the migration is over (completed or failed): nothing will

@@ -951,3 +951,36 @@ func TestPauseWaitsOnTheDomainWatch(t *testing.T) {
 	require.False(t, deaf.SuspendWatched, "a watch that never fired was credited")
 	require.GreaterOrEqual(t, deaf.SuspendMs, 200.0)
 }
+
+// A take-over reopens the paused source copy with the page space its
+// first source saved: the same pages under the same indexes, even where
+// the page space would now come out different (a hole the guest's
+// balloon filled since the setup); a domain that runs is refused.
+func TestReopenSourceKeepsThePageSpace(t *testing.T) {
+	hv := newFakeHV()
+	src := hv.newGuestDomain("src", 40)
+	s, err := NewSource(SourceOptions{HV: hv, XS: &fakeStore{h: hv}, XL: &fakeXL{h: hv}, Dom: src.id, Name: "vm1", XLConfig: []byte(testXLConfig)})
+	require.NoError(t, err)
+	space := s.PageSpace()
+	n := s.Info().NumPages
+
+	_, err = ReopenSource(SourceOptions{HV: hv, XL: &fakeXL{h: hv}, Dom: src.id, Name: "vm1"}, "vm1", space)
+	require.ErrorContains(t, err, "runs", "a running domain is not a migration's paused copy")
+
+	require.NoError(t, hv.Pause(src.id))
+	r, err := ReopenSource(SourceOptions{HV: hv, XL: &fakeXL{h: hv}, Dom: src.id, Name: "vm1"}, "vm1--migratedaway", space)
+	require.NoError(t, err)
+	require.Equal(t, n, r.Info().NumPages)
+	require.Empty(t, r.Info().Absent, "the destination says what it holds, absent pages too")
+	idx := []uint64{0, 1, n / 2, n - 1}
+	a := make([]byte, len(idx)*PageSize)
+	b := make([]byte, len(idx)*PageSize)
+	require.NoError(t, s.ReadPages(idx, a))
+	require.NoError(t, r.ReadPages(idx, b))
+	require.Equal(t, a, b, "the same index reads the same gfn")
+
+	_, err = ReopenSource(SourceOptions{HV: hv, Dom: src.id, Name: "vm1"}, "vm1", json.RawMessage(`[{"first":0,"count":99999999}]`))
+	require.ErrorContains(t, err, "beyond", "a page space larger than the domain is not its own")
+	_, err = ReopenSource(SourceOptions{HV: hv, Dom: src.id, Name: "vm1"}, "vm1", json.RawMessage(`{`))
+	require.ErrorContains(t, err, "does not parse")
+}

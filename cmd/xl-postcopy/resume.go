@@ -1,0 +1,249 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/engine"
+	"github.com/xl-postcopy/xl-postcopy/xen/migstate"
+	"github.com/xl-postcopy/xl-postcopy/xen/wire"
+	"github.com/xl-postcopy/xl-postcopy/xen/xendom"
+	"github.com/xl-postcopy/xl-postcopy/xen/xenstore"
+)
+
+// `migrate --resume`: a new process takes over a migration whose source
+// process died after the switchover (issue 13). The source copy is
+// paused here with every page; the receiver at the destination keeps the
+// domain and waits for a new link (--recover-timeout, a minute longer
+// than the source's); the state record says how to reach it and how the
+// pages are numbered.
+
+// takeOverTarget is what a take-over starts from: the dead source's
+// record and the domain that is its paused copy.
+type takeOverTarget struct {
+	rec     migstate.Record
+	current string // the paused copy's name now
+}
+
+// findTakeOver picks the source record of name in records and checks it
+// can be taken over: recovery was on, its process is gone, and it was
+// going to host.
+func findTakeOver(records []migstate.Record, name, host string) (migstate.Record, error) {
+	for _, r := range records {
+		if r.Domain != name || r.Role != migstate.Source {
+			continue
+		}
+		switch {
+		case !r.ProcessGone():
+			return r, fmt.Errorf("the migration of %s is still run by process %d (state %s): it reconnects by itself for its --recover-timeout; to take it over, end that process first (kill %d; its copy stays paused)",
+				name, r.PID, r.State, r.PID)
+		case r.RecoverToken == "":
+			return r, fmt.Errorf("the migration of %s ran without recovery (--recover-timeout 0): its receiver does not wait for a new link, so it cannot be taken over", name)
+		case r.Peer != host:
+			return r, fmt.Errorf("the migration of %s was going to %s, not %s", name, r.Peer, host)
+		case len(r.PageSpace) == 0:
+			return r, fmt.Errorf("the record of the migration of %s has no page space (written by an older xl-postcopy): it cannot be taken over", name)
+		}
+		return r, nil
+	}
+	return migstate.Record{}, fmt.Errorf("no migration of %s from this host is recorded in %s (xl-postcopy list --all)", name, migstate.Dir())
+}
+
+// takeOverFigures are the JSON keys a take-over does not know: the
+// process that measured them died.
+var takeOverFigures = []string{"downtime_ms", "setup_time_ms", "precopy_bytes", "downtime_bytes", "precopy_rounds",
+	"core_pages", "early_core_pages", "early_core_redirtied", "dropped_pages", "added_pages", "unreadable_reads"}
+
+// withoutUnknown marshals v and drops the figures a take-over does not
+// know (omitted, not zero).
+func withoutUnknown(v any) (map[string]any, error) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	var m map[string]any
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, err
+	}
+	for _, k := range takeOverFigures {
+		delete(m, k)
+	}
+	return m, nil
+}
+
+// printTakeOverStats is printXenStats for a take-over: what this process
+// saw.
+func printTakeOverStats(w io.Writer, st *engine.Stats) {
+	fmt.Fprintf(w, "verified          %v from the destination's %s (%d pages compared, %d written by the guest first, %d mismatched)\n",
+		st.Verified, st.VerifiedFrom, st.VerifiedPages, st.GuestWrittenPages, st.MismatchedPages)
+	fmt.Fprintf(w, "time taken over   %.1f ms (the downtime and what came before were the dead process's)\n", st.TotalTimeMs)
+	fmt.Fprintf(w, "bytes sent        %s\n", fmtBytes(st.TotalBytes))
+	fmt.Fprintf(w, "pages sent        %d (zero %d, re-sent %d, redundant %d)\n", st.PagesSent, st.ZeroPages, st.ResentPages, st.RedundantPages)
+	fmt.Fprintf(w, "recoveries        %d new links (the first is the take-over's); %.1f ms without a link\n", st.Recoveries, st.PostcopyPausedMs)
+	fmt.Fprintf(w, "network faults    %d, p50 %.0f us, p99 %.0f us, waits summed %.1f ms\n", st.NetworkFaults, st.FaultLatencyP50Us, st.FaultLatencyP99Us, st.FaultWaitMs)
+}
+
+// runTakeOver is `migrate --resume <domain> <host>`.
+func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err error) {
+	if err := checkLogFormat(); err != nil {
+		return err
+	}
+	if _, isID, _ := parseDomainArg(name); isID {
+		return usagef("--resume: give the domain's name, not a domain id (the source copy is renamed %s--migratedaway)", name)
+	}
+	if f.recoverTO <= 0 {
+		return usagef("--resume needs recovery (--recover-timeout > 0): it reaches the destination as a recovery does")
+	}
+	records, bad := migstate.List(migstate.Dir())
+	for _, e := range bad {
+		fmt.Fprintf(os.Stderr, "xl-postcopy migrate --resume: %v\n", e)
+	}
+	rec, err := findTakeOver(records, name, host)
+	if err != nil {
+		return err
+	}
+	mode, err := wire.ParseMode(rec.Mode)
+	if err != nil || mode == wire.ModePrecopy {
+		return fmt.Errorf("the migration of %s was a %q migration: nothing to take over after a switchover", name, rec.Mode)
+	}
+	prepaging := rec.Prepaging
+	if fs.Changed("prepaging") || prepaging == "" {
+		prepaging = f.prepaging
+	}
+	if err := engine.ValidatePolicy(prepaging); err != nil {
+		return usagef("--prepaging: %v", err)
+	}
+	ssh, bin := rec.Transport, rec.Receiver
+	if fs.Changed("ssh") {
+		ssh = f.ssh
+	}
+	if fs.Changed("receiver") || bin == "" {
+		bin = f.receiver
+	}
+	logf := debugf(f.debug, "migrate")
+	x, err := xendom.OpenXen()
+	if err != nil {
+		return err
+	}
+	defer x.Close()
+	// The paused copy: renamed before GO by the process that died, or
+	// not yet if it died in between.
+	var dom uint32
+	current := ""
+	for _, n := range []string{name + "--migratedaway", name} {
+		if d, lerr := resolveDomain(x, n); lerr == nil {
+			dom, current = d, n
+			break
+		}
+	}
+	if current == "" {
+		return fmt.Errorf("no domain %s--migratedaway or %s here: the source copy is gone, and with it the pages the destination lacks", name, name)
+	}
+	xs, err := xenstore.Open()
+	if err != nil {
+		return err
+	}
+	defer xs.Close()
+	src, err := xendom.ReopenSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{Timeout: f.xlTimeout}, Dom: dom, Name: name,
+		Logf: debugf(f.debug, "xen-source")}, current, rec.PageSpace)
+	if err != nil {
+		return fmt.Errorf("domain %s (%d): %w", current, dom, err)
+	}
+	signal.Ignore(syscall.SIGPIPE)
+	sigs := newMigrateSignals(fmt.Sprintf("domain %s", name), host)
+	defer sigs.stop()
+	// GO was the dead process's: from the start no signal may strand the
+	// guest at the destination.
+	sigs.passedGo()
+	var recv *receiver
+	if ssh == "" {
+		self, err := os.Executable()
+		if err != nil {
+			return fmt.Errorf("find this executable for the local relays: %w", err)
+		}
+		recv = attachOnlyLocal(self, rec.RecoverToken)
+	} else {
+		recv = attachOnlyRemote(ssh, host, bin, rec.RecoverToken)
+	}
+	tr := startRecord("migrate", migstate.Record{Domain: name, Role: migstate.Source, Peer: host, Mode: mode.String(),
+		State: migstate.StatePostcopyPaused, Phase: "postcopy-paused", RecoverToken: rec.RecoverToken,
+		Transport: ssh, Receiver: bin, Prepaging: prepaging, PageSpace: rec.PageSpace, Recoveries: rec.Recoveries})
+	var st *engine.Stats
+	defer func() { endSourceRecord(tr, st, err, engine.AfterGo.String()) }()
+	eo := engine.Options{Mode: mode, Prepaging: prepaging, ProgressTimeout: f.progressTO,
+		Reconnect: recv.reconnect, RecoverTimeout: f.recoverTO, LinkTimeout: f.linkTO}
+	if f.debug {
+		eo.Logf = debugf(true, "engine")
+	}
+	progress := isTerminal(os.Stderr) && !f.debug && !f.jsonProg
+	var jp *jsonProgress
+	switch {
+	case f.jsonProg:
+		jp = newJSONProgress(os.Stdout, mode)
+		eo.Progress = jp.report
+	case progress:
+		eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
+	}
+	eo.Progress = recordProgress(tr, mode, eo.Progress)
+	if !f.asJSON && !f.jsonProg {
+		fmt.Fprintf(os.Stderr, "taking over the migration of %s to %s (its source process %d is gone): paused copy %s (domain %d, %d pages), mode %s, pre-paging %s\n",
+			name, host, rec.PID, current, dom, src.Info().NumPages, mode, prepaging)
+	}
+	logf("record %s: state %s, phase %s, token %s, transport %q", name, rec.State, rec.Phase, rec.RecoverToken, ssh)
+	st, runErr := engine.TakeOverSource(sigs.ctx, src, eo)
+	if progress {
+		fmt.Fprintln(os.Stderr)
+	}
+	if werr := recv.wait(30 * time.Second); werr != nil {
+		logf("relays: %v", werr)
+	}
+	out := struct {
+		*engine.Stats
+		Host string             `json:"host"`
+		Xen  xendom.SourceStats `json:"xen"`
+	}{st, host, src.Stats()}
+	if runErr != nil {
+		if jp != nil {
+			m, _ := withoutUnknown(out)
+			jp.end(st, m, runErr)
+		}
+		return fmt.Errorf("migrate --resume %s: %w", name, runErr)
+	}
+	var notVerified error
+	if !st.Verified {
+		notVerified = errors.New("migration finished but the destination's memory does not match the source (see verified, mismatched_pages)")
+	}
+	switch {
+	case jp != nil:
+		out.Stats.FaultTimeline = nil
+		m, err := withoutUnknown(out)
+		if err != nil {
+			return err
+		}
+		jp.end(st, m, notVerified)
+	case f.asJSON:
+		out.Stats.FaultTimeline = nil
+		m, err := withoutUnknown(out)
+		if err != nil {
+			return err
+		}
+		if err := printJSON(m); err != nil {
+			return err
+		}
+	default:
+		printTakeOverStats(os.Stdout, st)
+	}
+	if notVerified == nil && !f.asJSON && !f.jsonProg {
+		fmt.Fprintf(os.Stderr, "%s runs at %s; the source copy here is destroyed\n", name, strings.TrimSpace(host))
+	}
+	return notVerified
+}

@@ -1,0 +1,80 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/xl-postcopy/xl-postcopy/xen/engine"
+	"github.com/xl-postcopy/xl-postcopy/xen/migstate"
+)
+
+// goneRecord is the record of a source process that has exited.
+func goneRecord(t *testing.T) migstate.Record {
+	t.Helper()
+	c := exec.Command("true")
+	require.NoError(t, c.Run())
+	start, _ := migstate.ProcStart(os.Getpid())
+	return migstate.Record{Domain: "vm1", Role: migstate.Source, Peer: "hostb", Mode: "postcopy", State: migstate.StatePostcopyPaused,
+		PID: c.Process.Pid, PIDStart: start + 1, RecoverToken: "abc", PageSpace: json.RawMessage(`[{"first":0,"count":4}]`)}
+}
+
+// --resume takes over only a migration it can: recorded from this host,
+// to that host, with recovery, its process gone.
+func TestFindTakeOver(t *testing.T) {
+	ok := goneRecord(t)
+	r, err := findTakeOver([]migstate.Record{{Domain: "vm1", Role: migstate.Dest}, ok}, "vm1", "hostb")
+	require.NoError(t, err)
+	require.Equal(t, "abc", r.RecoverToken)
+
+	_, err = findTakeOver([]migstate.Record{ok}, "vm2", "hostb")
+	require.ErrorContains(t, err, "no migration of vm2")
+	_, err = findTakeOver([]migstate.Record{ok}, "vm1", "hostc")
+	require.ErrorContains(t, err, "was going to hostb")
+
+	live := ok
+	live.PID = os.Getpid()
+	live.PIDStart, _ = migstate.ProcStart(os.Getpid())
+	_, err = findTakeOver([]migstate.Record{live}, "vm1", "hostb")
+	require.ErrorContains(t, err, "still run by process")
+
+	norec := ok
+	norec.RecoverToken = ""
+	_, err = findTakeOver([]migstate.Record{norec}, "vm1", "hostb")
+	require.ErrorContains(t, err, "without recovery")
+
+	nospace := ok
+	nospace.PageSpace = nil
+	_, err = findTakeOver([]migstate.Record{nospace}, "vm1", "hostb")
+	require.ErrorContains(t, err, "no page space")
+}
+
+// A take-over's JSON leaves out what the dead process measured (omitted,
+// not zero) and keeps what it saw itself.
+func TestTakeOverOmitsUnknownFigures(t *testing.T) {
+	st := &engine.Stats{TakenOver: true, TotalTimeMs: 12, Recoveries: 1, Verified: true}
+	m, err := withoutUnknown(struct {
+		*engine.Stats
+		Host string `json:"host"`
+	}{st, "hostb"})
+	require.NoError(t, err)
+	for _, k := range takeOverFigures {
+		require.NotContains(t, m, k)
+	}
+	require.Equal(t, true, m["taken_over"])
+	require.Equal(t, 12.0, m["total_time_ms"])
+	require.Equal(t, "hostb", m["host"])
+	_, has := m["verified"]
+	require.True(t, has)
+}
+
+// A take-over's relays number their attempts above any the dead process
+// used, so that the receiver does not drop them as stale.
+func TestTakeOverAttemptsAreNewer(t *testing.T) {
+	r := attachOnlyLocal("/bin/false", "tok")
+	require.Greater(t, r.attempts, uint64(1<<40))
+	require.Equal(t, []string{"/bin/false", "migrate-receive", "--attach", "tok", "--link", "7"}, r.attachCmd(7).Args)
+}
