@@ -7,6 +7,7 @@ import (
 	"io"
 	"math/rand"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -413,4 +414,62 @@ func TestTakeOverAfterTheSourceDied(t *testing.T) {
 func TestTakeOverNeedsReconnect(t *testing.T) {
 	_, err := TakeOverSource(context.Background(), newMemSource(10, 0), Options{Mode: wire.ModePostcopy})
 	require.ErrorContains(t, err, "Reconnect")
+}
+
+// failingSource fails every read of one page once the domain is paused:
+// the backend's failure, not the link's.
+type failingSource struct {
+	*memSource
+	bad uint64
+}
+
+func (s *failingSource) ReadPages(pfns []uint64, buf []byte) error {
+	s.mu.Lock()
+	paused := s.paused
+	s.mu.Unlock()
+	if paused && slices.Contains(pfns, s.bad) {
+		return errors.New("mapping refused")
+	}
+	return s.memSource.ReadPages(pfns, buf)
+}
+
+// With recovery on, a page that cannot be read after GO ends the
+// migration with the source copy paused (a new link would meet the same
+// page): it used to be taken for a broken link, and the recoveries never
+// ended.
+func TestBackendFailureAfterGoIsNotABrokenLink(t *testing.T) {
+	k := newLinkLab(t)
+	src := &failingSource{memSource: newMemSource(300, 0), bad: 250}
+	dst := &cutDest{memDest: newMemDest(nil), k: k}
+	a1, a2, err := k.dial()
+	require.NoError(t, err)
+	b1, b2, err := k.reattach(context.Background())
+	require.NoError(t, err)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		_, _ = RunDest(context.Background(), b1, b2, func(*wire.DomainHeader) (Dest, error) { return dst, nil },
+			DestOptions{Reattach: k.reattach, RecoverTimeout: 3 * time.Second, ProgressTimeout: 5 * time.Second})
+	}()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var st *Stats
+	var serr error
+	ended := make(chan struct{})
+	go func() {
+		defer close(ended)
+		st, serr = RunSource(ctx, src, a1, a2, Options{Mode: wire.ModePostcopy, BatchPages: 8, WindowBytes: 32 << 10,
+			Reconnect: k.reconnect, RecoverTimeout: 20 * time.Second, ProgressTimeout: 5 * time.Second})
+	}()
+	select {
+	case <-ended:
+	case <-time.After(45 * time.Second):
+		t.Fatalf("the source never ended: %d reconnects for a page that does not read", k.attempts.Load())
+	}
+	<-done
+	requireWhere(t, serr, AfterGo)
+	require.ErrorContains(t, serr, "mapping refused")
+	require.Zero(t, st.Recoveries, "a backend failure is not a broken link")
+	require.Zero(t, k.attempts.Load())
+	require.False(t, src.resumed)
 }

@@ -527,6 +527,20 @@ func (s *source) outcome(r *srcRun, o protocol.Outcome) error {
 	return &Error{Domain: s.info.Name, Where: o.Where, Err: err}
 }
 
+// backendError is a failure of the source domain's backend (a page that
+// does not read), not of the link: a new link would meet it again, so it
+// ends the migration instead of pausing it (with recovery, calling it a
+// broken link made recoveries that never ended).
+type backendError struct{ err error }
+
+func (e *backendError) Error() string { return e.err.Error() }
+func (e *backendError) Unwrap() error { return e.err }
+
+func isBackend(err error) bool {
+	var be *backendError
+	return errors.As(err, &be)
+}
+
 // event is the machine's input for an action's result.
 func (s *source) event(ok protocol.EventKind, err error, backend bool) protocol.Event {
 	if err == nil {
@@ -640,10 +654,11 @@ func (s *source) do(r *srcRun, a protocol.ActionKind) (protocol.Event, bool) {
 		r.stopLog()
 		return protocol.Event{Kind: protocol.EvResumed}, true
 	case protocol.ActPostcopy:
-		return s.event(protocol.EvPagesDone, s.afterResume(r), false), true
+		err := s.afterResume(r)
+		return s.event(protocol.EvPagesDone, err, isBackend(err)), true
 	case protocol.ActAwaitAck:
 		if err := s.awaitAck(r); err != nil {
-			return s.event(0, err, false), true
+			return s.event(0, err, isBackend(err)), true
 		}
 		ev := protocol.Event{Kind: protocol.EvAcked, Verified: r.st.Verified}
 		if !r.st.Verified {
@@ -956,7 +971,7 @@ func (s *source) afterResume(r *srcRun) error {
 		r.crc = &res
 	}
 	if r.crc.err != nil {
-		return fmt.Errorf("checksum source memory: %w", r.crc.err)
+		return &backendError{fmt.Errorf("checksum source memory: %w", r.crc.err)}
 	}
 	table := r.crc.table
 	s.bulkMu.Lock()
@@ -1268,7 +1283,7 @@ func (s *source) readBatch(phase wire.Phase, pfns []uint64, buf []byte, entries 
 	if err != nil {
 		var ue *UnreadableError
 		if !errors.As(err, &ue) || phase != wire.PhasePrecopy {
-			return nil, nil, fmt.Errorf("read %d pages from pfn %#x: %w", len(pfns), pfns[0], err)
+			return nil, nil, &backendError{fmt.Errorf("read %d pages from pfn %#x: %w", len(pfns), pfns[0], err)}
 		}
 		// The running guest gave these back (or is about to): what they
 		// hold is not known, so nothing is sent; the pause decides.

@@ -70,8 +70,24 @@ func ReopenSource(opt SourceOptions, current string, space json.RawMessage) (*So
 		// Resume (only if the destination says it never ran the domain
 		// and then fails to) renames it back and resumes it.
 		renamed: current != opt.Name}
+	// Holes in the page space (a balloon's, as at the pause) are absent:
+	// the destination has them as such, and reading one fails.
+	const batch = 1024
+	for base := 0; base < len(gfns); base += batch {
+		probe := gfns[base:min(base+batch, len(gfns))]
+		types, err := opt.HV.PageTypes(opt.Dom, probe)
+		if err != nil {
+			return nil, fmt.Errorf("page types of gfns %#x..%#x: %w", probe[0], probe[len(probe)-1], err)
+		}
+		for i, t := range types {
+			if t == xenctrl.PageInvalid || t == xenctrl.PageXAlloc || t == xenctrl.PageBroken {
+				s.absent[base+i] = true
+				s.stats.AbsentPages++
+			}
+		}
+	}
 	s.cfg = DomainConfig{Name: opt.Name, Kind: kind, VCPUs: info.MaxVCPUID + 1, GFNs: ranges}
-	s.stats.RAMPages = uint64(len(gfns))
+	s.stats.RAMPages = uint64(len(gfns)) - s.stats.AbsentPages
 	s.stats.GuestHints = "none (taken over after GO)"
 	return s, nil
 }
