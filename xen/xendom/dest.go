@@ -3,6 +3,7 @@ package xendom
 import (
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"slices"
 	"sync"
@@ -594,3 +595,9 @@ func (d *Dest) Rename() error {
 }
 
 func msSince(t time.Time) float64 { return float64(time.Since(t).Microseconds()) / 1000 }
+
+// addSince adds the milliseconds since t to sum, kept on the microsecond
+// grid: sums of many float increments otherwise print as 3861.4090000000006.
+func addSince(sum float64, t time.Time) float64 {
+	return math.Round((sum+msSince(t))*1000) / 1000
+}

@@ -192,7 +192,7 @@ func (p *Pager) Load(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error) 
 		done, err := p.hv.LoadPages(p.dom, gfns[at:], buf[at*PageSize:])
 		done = max(0, min(done, len(gfns)-at))
 		p.mu.Lock()
-		p.stats.LoadMs += msSince(t0)
+		p.stats.LoadMs = addSince(p.stats.LoadMs, t0)
 		p.stats.Loaded += uint64(done)
 		for _, x := range idx[at : at+done] {
 			p.state[x] = PageLoaded
@@ -242,7 +242,7 @@ func (p *Pager) Write(idx, gfns []uint64, buf []byte) ([]xenctrl.Request, error)
 	var wake []xenctrl.Request
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.stats.LoadMs += msSince(t0)
+	p.stats.LoadMs = addSince(p.stats.LoadMs, t0)
 	for _, i := range idx {
 		if p.state[i] == PageResident {
 			p.stats.ResidentWritten++

@@ -297,7 +297,7 @@ func (s *Source) ReadPages(pfns []uint64, buf []byte) error {
 	t0 := time.Now()
 	failed, err := s.opt.HV.ReadPages(s.opt.Dom, gfns, buf)
 	s.mu.Lock()
-	s.stats.ReadMs += float64(time.Since(t0).Microseconds()) / 1000
+	s.stats.ReadMs = addSince(s.stats.ReadMs, t0)
 	s.mu.Unlock()
 	if err != nil {
 		return err

@@ -985,3 +985,21 @@ func TestReopenSourceKeepsThePageSpace(t *testing.T) {
 	_, err = ReopenSource(SourceOptions{HV: hv, Dom: src.id, Name: "vm1"}, "vm1", json.RawMessage(`{`))
 	require.ErrorContains(t, err, "does not parse")
 }
+
+// Summed times print as microseconds, not as float noise.
+func TestAddSinceStaysOnTheMicrosecondGrid(t *testing.T) {
+	sum := 0.0
+	t0 := time.Now().Add(-1234 * time.Microsecond)
+	for range 5000 {
+		sum = addSince(sum, t0)
+	}
+	b, err := json.Marshal(sum)
+	require.NoError(t, err)
+	frac := string(b)
+	if i := strings.IndexByte(frac, '.'); i >= 0 {
+		frac = frac[i+1:]
+	} else {
+		frac = ""
+	}
+	require.LessOrEqual(t, len(frac), 3, "%s has more than microseconds", b)
+}
