@@ -49,6 +49,7 @@ type migrateFlags struct {
 	linkTO     time.Duration
 	destPaging string
 	resume     bool
+	abandon    bool
 }
 
 func init() {
@@ -75,6 +76,7 @@ func init() {
 			fs.StringVar(&f.destPaging, "dest-paging-ops", "auto", "how the destination pages: auto (one hypercall a batch where the hypervisor has scripts/xen-patches/0001-mem-paging-batch.patch, else one a page) or per-gfn (one a page always)")
 			fs.StringVar(&f.receiver, "receiver", "xl-postcopy", "the xl-postcopy command on the destination host (ignored with -s '')")
 			fs.BoolVar(&f.resume, "resume", false, "take over the migration of <domain> (its name) to <host> whose source process died after the switchover: the paused copy here (NAME--migratedaway) and the state record (xl-postcopy list) say where it stood; the receiver, which waits for a new link for its --recover-timeout (the source's plus a minute; 4 min by default), says which pages it holds, and only the others are sent. -s and --receiver default to the dead process's")
+			fs.BoolVar(&f.abandon, "abandon", false, "give up the migration of <domain> (its name) to <host> after the switchover when the destination's copy is gone (its receiver died and the admin destroyed NAME--incoming there): resume the paused copy here, as it was at the switchover (what the guest did at the destination since is lost). Refused while <host> has NAME--incoming or NAME (checked through -s), or while a process still runs the migration")
 			fs.BoolVar(&f.asJSON, "json", false, "print the statistics as one JSON object on stdout")
 			fs.BoolVar(&f.jsonProg, "json-progress", false, "JSON lines on stdout while it runs (QEMU-like state, bytes, pages remaining, faults, downtime once known), the last one completed or failed with the statistics; instead of --json (post-copy and hybrid)")
 			fs.BoolVar(&f.debug, "debug", false, "print the backend's and the engine's steps to stderr")
@@ -104,8 +106,14 @@ func init() {
 			if f.asJSON && f.jsonProg {
 				return usagef("--json and --json-progress: choose one (the last --json-progress line holds the statistics)")
 			}
+			if f.resume && f.abandon {
+				return usagef("--resume and --abandon: choose one (--resume goes on with the migration, --abandon gives it up)")
+			}
 			if f.resume {
 				return runTakeOver(fs, f, args[0], args[1])
+			}
+			if f.abandon {
+				return runAbandon(fs, f, args[0], args[1])
 			}
 			return runMigrate(f, args[0], args[1])
 		},

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"os/signal"
 	"strings"
 	"syscall"
@@ -246,4 +247,109 @@ func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err erro
 		fmt.Fprintf(os.Stderr, "%s runs at %s; the source copy here is destroyed\n", name, strings.TrimSpace(host))
 	}
 	return notVerified
+}
+
+// findAbandon picks the source record of name for --abandon: the
+// migration's process must be gone and it must have been going to host.
+func findAbandon(records []migstate.Record, name, host string) (migstate.Record, error) {
+	for _, r := range records {
+		if r.Domain != name || r.Role != migstate.Source {
+			continue
+		}
+		switch {
+		case !r.ProcessGone():
+			return r, fmt.Errorf("the migration of %s is still run by process %d (state %s): it may still complete; end that process first (kill %d; its copy stays paused)",
+				name, r.PID, r.State, r.PID)
+		case r.Peer != host:
+			return r, fmt.Errorf("the migration of %s was going to %s, not %s", name, r.Peer, host)
+		}
+		return r, nil
+	}
+	return migstate.Record{}, fmt.Errorf("no migration of %s from this host is recorded in %s (xl-postcopy list --all)", name, migstate.Dir())
+}
+
+// judgeDestCopy reads `xl list` as run at the destination host: nil only
+// when it ran and lists neither NAME--incoming nor NAME.
+func judgeDestCopy(name, host, out string, runErr error) error {
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if runErr != nil || len(lines) == 0 || !strings.HasPrefix(strings.TrimSpace(lines[0]), "Name") {
+		return fmt.Errorf("could not tell whether %s still has a copy of %s (xl list there: %v): nothing was done here; two running copies of one guest would be worse than none", host, name, runErr)
+	}
+	for _, l := range lines[1:] {
+		f := strings.Fields(l)
+		if len(f) >= 2 && (f[0] == name || f[0] == name+"--incoming") {
+			return fmt.Errorf("%s still has a copy of %s (%s, domain %s): destroy it there first (xl destroy %s), or, if its receiver still runs, go on with the migration (--resume)",
+				host, name, f[0], f[1], f[0])
+		}
+	}
+	return nil
+}
+
+// runAbandon is `migrate --abandon <domain> <host>`: the destination's
+// copy is gone, so the paused copy here, the guest as it was at the
+// switchover, runs again.
+func runAbandon(fs *pflag.FlagSet, f migrateFlags, name, host string) error {
+	if _, isID, _ := parseDomainArg(name); isID {
+		return usagef("--abandon: give the domain's name, not a domain id")
+	}
+	records, bad := migstate.List(migstate.Dir())
+	for _, e := range bad {
+		fmt.Fprintf(os.Stderr, "xl-postcopy migrate --abandon: %v\n", e)
+	}
+	rec, err := findAbandon(records, name, host)
+	if err != nil {
+		return err
+	}
+	if len(rec.PageSpace) == 0 {
+		return fmt.Errorf("the record of the migration of %s has no page space (written by an older xl-postcopy)", name)
+	}
+	ssh := rec.Transport
+	if fs.Changed("ssh") {
+		ssh = f.ssh
+	}
+	// `xl list` at the destination, through the migration's transport.
+	check := exec.Command("xl", "list")
+	check.Env = xendom.CleanEnv()
+	if ssh != "" {
+		check = shellCmd(fmt.Sprintf("%s %s xl list", ssh, shellQuote(host)))
+	}
+	check.Stderr = os.Stderr
+	out, runErr := check.Output()
+	if err := judgeDestCopy(name, host, string(out), runErr); err != nil {
+		return err
+	}
+	x, err := xendom.OpenXen()
+	if err != nil {
+		return err
+	}
+	defer x.Close()
+	var dom uint32
+	current := ""
+	for _, n := range []string{name + "--migratedaway", name} {
+		if d, lerr := resolveDomain(x, n); lerr == nil {
+			dom, current = d, n
+			break
+		}
+	}
+	if current == "" {
+		return fmt.Errorf("no domain %s--migratedaway or %s here: nothing to resume", name, name)
+	}
+	xs, err := xenstore.Open()
+	if err != nil {
+		return err
+	}
+	defer xs.Close()
+	src, err := xendom.ReopenSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{Timeout: f.xlTimeout}, Dom: dom, Name: name,
+		Logf: debugf(f.debug, "xen-source")}, current, rec.PageSpace)
+	if err != nil {
+		return fmt.Errorf("domain %s (%d): %w", current, dom, err)
+	}
+	if err := src.Resume(); err != nil {
+		return fmt.Errorf("resume %s (domain %d) here: %w", current, dom, err)
+	}
+	if err := migstate.Remove(migstate.Dir(), name, migstate.Source); err != nil {
+		fmt.Fprintf(os.Stderr, "xl-postcopy migrate --abandon: remove the state record: %v\n", err)
+	}
+	fmt.Fprintf(os.Stderr, "%s (domain %d) runs here again, as it was at the switchover; what it did at %s since is lost\n", name, dom, host)
+	return nil
 }

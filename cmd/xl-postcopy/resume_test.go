@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"testing"
@@ -77,4 +78,31 @@ func TestTakeOverAttemptsAreNewer(t *testing.T) {
 	r := attachOnlyLocal("/bin/false", "tok")
 	require.Greater(t, r.attempts, uint64(1<<40))
 	require.Equal(t, []string{"/bin/false", "migrate-receive", "--attach", "tok", "--link", "7"}, r.attachCmd(7).Args)
+}
+
+// --abandon resumes the source copy only when the destination's `xl list`
+// ran and shows no copy of the domain.
+func TestJudgeDestCopy(t *testing.T) {
+	list := "Name                                        ID   Mem VCPUs\tState\tTime(s)\nDomain-0                                     0  1024     1     r-----     359.0\n"
+	require.NoError(t, judgeDestCopy("vm1", "hostb", list, nil))
+	require.NoError(t, judgeDestCopy("vm1", "hostb", list+"vm10                 7   128     1     -b----       1.0\n", nil))
+	err := judgeDestCopy("vm1", "hostb", list+"vm1--incoming                      23     9     1     ------       0.0\n", nil)
+	require.ErrorContains(t, err, "xl destroy vm1--incoming")
+	err = judgeDestCopy("vm1", "hostb", list+"vm1                      23     9     1     -b----       0.0\n", nil)
+	require.ErrorContains(t, err, "still has a copy")
+	require.ErrorContains(t, judgeDestCopy("vm1", "hostb", "", errors.New("exit status 255")), "could not tell")
+	require.ErrorContains(t, judgeDestCopy("vm1", "hostb", "ssh: connect to host hostb port 22: No route to host\n", nil), "could not tell")
+}
+
+func TestFindAbandon(t *testing.T) {
+	ok := goneRecord(t)
+	_, err := findAbandon([]migstate.Record{ok}, "vm1", "hostb")
+	require.NoError(t, err)
+	live := ok
+	live.PID = os.Getpid()
+	live.PIDStart, _ = migstate.ProcStart(os.Getpid())
+	_, err = findAbandon([]migstate.Record{live}, "vm1", "hostb")
+	require.ErrorContains(t, err, "still run by process")
+	_, err = findAbandon([]migstate.Record{ok}, "vm1", "hostc")
+	require.ErrorContains(t, err, "not hostc")
 }
