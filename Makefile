@@ -90,8 +90,8 @@ lab-bench:
 		LAB_EXTRA_SCENARIOS="$(LAB_BENCH_SCENARIOS)" scripts/lab/lab-test.sh
 
 # The fault-injection matrix on lab domains (docs/RELIABILITY.md): a link reset and a 2 s
-# outage at each protocol point, 10 runs each, post-copy and hybrid (about 40 minutes),
-# then a 60 s outage at the points either side of GO, post-copy (about an hour).
+# outage at each protocol point, 10 runs each, post-copy and hybrid (about 17 minutes),
+# then a 60 s outage at five points either side of GO, post-copy (about 46 minutes).
 lab-faults: build
 	$(BIN)/xl-postcopy lab faults --runs $${RUNS:-10} --faults reset,2s -o $(BIN)/faults.md
 	$(BIN)/xl-postcopy lab faults --runs $${RUNS:-10} --faults 60s --mode postcopy \
