@@ -28,13 +28,6 @@ import (
 // than the source's); the state record says how to reach it and how the
 // pages are numbered.
 
-// takeOverTarget is what a take-over starts from: the dead source's
-// record and the domain that is its paused copy.
-type takeOverTarget struct {
-	rec     migstate.Record
-	current string // the paused copy's name now
-}
-
 // findTakeOver picks the source record of name in records and checks it
 // can be taken over: recovery was on, its process is gone, and it was
 // going to host.
