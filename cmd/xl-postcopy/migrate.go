@@ -463,7 +463,8 @@ func runMigrate(f migrateFlags, domArg, host string) (err error) {
 		}
 		if where, ok := engine.WhereOf(runErr); ok && where == engine.AfterGo && f.recoverTO > 0 {
 			// The receiver waits a minute longer than this side tried.
-			return fmt.Errorf("migrate %s: %w; once the destination can be reached again, and within a minute, `xl-postcopy migrate --resume %s %s` takes the migration over", name, runErr, name, host)
+			return fmt.Errorf("migrate %s: %w; once the destination can be reached again, and within a minute, `xl-postcopy migrate --resume %s %s` takes the migration over; if its receiver is gone (`xl-postcopy list` there), `xl destroy %s--incoming` there, then `xl-postcopy migrate --abandon %s %s` runs the guest here again as it was at the switchover",
+				name, runErr, name, host, name, name, host)
 		}
 		return fmt.Errorf("migrate %s: %w", name, runErr)
 	}
