@@ -86,6 +86,25 @@ func printTakeOverStats(w io.Writer, st *engine.Stats) {
 	fmt.Fprintf(w, "network faults    %d, p50 %.0f us, p99 %.0f us, waits summed %.1f ms\n", st.NetworkFaults, st.FaultLatencyP50Us, st.FaultLatencyP99Us, st.FaultWaitMs)
 }
 
+// reopenPausedCopy finds and opens a migration's paused source copy:
+// renamed NAME--migratedaway before GO, or still NAME if the process died
+// in between.
+func reopenPausedCopy(f migrateFlags, x *xendom.Xen, xs *xenstore.Client, name string, space json.RawMessage) (*xendom.Source, uint32, string, error) {
+	for _, n := range []string{name + "--migratedaway", name} {
+		dom, err := resolveDomain(x, n)
+		if err != nil {
+			continue
+		}
+		src, err := xendom.ReopenSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{Timeout: f.xlTimeout}, Dom: dom, Name: name,
+			Logf: debugf(f.debug, "xen-source")}, n, space)
+		if err != nil {
+			return nil, 0, "", fmt.Errorf("domain %s (%d): %w", n, dom, err)
+		}
+		return src, dom, n, nil
+	}
+	return nil, 0, "", fmt.Errorf("no domain %s--migratedaway or %s here: the paused source copy is gone", name, name)
+}
+
 // runTakeOver is `migrate --resume <domain> <host>`.
 func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err error) {
 	if err := checkLogFormat(); err != nil {
@@ -129,28 +148,14 @@ func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err erro
 		return err
 	}
 	defer x.Close()
-	// The paused copy: renamed before GO by the process that died, or
-	// not yet if it died in between.
-	var dom uint32
-	current := ""
-	for _, n := range []string{name + "--migratedaway", name} {
-		if d, lerr := resolveDomain(x, n); lerr == nil {
-			dom, current = d, n
-			break
-		}
-	}
-	if current == "" {
-		return fmt.Errorf("no domain %s--migratedaway or %s here: the source copy is gone, and with it the pages the destination lacks", name, name)
-	}
 	xs, err := xenstore.Open()
 	if err != nil {
 		return err
 	}
 	defer xs.Close()
-	src, err := xendom.ReopenSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{Timeout: f.xlTimeout}, Dom: dom, Name: name,
-		Logf: debugf(f.debug, "xen-source")}, current, rec.PageSpace)
+	src, dom, current, err := reopenPausedCopy(f, x, xs, name, rec.PageSpace)
 	if err != nil {
-		return fmt.Errorf("domain %s (%d): %w", current, dom, err)
+		return err
 	}
 	signal.Ignore(syscall.SIGPIPE)
 	sigs := newMigrateSignals(fmt.Sprintf("domain %s", name), host)
@@ -316,26 +321,14 @@ func runAbandon(fs *pflag.FlagSet, f migrateFlags, name, host string) error {
 		return err
 	}
 	defer x.Close()
-	var dom uint32
-	current := ""
-	for _, n := range []string{name + "--migratedaway", name} {
-		if d, lerr := resolveDomain(x, n); lerr == nil {
-			dom, current = d, n
-			break
-		}
-	}
-	if current == "" {
-		return fmt.Errorf("no domain %s--migratedaway or %s here: nothing to resume", name, name)
-	}
 	xs, err := xenstore.Open()
 	if err != nil {
 		return err
 	}
 	defer xs.Close()
-	src, err := xendom.ReopenSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{Timeout: f.xlTimeout}, Dom: dom, Name: name,
-		Logf: debugf(f.debug, "xen-source")}, current, rec.PageSpace)
+	src, dom, current, err := reopenPausedCopy(f, x, xs, name, rec.PageSpace)
 	if err != nil {
-		return fmt.Errorf("domain %s (%d): %w", current, dom, err)
+		return err
 	}
 	if err := src.Resume(); err != nil {
 		return fmt.Errorf("resume %s (domain %d) here: %w", current, dom, err)
