@@ -424,16 +424,7 @@ func runMigrate(f migrateFlags, domArg, host string) (err error) {
 	if f.recoverTO > 0 {
 		eo.Reconnect, eo.RecoverTimeout, eo.LinkTimeout = recv.reconnect, f.recoverTO, f.linkTO
 	}
-	var jp *jsonProgress
-	progress := isTerminal(os.Stderr) && !f.debug && !f.jsonProg
-	switch {
-	case f.jsonProg:
-		jp = newJSONProgress(os.Stdout, mode)
-		eo.Progress = jp.report
-	case progress:
-		eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
-	}
-	eo.Progress = recordProgress(tr, mode, eo.Progress)
+	jp, progress := reportProgress(f, &eo, tr)
 	if !f.asJSON && !f.jsonProg {
 		fmt.Fprintf(os.Stderr, "migrating %s (domain %d, %s, %d RAM pages) to %s: mode %s, pre-paging %s\n",
 			name, dom, info.Kind(), src.Info().NumPages, host, mode, f.prepaging)
@@ -497,6 +488,22 @@ func runMigrate(f migrateFlags, domArg, host string) (err error) {
 		return notVerified
 	}
 	return nil
+}
+
+// reportProgress sets eo's progress reports: JSON lines (--json-progress),
+// a progress line on a terminal, and the state record either way. progress
+// says the terminal line is on (it wants a newline at the end).
+func reportProgress(f migrateFlags, eo *engine.Options, tr *migstate.Tracker) (jp *jsonProgress, progress bool) {
+	progress = isTerminal(os.Stderr) && !f.debug && !f.jsonProg
+	switch {
+	case f.jsonProg:
+		jp = newJSONProgress(os.Stdout, eo.Mode)
+		eo.Progress = jp.report
+	case progress:
+		eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
+	}
+	eo.Progress = recordProgress(tr, eo.Mode, eo.Progress)
+	return jp, progress
 }
 
 func printXenStats(w io.Writer, st *engine.Stats, xs xendom.SourceStats) {

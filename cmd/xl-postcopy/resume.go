@@ -28,28 +28,39 @@ import (
 // than the source's); the state record says how to reach it and how the
 // pages are numbered.
 
-// findTakeOver picks the source record of name in records and checks it
-// can be taken over: recovery was on, its process is gone, and it was
-// going to host.
-func findTakeOver(records []migstate.Record, name, host string) (migstate.Record, error) {
+// findSourceRecord picks the source record of name in records and checks
+// what --resume (takeOver) and --abandon both need: its process is gone
+// and it was going to host; a take-over also needs recovery (a receiver
+// that waits) and the page space.
+func findSourceRecord(records []migstate.Record, name, host string, takeOver bool) (migstate.Record, error) {
 	for _, r := range records {
 		if r.Domain != name || r.Role != migstate.Source {
 			continue
 		}
 		switch {
 		case !r.ProcessGone():
-			return r, fmt.Errorf("the migration of %s is still run by process %d (state %s): it reconnects by itself for its --recover-timeout; to take it over, end that process first (kill %d; its copy stays paused)",
+			return r, fmt.Errorf("the migration of %s is still run by process %d (state %s): it goes on by itself for its --recover-timeout; end that process first (kill %d; its copy stays paused)",
 				name, r.PID, r.State, r.PID)
-		case r.RecoverToken == "":
-			return r, fmt.Errorf("the migration of %s ran without recovery (--recover-timeout 0): its receiver does not wait for a new link, so it cannot be taken over", name)
 		case r.Peer != host:
 			return r, fmt.Errorf("the migration of %s was going to %s, not %s", name, r.Peer, host)
 		case len(r.PageSpace) == 0:
-			return r, fmt.Errorf("the record of the migration of %s has no page space (written by an older xl-postcopy): it cannot be taken over", name)
+			return r, fmt.Errorf("the record of the migration of %s has no page space (written by an older xl-postcopy): its paused copy cannot be reopened", name)
+		case takeOver && r.RecoverToken == "":
+			return r, fmt.Errorf("the migration of %s ran without recovery (--recover-timeout 0): its receiver does not wait for a new link, so it cannot be taken over", name)
 		}
 		return r, nil
 	}
 	return migstate.Record{}, fmt.Errorf("no migration of %s from this host is recorded in %s (xl-postcopy list --all)", name, migstate.Dir())
+}
+
+// listRecords reads the state directory, saying on stderr which files it
+// could not read.
+func listRecords(cmd string) []migstate.Record {
+	records, bad := migstate.List(migstate.Dir())
+	for _, e := range bad {
+		fmt.Fprintf(os.Stderr, "xl-postcopy %s: %v\n", cmd, e)
+	}
+	return records
 }
 
 // takeOverFigures are the JSON keys a take-over does not know: the
@@ -116,11 +127,7 @@ func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err erro
 	if f.recoverTO <= 0 {
 		return usagef("--resume needs recovery (--recover-timeout > 0): it reaches the destination as a recovery does")
 	}
-	records, bad := migstate.List(migstate.Dir())
-	for _, e := range bad {
-		fmt.Fprintf(os.Stderr, "xl-postcopy migrate --resume: %v\n", e)
-	}
-	rec, err := findTakeOver(records, name, host)
+	rec, err := findSourceRecord(listRecords("migrate --resume"), name, host, true)
 	if err != nil {
 		return err
 	}
@@ -183,16 +190,7 @@ func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err erro
 	if f.debug {
 		eo.Logf = debugf(true, "engine")
 	}
-	progress := isTerminal(os.Stderr) && !f.debug && !f.jsonProg
-	var jp *jsonProgress
-	switch {
-	case f.jsonProg:
-		jp = newJSONProgress(os.Stdout, mode)
-		eo.Progress = jp.report
-	case progress:
-		eo.Progress = func(p engine.Progress) { fmt.Fprint(os.Stderr, progressLine(p)) }
-	}
-	eo.Progress = recordProgress(tr, mode, eo.Progress)
+	jp, progress := reportProgress(f, &eo, tr)
 	if !f.asJSON && !f.jsonProg {
 		fmt.Fprintf(os.Stderr, "taking over the migration of %s to %s (its source process %d is gone): paused copy %s (domain %d, %d pages), mode %s, pre-paging %s\n",
 			name, host, rec.PID, current, dom, src.Info().NumPages, mode, prepaging)
@@ -247,25 +245,6 @@ func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err erro
 	return notVerified
 }
 
-// findAbandon picks the source record of name for --abandon: the
-// migration's process must be gone and it must have been going to host.
-func findAbandon(records []migstate.Record, name, host string) (migstate.Record, error) {
-	for _, r := range records {
-		if r.Domain != name || r.Role != migstate.Source {
-			continue
-		}
-		switch {
-		case !r.ProcessGone():
-			return r, fmt.Errorf("the migration of %s is still run by process %d (state %s): it may still complete; end that process first (kill %d; its copy stays paused)",
-				name, r.PID, r.State, r.PID)
-		case r.Peer != host:
-			return r, fmt.Errorf("the migration of %s was going to %s, not %s", name, r.Peer, host)
-		}
-		return r, nil
-	}
-	return migstate.Record{}, fmt.Errorf("no migration of %s from this host is recorded in %s (xl-postcopy list --all)", name, migstate.Dir())
-}
-
 // judgeDestCopy reads `xl list` as run at the destination host: nil only
 // when it ran and lists neither NAME--incoming nor NAME.
 func judgeDestCopy(name, host, out string, runErr error) error {
@@ -290,16 +269,9 @@ func runAbandon(fs *pflag.FlagSet, f migrateFlags, name, host string) error {
 	if _, isID, _ := parseDomainArg(name); isID {
 		return usagef("--abandon: give the domain's name, not a domain id")
 	}
-	records, bad := migstate.List(migstate.Dir())
-	for _, e := range bad {
-		fmt.Fprintf(os.Stderr, "xl-postcopy migrate --abandon: %v\n", e)
-	}
-	rec, err := findAbandon(records, name, host)
+	rec, err := findSourceRecord(listRecords("migrate --abandon"), name, host, false)
 	if err != nil {
 		return err
-	}
-	if len(rec.PageSpace) == 0 {
-		return fmt.Errorf("the record of the migration of %s has no page space (written by an older xl-postcopy)", name)
 	}
 	ssh := rec.Transport
 	if fs.Changed("ssh") {

@@ -27,29 +27,29 @@ func goneRecord(t *testing.T) migstate.Record {
 // to that host, with recovery, its process gone.
 func TestFindTakeOver(t *testing.T) {
 	ok := goneRecord(t)
-	r, err := findTakeOver([]migstate.Record{{Domain: "vm1", Role: migstate.Dest}, ok}, "vm1", "hostb")
+	r, err := findSourceRecordTO([]migstate.Record{{Domain: "vm1", Role: migstate.Dest}, ok}, "vm1", "hostb")
 	require.NoError(t, err)
 	require.Equal(t, "abc", r.RecoverToken)
 
-	_, err = findTakeOver([]migstate.Record{ok}, "vm2", "hostb")
+	_, err = findSourceRecordTO([]migstate.Record{ok}, "vm2", "hostb")
 	require.ErrorContains(t, err, "no migration of vm2")
-	_, err = findTakeOver([]migstate.Record{ok}, "vm1", "hostc")
+	_, err = findSourceRecordTO([]migstate.Record{ok}, "vm1", "hostc")
 	require.ErrorContains(t, err, "was going to hostb")
 
 	live := ok
 	live.PID = os.Getpid()
 	live.PIDStart, _ = migstate.ProcStart(os.Getpid())
-	_, err = findTakeOver([]migstate.Record{live}, "vm1", "hostb")
+	_, err = findSourceRecordTO([]migstate.Record{live}, "vm1", "hostb")
 	require.ErrorContains(t, err, "still run by process")
 
 	norec := ok
 	norec.RecoverToken = ""
-	_, err = findTakeOver([]migstate.Record{norec}, "vm1", "hostb")
+	_, err = findSourceRecordTO([]migstate.Record{norec}, "vm1", "hostb")
 	require.ErrorContains(t, err, "without recovery")
 
 	nospace := ok
 	nospace.PageSpace = nil
-	_, err = findTakeOver([]migstate.Record{nospace}, "vm1", "hostb")
+	_, err = findSourceRecordTO([]migstate.Record{nospace}, "vm1", "hostb")
 	require.ErrorContains(t, err, "no page space")
 }
 
@@ -96,13 +96,21 @@ func TestJudgeDestCopy(t *testing.T) {
 
 func TestFindAbandon(t *testing.T) {
 	ok := goneRecord(t)
-	_, err := findAbandon([]migstate.Record{ok}, "vm1", "hostb")
+	_, err := findSourceRecordAB([]migstate.Record{ok}, "vm1", "hostb")
 	require.NoError(t, err)
 	live := ok
 	live.PID = os.Getpid()
 	live.PIDStart, _ = migstate.ProcStart(os.Getpid())
-	_, err = findAbandon([]migstate.Record{live}, "vm1", "hostb")
+	_, err = findSourceRecordAB([]migstate.Record{live}, "vm1", "hostb")
 	require.ErrorContains(t, err, "still run by process")
-	_, err = findAbandon([]migstate.Record{ok}, "vm1", "hostc")
+	_, err = findSourceRecordAB([]migstate.Record{ok}, "vm1", "hostc")
 	require.ErrorContains(t, err, "not hostc")
+}
+
+func findSourceRecordTO(r []migstate.Record, name, host string) (migstate.Record, error) {
+	return findSourceRecord(r, name, host, true)
+}
+
+func findSourceRecordAB(r []migstate.Record, name, host string) (migstate.Record, error) {
+	return findSourceRecord(r, name, host, false)
 }
