@@ -750,3 +750,44 @@ lab_pc_migrate() {
 	eval "pc_dt_$_v=\${_dt:-none} pc_wall_$_v=\$_wall"
 	return 0
 }
+
+# lab_ssh_transport writes /tmp/lab-ssh, a transport with ssh's calling convention
+# (`lab-ssh HOST COMMAND...` runs COMMAND here): `xl-postcopy migrate -s /tmp/lab-ssh` then
+# runs its receiver and its relays as processes, as it would through ssh.
+lab_ssh_transport() {
+	cat >/tmp/lab-ssh <<'SSH'
+#!/bin/sh
+# lab-ssh HOST COMMAND...: ssh's calling convention, run here.
+shift
+exec "$@"
+SSH
+	chmod 755 /tmp/lab-ssh
+}
+
+# lab_recovery_guest NAME RESULT creates the PVH guest of the recovery scenarios (52-54) and
+# sets seq0 to its progress counter once it moves; on failure it reports RESULT FAIL and fails.
+lab_recovery_guest() {
+	lab_create_guest "$1" pvh 'tsc_mode="native"' 'on_reboot="preserve"' \
+		"extra = \"console=hvc0 loglevel=6 lab.mib=16 lab.rate=256\"" || {
+		lab_result "$2" FAIL reason=create
+		return 1
+	}
+	if ! seq0=$(lab_wait_progress "$(lab_console_log "$1")" 3 180); then
+		lab_result "$2" FAIL reason=no-progress-before
+		_lab_dump "$1"
+		return 1
+	fi
+}
+
+# lab_kill_matching TEXT [SIGNAL] sends SIGNAL (default KILL) to every process whose command
+# line holds TEXT (dom0's busybox has no pkill); fails if there was none.
+lab_kill_matching() {
+	_k=1
+	for _p in /proc/[0-9]*; do
+		_c=$(tr '\0' ' ' <"$_p/cmdline" 2>/dev/null) || continue
+		case $_c in
+		*"$1"*) kill -"${2:-KILL}" "${_p#/proc/}" 2>/dev/null && _k=0 ;;
+		esac
+	done
+	return $_k
+}

@@ -18,37 +18,8 @@
 n=lab-pcr
 j=/tmp/pc-recover.json
 e=/tmp/pc-recover.err
-cat >/tmp/lab-ssh <<'SSH'
-#!/bin/sh
-# lab-ssh HOST COMMAND...: ssh's calling convention, run here.
-shift
-exec "$@"
-SSH
-chmod 755 /tmp/lab-ssh
-
-lab_create_guest "$n" pvh 'tsc_mode="native"' 'on_reboot="preserve"' \
-	"extra = \"console=hvc0 loglevel=6 lab.mib=16 lab.rate=256\"" || {
-	lab_result postcopy-recover FAIL reason=create
-	exit 1
-}
-if ! seq0=$(lab_wait_progress "$(lab_console_log "$n")" 3 180); then
-	lab_result postcopy-recover FAIL reason=no-progress-before
-	_lab_dump "$n"
-	exit 1
-fi
-
-# kill_matching TEXT [SIGNAL]: send SIGNAL (default KILL) to every process whose command
-# line holds TEXT (dom0's busybox has no pkill); fails if there was none.
-kill_matching() {
-	_k=1
-	for _p in /proc/[0-9]*; do
-		_c=$(tr '\0' ' ' <"$_p/cmdline" 2>/dev/null) || continue
-		case $_c in
-		*"$1"*) kill -"${2:-KILL}" "${_p#/proc/}" 2>/dev/null && _k=0 ;;
-		esac
-	done
-	return $_k
-}
+lab_ssh_transport
+lab_recovery_guest "$n" postcopy-recover || exit 1
 
 # wait_log PATTERN COUNT TIMEOUT: until $e holds COUNT lines matching PATTERN and the
 # migration still runs; fails otherwise.
@@ -74,19 +45,19 @@ why=
 # Break 1: the urgent stream's relay (the second "ssh") dies mid post-copy.
 if wait_log 'resumed received' 1 600; then
 	sleep 2
-	if kill_matching 'migrate-receive --urgent-attach'; then
+	if lab_kill_matching 'migrate-receive --urgent-attach'; then
 		breaks=1
 		lab_log "postcopy-recover: killed the urgent relay at +$(lab_since "$t0") s"
 		# Break 2: both relays of the new link, once it is up.
 		if wait_log 'link back after' 1 120; then
 			sleep 2
-			if kill -0 "$pid" 2>/dev/null && kill_matching 'migrate-receive --attach'; then
+			if kill -0 "$pid" 2>/dev/null && lab_kill_matching 'migrate-receive --attach'; then
 				breaks=2
 				lab_log "postcopy-recover: killed the new link's relays at +$(lab_since "$t0") s"
 				# Break 3: the receiver stopped for 25 s, if post-copy still runs.
 				if wait_log 'link back after' 2 120; then
 					sleep 2
-					if kill -0 "$pid" 2>/dev/null && kill_matching 'migrate-receive --urgent-listen' STOP; then
+					if kill -0 "$pid" 2>/dev/null && lab_kill_matching 'migrate-receive --urgent-listen' STOP; then
 						lab_log "postcopy-recover: stopped the receiver at +$(lab_since "$t0") s"
 						# Meanwhile `xl-postcopy list` shows the source paused.
 						sleep 18
@@ -94,7 +65,7 @@ if wait_log 'resumed received' 1 600; then
 						xl-postcopy list 2>&1 | sed 's/^/lab: pc-recover list: /'
 						grep -q '"state": "postcopy-paused"' /tmp/pc-list.json && listed=yes
 						sleep 7
-						kill_matching 'migrate-receive --urgent-listen' CONT
+						lab_kill_matching 'migrate-receive --urgent-listen' CONT
 						lab_log "postcopy-recover: continued the receiver at +$(lab_since "$t0") s"
 						breaks=3
 						stopped=yes

@@ -15,24 +15,8 @@ n=lab-pct
 e=/tmp/pc-takeover.err
 j2=/tmp/pc-takeover2.json
 e2=/tmp/pc-takeover2.err
-cat >/tmp/lab-ssh <<'SSH'
-#!/bin/sh
-# lab-ssh HOST COMMAND...: ssh's calling convention, run here.
-shift
-exec "$@"
-SSH
-chmod 755 /tmp/lab-ssh
-
-lab_create_guest "$n" pvh 'tsc_mode="native"' 'on_reboot="preserve"' \
-	"extra = \"console=hvc0 loglevel=6 lab.mib=16 lab.rate=256\"" || {
-	lab_result postcopy-takeover FAIL reason=create
-	exit 1
-}
-if ! seq0=$(lab_wait_progress "$(lab_console_log "$n")" 3 180); then
-	lab_result postcopy-takeover FAIL reason=no-progress-before
-	_lab_dump "$n"
-	exit 1
-fi
+lab_ssh_transport
+lab_recovery_guest "$n" postcopy-takeover || exit 1
 
 # wait_log PATTERN TIMEOUT: until $e holds a line matching PATTERN while the first source
 # runs; fails otherwise.
@@ -120,9 +104,5 @@ for d in "$n--incoming" "$n--migratedaway"; do
 	[ -n "$(lab_domid "$d")" ] && xl destroy "$d"
 done
 # A receiver left waiting (a failed take-over) would hold the next scenarios' memory.
-for _p in /proc/[0-9]*; do
-	case $(tr '\0' ' ' <"$_p/cmdline" 2>/dev/null) in
-	*"migrate-receive"*) kill -9 "${_p#/proc/}" 2>/dev/null ;;
-	esac
-done
+lab_kill_matching migrate-receive
 exit $st

@@ -14,24 +14,8 @@
 . /lab/lab-lib.sh
 n=lab-prd
 e=/tmp/pc-rdeath.err
-cat >/tmp/lab-ssh <<'SSH'
-#!/bin/sh
-# lab-ssh HOST COMMAND...: ssh's calling convention, run here.
-shift
-exec "$@"
-SSH
-chmod 755 /tmp/lab-ssh
-
-lab_create_guest "$n" pvh 'tsc_mode="native"' 'on_reboot="preserve"' \
-	"extra = \"console=hvc0 loglevel=6 lab.mib=16 lab.rate=256\"" || {
-	lab_result postcopy-receiver-death FAIL reason=create
-	exit 1
-}
-if ! seq0=$(lab_wait_progress "$(lab_console_log "$n")" 3 180); then
-	lab_result postcopy-receiver-death FAIL reason=no-progress-before
-	_lab_dump "$n"
-	exit 1
-fi
+lab_ssh_transport
+lab_recovery_guest "$n" postcopy-receiver-death || exit 1
 
 t0=$(lab_now)
 xl-postcopy migrate -s /tmp/lab-ssh --receiver xl-postcopy -C "/tmp/$n.cfg" --json --debug \
@@ -51,13 +35,7 @@ while ! grep -q 'resumed received' "$e" 2>/dev/null; do
 done
 if [ -z "$why" ]; then
 	sleep 2
-	killed=0
-	for _p in /proc/[0-9]*; do
-		case $(tr '\0' ' ' <"$_p/cmdline" 2>/dev/null) in
-		*"migrate-receive --urgent-listen"*) kill -9 "${_p#/proc/}" 2>/dev/null && killed=1 ;;
-		esac
-	done
-	[ $killed = 1 ] || why=no-receiver-to-kill
+	lab_kill_matching 'migrate-receive --urgent-listen' || why=no-receiver-to-kill
 	lab_log "postcopy-receiver-death: killed the receiver at +$(lab_since "$t0") s"
 fi
 wait "$pid"
