@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bytes"
 	"encoding/json"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,29 +14,6 @@ import (
 
 	"github.com/xl-postcopy/xl-postcopy/xen/migstate"
 )
-
-// captureStdout runs f with os.Stdout redirected and returns what it wrote.
-func captureStdout(t *testing.T, f func()) string {
-	t.Helper()
-	r, w, err := os.Pipe()
-	require.NoError(t, err)
-	old := os.Stdout
-	os.Stdout = w
-	var buf bytes.Buffer
-	done := make(chan struct{})
-	go func() { io.Copy(&buf, r); close(done) }()
-	defer func() {
-		os.Stdout = old
-		w.Close()
-		<-done
-		r.Close()
-	}()
-	f()
-	w.Close()
-	<-done
-	os.Stdout = old
-	return buf.String()
-}
 
 // listCmd runs `xl-postcopy list args...` and returns its exit code,
 // stdout and stderr.

@@ -468,10 +468,7 @@ func runMigrate(f migrateFlags, domArg, host string) (err error) {
 		Xen  xendom.SourceStats `json:"xen"`
 		DSB  dsbReport          `json:"dsb"`
 	}{st, host, src.Stats(), dsb}
-	var notVerified error
-	if !st.Verified {
-		notVerified = errors.New("migration finished but the destination's memory does not match the source (see verified, mismatched_pages)")
-	}
+	notVerified := notVerifiedErr(st)
 	switch {
 	case jp != nil:
 		out.Stats.FaultTimeline = nil
@@ -488,6 +485,15 @@ func runMigrate(f migrateFlags, domArg, host string) (err error) {
 		return notVerified
 	}
 	return nil
+}
+
+// notVerifiedErr is the error of a migration that got to its end with the
+// destination's memory differing from the source's (nil if verified).
+func notVerifiedErr(st *engine.Stats) error {
+	if st.Verified {
+		return nil
+	}
+	return errors.New("migration finished but the destination's memory does not match the source (see verified, mismatched_pages)")
 }
 
 // reportProgress sets eo's progress reports: JSON lines (--json-progress),

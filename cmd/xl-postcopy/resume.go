@@ -2,7 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -97,23 +96,38 @@ func printTakeOverStats(w io.Writer, st *engine.Stats) {
 	fmt.Fprintf(w, "network faults    %d, p50 %.0f us, p99 %.0f us, waits summed %.1f ms\n", st.NetworkFaults, st.FaultLatencyP50Us, st.FaultLatencyP99Us, st.FaultWaitMs)
 }
 
-// reopenPausedCopy finds and opens a migration's paused source copy:
-// renamed NAME--migratedaway before GO, or still NAME if the process died
-// in between.
-func reopenPausedCopy(f migrateFlags, x *xendom.Xen, xs *xenstore.Client, name string, space json.RawMessage) (*xendom.Source, uint32, string, error) {
+// reopenPausedCopy opens Xen and xenstore and the migration's paused
+// source copy: renamed NAME--migratedaway before GO, or still NAME if the
+// process died in between. closeXen closes the handles.
+func reopenPausedCopy(f migrateFlags, name string, space json.RawMessage) (src *xendom.Source, dom uint32, current string, closeXen func(), err error) {
+	x, err := xendom.OpenXen()
+	if err != nil {
+		return nil, 0, "", nil, err
+	}
+	xs, err := xenstore.Open()
+	if err != nil {
+		x.Close()
+		return nil, 0, "", nil, err
+	}
+	closeXen = func() {
+		xs.Close()
+		x.Close()
+	}
 	for _, n := range []string{name + "--migratedaway", name} {
-		dom, err := resolveDomain(x, n)
-		if err != nil {
+		d, lerr := resolveDomain(x, n)
+		if lerr != nil {
 			continue
 		}
-		src, err := xendom.ReopenSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{Timeout: f.xlTimeout}, Dom: dom, Name: name,
+		src, err := xendom.ReopenSource(xendom.SourceOptions{HV: x, XS: xs, XL: xendom.XL{Timeout: f.xlTimeout}, Dom: d, Name: name,
 			Logf: debugf(f.debug, "xen-source")}, n, space)
 		if err != nil {
-			return nil, 0, "", fmt.Errorf("domain %s (%d): %w", n, dom, err)
+			closeXen()
+			return nil, 0, "", nil, fmt.Errorf("domain %s (%d): %w", n, d, err)
 		}
-		return src, dom, n, nil
+		return src, d, n, closeXen, nil
 	}
-	return nil, 0, "", fmt.Errorf("no domain %s--migratedaway or %s here: the paused source copy is gone", name, name)
+	closeXen()
+	return nil, 0, "", nil, fmt.Errorf("no domain %s--migratedaway or %s here: the paused source copy is gone", name, name)
 }
 
 // runTakeOver is `migrate --resume <domain> <host>`.
@@ -150,20 +164,11 @@ func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err erro
 		bin = f.receiver
 	}
 	logf := debugf(f.debug, "migrate")
-	x, err := xendom.OpenXen()
+	src, dom, current, closeXen, err := reopenPausedCopy(f, name, rec.PageSpace)
 	if err != nil {
 		return err
 	}
-	defer x.Close()
-	xs, err := xenstore.Open()
-	if err != nil {
-		return err
-	}
-	defer xs.Close()
-	src, dom, current, err := reopenPausedCopy(f, x, xs, name, rec.PageSpace)
-	if err != nil {
-		return err
-	}
+	defer closeXen()
 	signal.Ignore(syscall.SIGPIPE)
 	sigs := newMigrateSignals(fmt.Sprintf("domain %s", name), host)
 	defer sigs.stop()
@@ -215,10 +220,7 @@ func runTakeOver(fs *pflag.FlagSet, f migrateFlags, name, host string) (err erro
 		}
 		return fmt.Errorf("migrate --resume %s: %w", name, runErr)
 	}
-	var notVerified error
-	if !st.Verified {
-		notVerified = errors.New("migration finished but the destination's memory does not match the source (see verified, mismatched_pages)")
-	}
+	notVerified := notVerifiedErr(st)
 	switch {
 	case jp != nil:
 		out.Stats.FaultTimeline = nil
@@ -288,20 +290,11 @@ func runAbandon(fs *pflag.FlagSet, f migrateFlags, name, host string) error {
 	if err := judgeDestCopy(name, host, string(out), runErr); err != nil {
 		return err
 	}
-	x, err := xendom.OpenXen()
+	src, dom, current, closeXen, err := reopenPausedCopy(f, name, rec.PageSpace)
 	if err != nil {
 		return err
 	}
-	defer x.Close()
-	xs, err := xenstore.Open()
-	if err != nil {
-		return err
-	}
-	defer xs.Close()
-	src, dom, current, err := reopenPausedCopy(f, x, xs, name, rec.PageSpace)
-	if err != nil {
-		return err
-	}
+	defer closeXen()
 	if err := src.Resume(); err != nil {
 		return fmt.Errorf("resume %s (domain %d) here: %w", current, dom, err)
 	}
